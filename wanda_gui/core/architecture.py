@@ -1,0 +1,109 @@
+"""Where a decoder LM keeps its blocks and linears, discovered from the model itself, and how to replay a block."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import UserError
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ModuleList of same-class modules, each holding linears, with the most parameters."""
+    best, best_params = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1 or not find_linears(module[0]):
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params > best_params:
+            best, best_params = (name, module), params
+    if best is None:
+        raise UserError(f"Cannot find decoder blocks in {type(model).__name__}: no list of repeated blocks with linear layers.")
+    return best
+
+
+def find_linears(module: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear and GPT-2 style Conv1D inside a module, by qualified name, in definition order."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, LINEAR_TYPES)}
+
+
+def weight_out_in(linear: nn.Module) -> torch.Tensor:
+    """The weight as a (C_out, C_in) view; Conv1D stores it transposed."""
+    return linear.weight.t() if isinstance(linear, Conv1D) else linear.weight
+
+
+class _Stop(Exception):
+    """Raised from a stubbed block to end the model's forward early."""
+
+
+@dataclasses.dataclass
+class BlockCall:
+    """What the model passes a block besides its hidden states: replayed verbatim."""
+
+    args: tuple
+    kwargs: dict
+    hidden_as_kwarg: bool
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = block(*self.args, hidden_states=hidden, **self.kwargs) if self.hidden_as_kwarg else block(hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    if args:
+        return args[0], BlockCall(args[1:], dict(kwargs), False)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), BlockCall((), kwargs, True)
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
+                         device: torch.device) -> tuple[torch.Tensor, list[BlockCall]]:
+    """Run the model's own forward with every block stubbed out, recording the first block's hidden input
+    for all samples and the exact extra arguments the model passes each block (position embeddings, masks...).
+
+    The arguments are recorded from a one-sample forward, so they broadcast over any batch of equal-length,
+    unpadded windows; blocks whose arguments differ (sliding-window or local/global layers) get their own.
+    """
+    calls: list[BlockCall | None] = [None] * len(blocks)
+    hidden: list[torch.Tensor] = []
+    recording = True
+
+    def stub(index: int):
+        def forward(*args, **kwargs):
+            h, call = _split(args, kwargs)
+            if recording:
+                calls[index] = call
+                if index == len(blocks) - 1:
+                    raise _Stop
+                return h
+            hidden.append(h)
+            raise _Stop
+        return forward
+
+    def run(ids: torch.Tensor) -> None:
+        try:
+            model(input_ids=ids.to(device), use_cache=False)
+        except _Stop:
+            pass
+
+    for i, block in enumerate(blocks):
+        block.forward = stub(i)
+    try:
+        with torch.inference_mode():
+            run(input_ids[:1])
+            recording = False
+            for start in range(0, len(input_ids), batch_size):
+                run(input_ids[start:start + batch_size])
+    finally:
+        for block in blocks:
+            del block.forward
+    if any(c is None for c in calls):
+        raise UserError(f"{type(model).__name__} did not call all of its {len(blocks)} decoder blocks in its forward.")
+    return torch.cat(hidden), calls

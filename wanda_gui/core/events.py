@@ -1,0 +1,92 @@
+"""The typed event stream from the engine to whoever listens (the CLI's progress bar, the GUI's plots)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class RunStarted:
+    model: str
+    method: str
+    pattern: str
+    target_sparsity: float
+    blocks: list[list[str]]  # the linears to prune, by qualified name, per decoder block
+    total_linears: int
+    nsamples: int
+    seqlen: int
+    batch_size: int
+
+
+@dataclasses.dataclass
+class BlockStarted:
+    index: int
+    name: str
+    linears: int
+
+
+@dataclasses.dataclass
+class LinearPruned:
+    block: int
+    name: str
+    shape: tuple[int, int]  # (C_out, C_in)
+    sparsity: float
+    score_map: np.ndarray  # float32, mean-pooled to at most 128 x 128
+    mask_map: np.ndarray  # float32, fraction of weights kept in each pooled cell
+    seconds: float
+    done: int  # linears pruned so far in this run
+    total: int
+
+
+@dataclasses.dataclass
+class BlockFinished:
+    index: int
+    seconds: float
+    sparsity: float
+    peak_memory_bytes: int  # resident set size on CPU, max allocated on CUDA
+
+
+@dataclasses.dataclass
+class LayerSparsity:
+    name: str
+    block: int
+    shape: tuple[int, int]
+    sparsity: float
+
+
+@dataclasses.dataclass
+class PruneSummary:
+    method: str
+    pattern: str
+    target_sparsity: float
+    achieved_sparsity: float  # zeros / elements over every pruned linear
+    by_type: dict[str, float]  # e.g. {"q_proj": 0.5, "down_proj": 0.5}
+    layers: list[LayerSparsity]
+    pruned_parameters: int
+    seconds: float
+    calibration_seconds: float
+    peak_memory_bytes: int
+
+
+@dataclasses.dataclass
+class RunFinished:
+    summary: PruneSummary
+
+
+@dataclasses.dataclass
+class RunCancelled:
+    reason: str
+    restored: bool
+
+
+@dataclasses.dataclass
+class RunFailed:
+    reason: str
+    layer: str | None
+    restored: bool
+    detail: str = ""  # the traceback, for --debug
+
+
+Event = RunStarted | BlockStarted | LinearPruned | BlockFinished | RunFinished | RunCancelled | RunFailed

