@@ -138,3 +138,11 @@ def evaluation_windows(ids: torch.Tensor, seqlen: int, nwindows: int | None = No
     if n < 1:
         raise UserError(f"The number of evaluation windows must be at least 1; got {nwindows}.")
     return ids[: n * seqlen].view(n, seqlen)
+
+
+def calibration_windows(tokenizer, source: str | list[str], nsamples: int, seqlen: int, seed: int = 0,
+                        context_length: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The (nsamples, seqlen) calibration ids for a source, and how they were drawn (for reports)."""
+    text, label = calibration_text(source)
+    windows = sample_windows(tokenize(tokenizer, text), nsamples, seqlen, seed, context_length)
+    return windows, {"source": label, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}

@@ -1,0 +1,185 @@
+"""Command line: `wanda-gui prune`, `wanda-gui eval`, and `wanda-gui [app]` for the Gradio app."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .core.errors import UserError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin", help="'builtin', a local folder, or a hub id org/name (default: builtin)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--token", default=os.environ.get("HF_TOKEN"), help="hub token (default: $HF_TOKEN)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanda-gui", description="Prune LLMs with Wanda; with no command, open the app.")
+    sub = parser.add_subparsers(dest="command")
+
+    app = sub.add_parser("app", help="open the Gradio app (the default)")
+    app.add_argument("--host", default="127.0.0.1")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--share", action="store_true", help="create a public gradio.live link (needs internet)")
+    app.add_argument("--auth", default=None, metavar="USER:PASS", help="require a login")
+    app.add_argument("--debug", action="store_true")
+
+    prune = sub.add_parser("prune", help="prune a model and export it")
+    _add_model_args(prune)
+    prune.add_argument("--method", default="wanda", choices=["wanda", "magnitude"])
+    prune.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row to zero, in [0, 1) (unstructured)")
+    prune.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M")
+    prune.add_argument("--layerwise", action="store_true", help="magnitude: one threshold per layer instead of per row")
+    prune.add_argument("--include", nargs="*", default=[], metavar="GLOB", help="prune only linears whose name matches")
+    prune.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="skip linears whose name matches")
+    prune.add_argument("--calib", nargs="+", default=["builtin"], metavar="SOURCE",
+                       help="builtin, text FILE(s), or hf:NAME[:CONFIG] (wikitext2, c4 or any dataset)")
+    prune.add_argument("--nsamples", type=int, default=64)
+    prune.add_argument("--seqlen", type=int, default=512)
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--batch-size", type=int, default=None, help="windows per block forward (default: by device)")
+    prune.add_argument("--eval", action="store_true", help="measure dense and pruned perplexity (PROTOCOL windows)")
+    prune.add_argument("--eval-nwindows", type=int, default=64)
+    prune.add_argument("--out", required=True, help="export folder (must be empty unless --overwrite)")
+    prune.add_argument("--overwrite", action="store_true")
+
+    ev = sub.add_parser("eval", help="perplexity of a model on the evaluation text")
+    _add_model_args(ev)
+    ev.add_argument("--seqlen", type=int, default=512)
+    ev.add_argument("--nwindows", type=int, default=64)
+    ev.add_argument("--text", default=None, metavar="FILE", help="evaluate on this text file instead of the built-in text")
+    return parser
+
+
+def _progress(message: str, fraction: float | None) -> None:
+    print(f"{message}{f' {fraction:.0%}' if fraction is not None else ''}", file=sys.stderr)
+
+
+def _load(args):
+    from .core.models import load_model
+
+    started = time.perf_counter()
+    loaded = load_model(args.model, args.device, args.dtype, args.revision, args.token, args.trust_remote_code,
+                        progress=_progress)
+    return loaded, time.perf_counter() - started
+
+
+def cmd_prune(args) -> dict:
+    from tqdm import tqdm
+
+    from .core import events as ev
+    from .core.calibration import calibration_windows
+    from .core.engine import PruneConfig, prune
+    from .core.evaluate import perplexity
+    from .core.export import check_target, export_model, make_report
+    from .core.masks import Pattern, check_sparsity
+    from .core.methods import get_method
+
+    config = PruneConfig(method=get_method(args.method).name, sparsity=check_sparsity(args.sparsity),
+                         pattern=Pattern.parse(args.pattern), layerwise=args.layerwise, include=tuple(args.include),
+                         exclude=tuple(args.exclude), batch_size=args.batch_size)
+    check_target(os.path.abspath(os.path.expanduser(args.out)), args.overwrite, None)
+    loaded, load_seconds = _load(args)
+    timings = {"load": load_seconds}
+    windows, calibration = None, None
+    if get_method(config.method).needs_activations:
+        windows, calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
+                                                   loaded.info.context_length)
+    ppl = {}
+    if args.eval:
+        ppl["dense"] = perplexity(loaded.model, loaded.tokenizer, seqlen=args.seqlen, nwindows=args.eval_nwindows)
+        print(f"dense perplexity {ppl['dense']}", file=sys.stderr)
+
+    summary = None
+    bar = tqdm(total=None, unit="linear", file=sys.stderr, dynamic_ncols=True)
+    for event in prune(loaded.model, config, windows, model_name=loaded.name):
+        if isinstance(event, ev.RunStarted):
+            bar.reset(total=event.total_linears)
+            bar.set_description(f"{event.method} {event.pattern}")
+        elif isinstance(event, ev.LinearPruned):
+            bar.set_postfix_str(f"block {event.block} {event.name.rsplit('.', 1)[-1]} {event.sparsity:.1%}")
+            bar.update(1)
+        elif isinstance(event, ev.RunFinished):
+            summary = event.summary
+        elif isinstance(event, (ev.RunFailed, ev.RunCancelled)):
+            bar.close()
+            if args.debug and isinstance(event, ev.RunFailed):
+                print(event.detail, file=sys.stderr)
+            raise UserError(f"Pruning failed: {event.reason} (the model was restored to dense).")
+    bar.close()
+
+    if args.eval:
+        ppl["pruned"] = perplexity(loaded.model, loaded.tokenizer, seqlen=args.seqlen, nwindows=args.eval_nwindows)
+        timings["evaluation"] = ppl["dense"].seconds + ppl["pruned"].seconds
+        print(f"pruned perplexity {ppl['pruned']}", file=sys.stderr)
+    report = make_report(loaded.info, summary, calibration, timings,
+                         {k: v.__dict__ for k, v in ppl.items()} or None)
+    out = export_model(loaded.model, loaded.tokenizer, args.out, report, args.overwrite, source=loaded.path)
+    report["export"] = str(out)
+    if not args.json:
+        print(f"{summary.method} {summary.pattern}: achieved sparsity {summary.achieved_sparsity:.2%} over "
+              f"{summary.pruned_parameters:,} weights in {summary.seconds:.1f} s")
+        for key, value in ppl.items():
+            print(f"{key} perplexity {value}")
+        print(f"exported to {out}")
+    return report
+
+
+def cmd_eval(args) -> dict:
+    from .core.calibration import read_text_files
+    from .core.evaluate import perplexity
+
+    loaded, load_seconds = _load(args)
+    text = read_text_files([args.text]) if args.text else None
+    result = perplexity(loaded.model, loaded.tokenizer, text, args.seqlen, args.nwindows)
+    if not args.json:
+        print(f"{loaded.name}: perplexity {result}")
+    return {"model": loaded.name, "device": loaded.info.device, "dtype": loaded.info.dtype,
+            "load_seconds": load_seconds, **result.__dict__}
+
+
+def cmd_app(args) -> None:
+    from .app.main import launch
+
+    launch(host=args.host, port=args.port, share=args.share, auth=args.auth)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("app", "prune", "eval", "-h", "--help"):
+        argv = ["app", *argv]  # `wanda-gui` alone, or with app options, opens the app
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "app":
+            cmd_app(args)
+            return 0
+        result = cmd_prune(args) if args.command == "prune" else cmd_eval(args)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
