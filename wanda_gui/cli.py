@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from .core.errors import UserError
 
@@ -78,7 +79,7 @@ def cmd_prune(args) -> dict:
 
     from .core import events as ev
     from .core.calibration import calibration_windows
-    from .core.engine import PruneConfig, prune
+    from .core.engine import PruneConfig, prune, validate
     from .core.evaluate import perplexity
     from .core.export import check_target, export_model, make_report
     from .core.masks import Pattern, check_sparsity
@@ -87,8 +88,9 @@ def cmd_prune(args) -> dict:
     config = PruneConfig(method=get_method(args.method).name, sparsity=check_sparsity(args.sparsity),
                          pattern=Pattern.parse(args.pattern), layerwise=args.layerwise, include=tuple(args.include),
                          exclude=tuple(args.exclude), batch_size=args.batch_size)
-    check_target(os.path.abspath(os.path.expanduser(args.out)), args.overwrite, None)
+    check_target(Path(args.out).expanduser().absolute(), args.overwrite, None)
     loaded, load_seconds = _load(args)
+    validate(loaded.model, config)
     timings = {"load": load_seconds}
     windows, calibration = None, None
     if get_method(config.method).needs_activations:

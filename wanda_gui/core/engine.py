@@ -66,8 +66,8 @@ def select_linears(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList
     return blocks, plan
 
 
-def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None) -> None:
-    """Every check that can fail before a weight is touched."""
+def validate(model: nn.Module, config: PruneConfig) -> None:
+    """Every check of the configuration against the model that can fail before a weight is touched."""
     method = get_method(config.method)
     check_sparsity(config.sparsity)
     if config.layerwise and method.name != "magnitude":
@@ -76,8 +76,6 @@ def validate(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | 
         raise UserError("Layer-wide comparison does not apply to N:M patterns, which work within groups of a row.")
     if config.batch_size is not None and config.batch_size < 1:
         raise UserError(f"Batch size must be at least 1; got {config.batch_size}.")
-    if method.needs_activations and (calibration is None or calibration.numel() == 0):
-        raise UserError(f"{method.name} needs calibration data; none was given.")
     _, plan = select_linears(model, config)
     if config.pattern.structured:
         for linears in plan:
@@ -163,8 +161,10 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
     calibration: (nsamples, seqlen) token ids, needed by methods that read activations. On cancellation, a
     failure, or the consumer closing the stream, every pruned weight is restored (unless restore_on_abort is off).
     """
-    validate(model, config, calibration)
+    validate(model, config)
     method = get_method(config.method)
+    if method.needs_activations and (calibration is None or calibration.numel() == 0):
+        raise UserError(f"{method.name} needs calibration data; none was given.")
     blocks, plan = select_linears(model, config)
     device = next(model.parameters()).device
     nsamples, seqlen = (calibration.shape if method.needs_activations else (0, 0))

@@ -1,0 +1,76 @@
+"""The command line: a real subprocess, JSON out, one clear line and a non-zero exit for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_models import make_hub_cache
+
+
+def run_cli(*args, env=None, timeout=300):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "wanda_gui", *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+
+
+def test_prune_exports_and_prints_json(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "pruned"
+    result = run_cli("prune", "--model", str(tiny_model_dir), "--pattern", "2:4", "--calib", str(text_file),
+                     "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["pattern"] == "2:4" and report["achieved_sparsity"] == pytest.approx(0.5)
+    assert report["calibration"] == {"source": "file:calib.txt", "nsamples": 4, "seqlen": 32, "seed": 0}
+    assert (out / "pruning_report.json").exists()
+    assert "linear" in result.stderr  # the tqdm bar, driven by the event stream
+
+
+def test_prune_with_eval_reports_both_perplexities(tmp_path, tiny_model_dir, text_file):
+    result = run_cli("prune", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4",
+                     "--seqlen", "32", "--eval", "--eval-nwindows", "4", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    assert "dense perplexity" in result.stdout and "pruned perplexity" in result.stdout
+    report = json.loads((tmp_path / "o" / "pruning_report.json").read_text())
+    assert report["perplexity"]["dense"]["nwindows"] == 4 and report["perplexity"]["pruned"]["seqlen"] == 32
+
+
+def test_eval_reads_a_hub_id_from_the_offline_cache(tmp_path, tiny_model_dir):
+    make_hub_cache(tmp_path, "tiny-org/tiny", tiny_model_dir)
+    result = run_cli("eval", "--model", "tiny-org/tiny", "--seqlen", "32", "--nwindows", "3", "--json",
+                     env={"HF_HUB_CACHE": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["nwindows"] == 3 and report["perplexity"] > 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prune", "--sparsity", "1.5"], "Sparsity must be in"),
+    (["prune", "--pattern", "2:3"], "multiple of 3"),
+    (["prune", "--pattern", "5:4"], "0 < N < M"),
+    (["prune", "--seqlen", "4096"], "longer than the model's context"),
+    (["prune", "--calib", "/nonexistent.txt"], "does not exist"),
+    (["prune", "--device", "cuda:7"], "cuda:7"),
+    (["eval", "--model", "nobody/nothing"], "not in the local hub cache"),
+    (["eval", "--model", "/tmp"], "not a model folder"),
+])
+def test_bad_input_gets_one_clear_line(tmp_path, tiny_model_dir, args, message):
+    if "--model" not in args:
+        args = [*args, "--model", str(tiny_model_dir)]
+    if args[0] == "prune":
+        args = [*args, "--nsamples", "2", "--out", str(tmp_path / "o")]
+        if "--seqlen" not in args:
+            args = [*args, "--seqlen", "32"]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("x")
+    result = run_cli("prune", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "--overwrite" in result.stderr
