@@ -33,7 +33,7 @@ class PruneConfig:
     layerwise: bool = False  # magnitude only: one threshold for the whole layer (the reference's variant)
     include: tuple[str, ...] = ()  # fnmatch patterns on qualified linear names; empty = every block linear
     exclude: tuple[str, ...] = ()
-    batch_size: int | None = None  # None: about 4k tokens a batch on CPU, 32k on CUDA
+    batch_size: int | None = None  # None: about 1k tokens a batch on CPU, 32k on CUDA
     restore_on_abort: bool = True  # keep a dense copy of each pruned weight until the run ends
 
 
@@ -42,8 +42,9 @@ class Cancelled(Exception):
 
 
 def default_batch_size(device: torch.device, seqlen: int) -> int:
-    """Batch 4-8 at seqlen 512 beat larger ones on a 2-core CPU (cache); GPUs want far more tokens per call."""
-    tokens = 32768 if device.type == "cuda" else 4096
+    """About 1k tokens a forward on CPU (measured on SmolLM2 blocks, 2 cores: batch 2 at seqlen 512 beat 4, 8 and
+    12 by 2-8%, the activations staying in cache); GPUs want far more tokens per call."""
+    tokens = 32768 if device.type == "cuda" else 1024
     return max(1, tokens // max(1, seqlen))
 
 
@@ -118,8 +119,8 @@ def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden:
         def pre(module, args):
             x = args[0]
             if last_input[0] is not x:
-                flat = x.reshape(-1, x.shape[-1])
-                last_input[:] = [x, torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).square_()]
+                flat = x.reshape(-1, x.shape[-1]).float()
+                last_input[:] = [x, (flat * flat).sum(dim=0)]  # 10x faster than linalg.vector_norm on CPU
             sums[name] += last_input[1]
             if len(order) < len(linears):
                 order.append(name)

@@ -205,6 +205,7 @@ class ModelInfo:
     dtype: str
     device: str
     memory_bytes: int
+    hidden_size: int
     context_length: int | None
     has_chat_template: bool
 
@@ -283,6 +284,7 @@ def load_model(
         dtype=dtype_name(torch_dtype),
         device=str(torch_device),
         memory_bytes=sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers()),
+        hidden_size=config.get_text_config().hidden_size,
         context_length=getattr(config.get_text_config(), "max_position_embeddings", None),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )

@@ -1,0 +1,163 @@
+"""Benchmark setting P1 (PROTOCOL.md): built-in model, Wanda 50% unstructured and 2:4, 64 x 512 calibration, eval on.
+
+Each setting runs in a fresh process so that its memory figures are its own. Prints a table and writes JSON.
+Usage: python benchmarks/p1.py [--out benchmarks/p1.json] [--patterns unstructured 2:4] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def matmul_flops_per_second(device, dtype, n: int = 4096, repeats: int = 5) -> float:
+    """The machine's dense matmul rate, measured now on the same device and dtype."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+class PeakRss:
+    """Samples the process's resident memory every 20 ms; peak since start()."""
+
+    def __init__(self):
+        import psutil
+
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def run_setting(pattern: str, device_name: str, dtype_name: str | None, nwindows: int) -> dict:
+    import torch
+
+    from wanda_gui.core.calibration import calibration_windows
+    from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+    from wanda_gui.core.evaluate import generation_speed, perplexity
+    from wanda_gui.core.export import make_report
+    from wanda_gui.core.masks import Pattern
+    from wanda_gui.core.models import load_model
+
+    t = time.perf_counter()
+    loaded = load_model("builtin", device_name, dtype_name)
+    load_seconds = time.perf_counter() - t
+    device = torch.device(loaded.info.device)
+    windows, calibration = calibration_windows(loaded.tokenizer, "builtin", 64, 512, 0)
+    dense = perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=nwindows)
+    dense_speed = generation_speed(loaded.model, loaded.tokenizer)
+    rate = matmul_flops_per_second(device, next(loaded.model.parameters()).dtype)
+
+    import gc
+
+    gc.collect()
+    with PeakRss() as rss:
+        before = rss.peak
+        summary = run_to_end(prune(loaded.model, PruneConfig(method="wanda", pattern=Pattern.parse(pattern)), windows))
+    pruned = perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=nwindows)
+    pruned_speed = generation_speed(loaded.model, loaded.tokenizer)
+
+    config = loaded.model.config
+    tokens = windows.numel()
+    linear_flops = 2 * 2 * loaded.info.linear_parameters * tokens
+    attention_flops = 2 * config.num_hidden_layers * 64 * 4 * 512 ** 2 * config.num_attention_heads * config.head_dim
+    report = make_report(loaded.info, summary, calibration,
+                         {"load": load_seconds, "evaluation": dense.seconds + pruned.seconds},
+                         {"dense": dense.__dict__, "pruned": pruned.__dict__},
+                         {"dense": dense_speed, "pruned": pruned_speed})
+    report.pop("layers")
+    report["peak_rss_bytes"] = rss.peak
+    report["rss_added_by_pruning_bytes"] = rss.peak - before
+    if device.type == "cuda":
+        report["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    report["floor"] = {
+        "matmul_flops_per_second": rate,
+        "linear_flops": linear_flops,
+        "attention_flops": attention_flops,
+        "ratio": summary.seconds / (linear_flops / rate),
+        "ratio_with_attention": summary.seconds / ((linear_flops + attention_flops) / rate),
+    }
+    return report
+
+
+def table(reports: list[dict]) -> str:
+    gib = 1024 ** 3
+    rows = [("pattern", "sparsity", "prune s", "floor s", "ratio", "+RSS GiB", "peak RSS GiB", "ppl dense",
+             "ppl pruned", "tok/s dense", "tok/s pruned")]
+    for r in reports:
+        f = r["floor"]
+        rows.append((r["pattern"], f"{r['achieved_sparsity']:.4f}", f"{r['seconds']['calibration_and_pruning']:.1f}",
+                     f"{f['linear_flops'] / f['matmul_flops_per_second']:.1f}", f"{f['ratio']:.2f}",
+                     f"{r['rss_added_by_pruning_bytes'] / gib:.2f}", f"{r['peak_rss_bytes'] / gib:.2f}",
+                     f"{r['perplexity']['dense']['perplexity']:.3f}", f"{r['perplexity']['pruned']['perplexity']:.3f}",
+                     f"{r['generation_tokens_per_second']['dense']:.1f}",
+                     f"{r['generation_tokens_per_second']['pruned']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--nwindows", type=int, default=64)
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one setting in this process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_setting(args.one, args.device, args.dtype, args.nwindows)))
+        return 0
+    reports = []
+    for pattern in args.patterns:
+        cmd = [sys.executable, __file__, "--one", pattern, "--device", args.device, "--nwindows", str(args.nwindows)]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode:
+            print(result.stderr, file=sys.stderr)
+            return result.returncode
+        reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    print(f"P1 on {reports[0]['device']} {reports[0]['dtype']}: wanda, 64 x 512 calibration (seed 0), "
+          f"eval {args.nwindows} x 512; matmul {reports[0]['floor']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s")
+    print(table(reports))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(reports, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The app through its API (gradio_client): the whole flow on a tiny model, bad input answered in words."""
+
+import json
+import socket
+
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from transformers import AutoModelForCausalLM
+
+from wanda_gui.app.ui import CALIBRATION, SOURCES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    from wanda_gui.app.main import launch
+
+    port = free_port()
+    demo = launch(port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def load_tiny(client, folder):
+    return client.predict(SOURCES[1], str(folder), "", "", "", False, "cpu", "auto", api_name="/load")
+
+
+def prune_args(files, **overrides):
+    args = dict(method="Wanda", sparsity=0.5, pattern="unstructured", custom_nm="1:4", calib_kind=CALIBRATION[1],
+                files=[handle_file(str(f)) for f in files], dataset="", nsamples=4, seqlen=32, seed=0)
+    args.update(overrides)
+    return list(args.values())
+
+
+def test_whole_flow_load_prune_results_chat_export_reload(url, tiny_model_dir, text_file, tmp_path):
+    client = Client(url, verbose=False)
+    status, card, *_ = load_tiny(client, tiny_model_dir)
+    assert status.startswith("✅ Loaded") and "LlamaForCausalLM" in card and "| Decoder blocks | 2 |" in card
+
+    job = client.submit(*prune_args([text_file]), api_name="/prune")
+    updates = list(job)
+    final = job.result()
+    statuses = [u[0] for u in updates if isinstance(u[0], str)]
+    assert any("linear 7/14" in s for s in statuses), statuses  # live per-linear progress
+    assert final[0].startswith("✅ Pruned") and "50.00%" in final[0]
+    heatmap = json.loads(final[2]["plot"])
+    assert heatmap["data"][0]["type"] == "heatmap" and "model.layers.1" in heatmap["layout"]["title"]["text"]
+    bars = json.loads(final[1]["plot"])
+    assert bars["data"][0]["type"] == "bar" and len(bars["data"][0]["x"]["bdata"] if isinstance(bars["data"][0]["x"], dict) else bars["data"][0]["x"]) > 0
+    assert "| down_proj | 50.00% |" in final[4] and "do not shrink the files" in final[4]
+
+    layer = client.predict("model.layers.0.self_attn.q_proj", api_name="/show_layer")
+    assert "model.layers.0.self_attn.q_proj" in json.loads(layer["plot"])["layout"]["title"]["text"]
+
+    ppl = client.predict(2, api_name="/evaluate")
+    assert "| dense |" in ppl and "| pruned |" in ppl and "2 x 512 tokens" not in ppl  # tiny context: 2 windows
+
+    prompt, dense, pruned, dense_stats, pruned_stats = client.predict(
+        "Hello there", [], [], 8, True, 0.7, 0.9, 0, api_name="/chat")
+    assert prompt == ""
+    for history, stats in ((dense, dense_stats), (pruned, pruned_stats)):
+        assert [m["role"] for m in history] == ["user", "assistant"]
+        assert "8 tokens" in stats and "tok/s" in stats
+    assert dense[1]["content"] != pruned[1]["content"]  # pruning changed the (random) model's answer
+
+    out = tmp_path / "export"
+    message, report = client.predict(str(out), False, api_name="/export")
+    assert message.startswith("✅ Exported") and json.loads(open(report).read())["achieved_sparsity"] == 0.5
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert (reloaded.model.layers[1].mlp.down_proj.weight == 0).float().mean() == 0.5
+    dense_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(reloaded.model.layers[0].self_attn.q_proj.weight, dense_model.model.layers[0].self_attn.q_proj.weight)
+
+
+def error_of(call):
+    with pytest.raises(Exception) as info:
+        call()
+    return str(info.value)
+
+
+def test_bad_input_is_answered_in_words(url, tiny_model_dir, text_file, tmp_path):
+    client = Client(url, verbose=False)
+    assert "Load a model first" in error_of(lambda: client.predict(*prune_args([text_file]), api_name="/prune"))
+    assert "no config.json" in error_of(lambda: client.predict(SOURCES[1], str(tmp_path), "", "", "", False, "cpu",
+                                                               "auto", api_name="/load"))
+    assert "not in the local hub cache" in error_of(lambda: client.predict(SOURCES[2], "", "nobody/nothing", "", "",
+                                                                           False, "cpu", "auto", api_name="/load"))
+    load_tiny(client, tiny_model_dir)
+    assert "Prune the model first" in error_of(lambda: client.predict("hi", [], [], 8, True, 0.7, 0.9, 0, api_name="/chat"))
+    assert "multiple of 3" in error_of(lambda: client.predict(*prune_args([text_file], pattern="custom N:M",
+                                                                         custom_nm="2:3"), api_name="/prune"))
+    assert "0 < N < M" in error_of(lambda: client.predict(*prune_args([text_file], pattern="custom N:M",
+                                                                     custom_nm="4:2"), api_name="/prune"))
+    assert "Sparsity must be in" in error_of(lambda: client.predict(*prune_args([text_file], sparsity=1.0),
+                                                                    api_name="/prune"))
+    assert "longer than the model's context" in error_of(lambda: client.predict(*prune_args([text_file], seqlen=4096),
+                                                                                api_name="/prune"))
+    client.predict(*prune_args([text_file]), api_name="/prune")
+    assert "Type a prompt first" in error_of(lambda: client.predict("  ", [], [], 8, True, 0.7, 0.9, 0, api_name="/chat"))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    assert "not empty" in error_of(lambda: client.predict(str(full), False, api_name="/export"))
+    assert (full / "keep.txt").read_text() == "x"
+
+
+def test_stop_discards_the_pruned_copy_and_keeps_dense(url, tiny_model_dir, text_file):
+    client = Client(url, verbose=False)
+    load_tiny(client, tiny_model_dir)
+    job = client.submit(*prune_args([text_file], nsamples=64), api_name="/prune")
+    for update in job:
+        if isinstance(update[0], str) and "linear 2/" in update[0]:
+            client.predict(api_name="/stop")
+            break
+    final = job.result()
+    assert final[0].startswith("⏹ Stopped") and "never touched" in final[0]
+    assert "Prune the model first" in error_of(lambda: client.predict("hi", [], [], 4, True, 0.7, 0.9, 0, api_name="/chat"))

@@ -1,0 +1,141 @@
+"""The app in a real headless browser (Debian's chromium + playwright): offline page, live pruning, chat, stop."""
+
+import shutil
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+
+@pytest.fixture(scope="module")
+def url():
+    from wanda_gui.app.main import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = launch(port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (make test installs it as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield browser
+        browser.close()
+
+
+class Watched:
+    """A page plus every request that left 127.0.0.1 and every console error."""
+
+    def __init__(self, browser, url):
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.outside, self.errors = [], []
+        self.page.on("request", lambda r: urlparse(r.url).hostname not in LOCAL_HOSTS and r.url.startswith("http")
+                     and self.outside.append(r.url))
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.goto(url, wait_until="domcontentloaded")
+        self.page.locator("#load").wait_for(timeout=30_000)
+
+    def text(self, elem_id: str) -> str:
+        return self.page.locator(f"#{elem_id}").inner_text()
+
+    def wait_text(self, elem_id: str, needle: str, timeout: float = 120_000) -> None:
+        self.page.wait_for_function(
+            "([id, needle]) => (document.getElementById(id)?.innerText || '').includes(needle)", arg=[elem_id, needle],
+            timeout=timeout)
+
+    def fill(self, elem_id: str, value) -> None:
+        box = self.page.locator(f"#{elem_id}").locator("textarea, input").first
+        box.fill(str(value))
+        box.press("Tab")
+
+    def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / name
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+def test_tiny_model_live_prune_heatmap_chat(browser, url, tiny_model_dir, text_file):
+    w = Watched(browser, url)
+    page = w.page
+    assert "Load model" in w.text("load") and page.locator("#start button, button#start").first.is_disabled()
+    w.shot("01-start.png")
+
+    page.locator("#source").get_by_text("Local folder", exact=True).click()
+    w.fill("folder", tiny_model_dir)
+    page.locator("#load").click()
+    w.wait_text("load-status", "Loaded")
+    assert "LlamaForCausalLM" in w.text("model-card")
+
+    page.locator("#calib").get_by_text("Text files", exact=True).click()
+    page.locator("#calib-files input[type=file]").set_input_files(str(text_file))
+    page.wait_for_timeout(1000)
+    w.fill("nsamples", 4)
+    w.fill("seqlen", 32)
+    page.locator("#start").click()
+    w.wait_text("prune-status", "Pruned")
+    assert page.locator("#map-plot .js-plotly-plot").count() == 1
+    assert page.locator("#block-plot .js-plotly-plot .bars path").count() >= 2  # one bar per block
+    w.shot("02-pruned.png")
+
+    w.fill("prompt", "Hello, who are you?")
+    page.locator("#send").click()
+    w.wait_text("dense-stats", "tok/s")
+    w.wait_text("pruned-stats", "tok/s")
+    assert page.locator("#dense-chat").inner_text().count("Hello, who are you?") == 1
+    assert page.locator("#pruned-chat").inner_text().count("Hello, who are you?") == 1
+    w.shot("03-chat.png")
+
+    assert w.outside == [], w.outside
+    assert w.errors == [], w.errors
+
+
+def test_builtin_model_preselected_stop_restores(browser, url, builtin_dir):
+    """A first-time user: Load (nothing typed), Start, Stop: the page says the dense model is intact."""
+    w = Watched(browser, url)
+    page = w.page
+    page.locator("#load").click()
+    w.wait_text("load-status", "Loaded SmolLM2-135M-Instruct")
+    w.wait_text("estimate", "Estimate on cpu")
+    page.locator("#start").click()
+    w.wait_text("prune-status", "linear 3/210")
+    page.locator("#stop").click()
+    w.wait_text("prune-status", "Stopped")
+    assert "dense model was never touched" in w.text("prune-status")
+    assert page.locator("#send").is_disabled()
+    w.shot("04-stopped.png")
+    assert w.outside == [], w.outside
+    assert w.errors == [], w.errors
+
+
+def test_bad_input_shows_a_message_in_the_page(browser, url, tmp_path):
+    w = Watched(browser, url)
+    page = w.page
+    page.locator("#source").get_by_text("Local folder", exact=True).click()
+    w.fill("folder", tmp_path)
+    page.locator("#load").click()
+    page.get_by_text("is not a model folder").first.wait_for(timeout=30_000)
+    w.shot("05-error.png")
+    page.locator("#source").get_by_text("Hugging Face hub", exact=True).click()
+    w.fill("hub-id", "nobody/nothing")
+    page.locator("#load").click()
+    page.get_by_text("not in the local hub cache").first.wait_for(timeout=30_000)
+    assert "Traceback" not in page.content()
+    assert w.outside == [], w.outside

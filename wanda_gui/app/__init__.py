@@ -1,0 +1,1 @@
+"""The Gradio app: layout, callbacks, plots, chat and telemetry over the core's event stream."""
