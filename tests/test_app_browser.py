@@ -56,9 +56,13 @@ class Watched:
         return self.page.locator(f"#{elem_id}").inner_text()
 
     def wait_text(self, elem_id: str, needle: str, timeout: float = 120_000) -> None:
-        self.page.wait_for_function(
-            "([id, needle]) => (document.getElementById(id)?.innerText || '').includes(needle)", arg=[elem_id, needle],
-            timeout=timeout)
+        try:
+            self.page.wait_for_function(
+                "([id, needle]) => (document.getElementById(id)?.innerText || '').includes(needle)",
+                arg=[elem_id, needle], timeout=timeout)
+        except Exception:
+            self.shot(f"failed-waiting-for-{elem_id}.png")
+            raise AssertionError(f"#{elem_id} never showed {needle!r}; it shows {self.text(elem_id)!r}") from None
 
     def fill(self, elem_id: str, value) -> None:
         box = self.page.locator(f"#{elem_id}").locator("textarea, input").first

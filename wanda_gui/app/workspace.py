@@ -56,6 +56,10 @@ class Workspace:
         self.cancel = threading.Event()
         self.stop_chat = threading.Event()
 
+    def __deepcopy__(self, memo):
+        """Gradio deep-copies each session's initial state: a workspace (models, events) starts anew instead."""
+        return Workspace()
+
     # -- model
     def load(self, source: str, device: str, dtype: str | None, revision: str | None = None, token: str | None = None,
              trust_remote_code: bool = False, progress=None):
@@ -125,12 +129,14 @@ class Workspace:
         self.stop_chat.set()
 
     # -- results
-    def evaluate(self, nwindows: int, seqlen: int = 512) -> dict:
-        """Dense (memoised per window setting, it never changes) and pruned perplexity on PROTOCOL's windows."""
+    def evaluate(self, nwindows: int) -> dict:
+        """Dense (memoised per window setting, it never changes) and pruned perplexity on PROTOCOL's windows
+        (512 tokens, or the model's context when shorter)."""
         from ..core.evaluate import perplexity
 
         loaded = self.require_model()
         pruned = self.require_pruned()
+        seqlen = min(512, loaded.info.context_length or 512)
         key = (seqlen, nwindows)
         if self.dense_model is not None and key not in self._dense_perplexity:
             self._dense_perplexity[key] = perplexity(self.dense_model, loaded.tokenizer, seqlen=seqlen, nwindows=nwindows)
