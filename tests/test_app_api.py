@@ -41,14 +41,14 @@ def prune_args(files, **overrides):
 def test_whole_flow_load_prune_results_chat_export_reload(url, tiny_model_dir, text_file, tmp_path):
     client = Client(url, verbose=False)
     status, card, *_ = load_tiny(client, tiny_model_dir)
-    assert status.startswith("✅ Loaded") and "LlamaForCausalLM" in card and "| Decoder blocks | 2 |" in card
+    assert status.startswith("✓ Loaded") and "LlamaForCausalLM" in card and "| Decoder blocks | 2 |" in card
 
     job = client.submit(*prune_args([text_file]), api_name="/prune")
     updates = list(job)
     final = job.result()
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
     assert any("linear 7/14" in s for s in statuses), statuses  # live per-linear progress
-    assert final[0].startswith("✅ Pruned") and "50.00%" in final[0]
+    assert final[0].startswith("✓ Pruned") and "50.00%" in final[0]
     heatmap = json.loads(final[2]["plot"])
     assert heatmap["data"][0]["type"] == "heatmap" and "model.layers.1" in heatmap["layout"]["title"]["text"]
     bars = json.loads(final[1]["plot"])
@@ -71,7 +71,7 @@ def test_whole_flow_load_prune_results_chat_export_reload(url, tiny_model_dir, t
 
     out = tmp_path / "export"
     message, report = client.predict(str(out), False, api_name="/export")
-    assert report["visible"] and message.startswith("✅ Exported")
+    assert report["visible"] and message.startswith("✓ Exported")
     assert json.loads(open(report["value"]).read())["achieved_sparsity"] == 0.5
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert (reloaded.model.layers[1].mlp.down_proj.weight == 0).float().mean() == 0.5
@@ -121,7 +121,7 @@ def test_stop_discards_the_pruned_copy_and_keeps_dense(url, tiny_model_dir, text
             client.predict(api_name="/stop")
             break
     final = job.result()
-    assert final[0].startswith("⏹ Stopped") and "never touched" in final[0]
+    assert final[0].startswith("■ Stopped") and "never touched" in final[0]
     assert "Prune the model first" in error_of(lambda: client.predict("hi", [], [], 4, True, 0.7, 0.9, 0, api_name="/chat"))
 
 
@@ -131,7 +131,7 @@ def test_builtin_model_flow_with_small_calibration(url, builtin_dir):
     status, card, *_ = client.predict(SOURCES[0], "", "", "", "", False, "cpu", "auto", api_name="/load")
     assert "SmolLM2-135M-Instruct" in status and "| Linears to prune | 210" in card
     final = client.predict("Wanda", 0.5, "2:4", "1:4", CALIBRATION[0], [], "", 8, 128, 0, api_name="/prune")
-    assert final[0].startswith("✅ Pruned") and "achieved sparsity 50.00%" in final[0]
+    assert final[0].startswith("✓ Pruned") and "achieved sparsity 50.00%" in final[0]
     _, dense, pruned, _, _ = client.predict("What is the capital of France?", [], [], 24, True, 0.7, 0.9, 0,
                                             api_name="/chat")
     dense_answer, pruned_answer = text_of(dense[1]["content"]), text_of(pruned[1]["content"])

@@ -81,7 +81,7 @@ def model_card(info) -> str:
             ("Decoder blocks", info.blocks), ("Linears to prune", f"{info.linears} ({info.linear_parameters / 1e6:,.1f} M weights)"),
             ("Device / dtype", f"{info.device} / {info.dtype}"), ("Memory", format_bytes(info.memory_bytes)),
             ("Context", info.context_length or "?"), ("Chat template", "yes" if info.has_chat_template else "no")]
-    return f"#### {html.escape(info.name)}\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"#### {html.escape(info.name)}\n\n| model | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
 def telemetry_line() -> str:
@@ -149,16 +149,16 @@ def load(ws: Workspace, kind, folder, hub_id, revision, token, trust_remote_code
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    yield ws, "⏳ Loading…", gr.update(), gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False)
+    yield ws, "… Loading…", gr.update(), gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False)
     while thread.is_alive() or not messages.empty():
         try:
-            yield ws, f"⏳ {messages.get(timeout=0.25)}", gr.update(), gr.update(), gr.update(), gr.update()
+            yield ws, f"… {messages.get(timeout=0.25)}", gr.update(), gr.update(), gr.update(), gr.update()
         except queue.Empty:
             pass
     if "error" in outcome:
         raise outcome["error"]
     info = outcome["loaded"].info
-    yield (ws, f"✅ Loaded {info.name} on {info.device} in {ws.timings['load']:.1f} s.", model_card(info),
+    yield (ws, f"✓ Loaded {info.name} on {info.device} in {ws.timings['load']:.1f} s.", model_card(info),
            gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=False))
 
 
@@ -211,20 +211,20 @@ def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind
     seed = check_count(seed, "Seed", 0)
     no_change = gr.update()
     locked = gr.update(interactive=False)
-    yield ("⏳ Drawing calibration windows…", no_change, no_change, gr.update(choices=[], value=None), "",
+    yield ("… Drawing calibration windows…", no_change, no_change, gr.update(choices=[], value=None), "",
            locked, locked, locked, gr.update(interactive=True))
     sparsity_by_block, seconds_by_block = {}, {}
     blocks, target, started, heatmap = 1, None, time.perf_counter(), no_change
     for event in ws.prune(config, source, nsamples, seqlen, seed):
         if isinstance(event, ev.RunStarted):
             blocks, target, started = len(event.blocks), event.target_sparsity, time.perf_counter()
-            status = f"⏳ {event.method} · {event.pattern} · {event.total_linears} linears in {blocks} blocks"
+            status = f"… {event.method} · {event.pattern} · {event.total_linears} linears in {blocks} blocks"
             yield (status, plots.block_chart(blocks, {}, {}, target), no_change, no_change, "", locked, locked,
                    locked, no_change)
         elif isinstance(event, ev.LinearPruned):
             elapsed = time.perf_counter() - started
             eta = elapsed / event.done * (event.total - event.done)
-            status = (f"⏳ block {event.block + 1}/{blocks} · linear {event.done}/{event.total} "
+            status = (f"… block {event.block + 1}/{blocks} · linear {event.done}/{event.total} "
                       f"({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · ETA {eta:.0f} s")
             heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, event.score_map, event.mask_map)
             yield status, no_change, heatmap, no_change, "", locked, locked, locked, no_change
@@ -235,13 +235,13 @@ def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind
                    no_change, "", locked, locked, locked, no_change)
         elif isinstance(event, ev.RunFinished):
             names = list(ws.maps)
-            yield (f"✅ Pruned in {event.summary.seconds:.1f} s: achieved sparsity {event.summary.achieved_sparsity:.2%}.",
+            yield (f"✓ Pruned in {event.summary.seconds:.1f} s: achieved sparsity {event.summary.achieved_sparsity:.2%}.",
                    plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target), heatmap,
                    gr.update(choices=names, value=names[-1]), results_markdown(ws),
                    gr.update(interactive=True), gr.update(interactive=True), gr.update(interactive=True),
                    gr.update(interactive=False))
         elif isinstance(event, ev.RunCancelled):
-            yield ("⏹ Stopped. " + ("The dense weights were restored." if event.restored else
+            yield ("■ Stopped. " + ("The dense weights were restored." if event.restored else
                                     "The dense model was never touched (the pruned copy was discarded)."),
                    no_change, no_change, no_change, "", locked, locked, locked, gr.update(interactive=False))
         elif isinstance(event, ev.RunFailed):
@@ -251,7 +251,7 @@ def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind
 
 def stop_pruning(ws: Workspace):
     ws.cancel.set()
-    return "⏹ Stopping… the dense model stays intact."
+    return "■ Stopping… the dense model stays intact."
 
 
 @user_errors
@@ -292,7 +292,7 @@ def chat(ws: Workspace, prompt, dense_history, pruned_history, max_new_tokens, g
             changed = False
             for run, history in zip(runs, histories):
                 if run is not None and run.poll():
-                    history[-1]["content"] = run.text + (f"\n\n⚠️ {run.error}" if run.error else "")
+                    history[-1]["content"] = run.text + (f"\n\n⚠ {run.error}" if run.error else "")
                     changed = True
             stats = [run.stats() if run is not None else "" for run in runs]
             if changed:
@@ -319,7 +319,7 @@ def export(ws: Workspace, folder, overwrite):
     out = ws.export(folder, bool(overwrite))
     report = Path(tempfile.mkdtemp(prefix="wanda-report-")) / "pruning_report.json"
     report.write_text(json.dumps(ws.report(), indent=2))
-    return f"✅ Exported to `{out}` (safetensors, tokenizer, README, pruning_report.json).", gr.update(value=str(report), visible=True)
+    return f"✓ Exported to `{out}` (safetensors, tokenizer, README, pruning_report.json).", gr.update(value=str(report), visible=True)
 
 
 # -- layout -----------------------------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def build() -> gr.Blocks:
                                              placeholder="The pruned model answers here.")
                     pruned_stats = gr.Markdown(elem_id="pruned-stats")
             with gr.Row():
-                prompt = gr.Textbox(show_label=False, placeholder="Prune a model first, then ask both models something…",
+                prompt = gr.Textbox(show_label=False, placeholder="Ask both models something (after pruning)…",
                                     scale=6, elem_id="prompt")
                 send_btn = gr.Button("Send", variant="primary", interactive=False, scale=1, elem_id="send")
                 chat_stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
