@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ def load_tiny(client, folder):
 
 def prune_args(files, **overrides):
     args = dict(method="Wanda", sparsity=0.5, pattern="unstructured", custom_nm="1:4", calib_kind=CALIBRATION[1],
-                files=[handle_file(str(f)) for f in files], dataset="", nsamples=4, seqlen=32, seed=0)
+                files=[handle_file(str(f)) for f in files], dataset="", nsamples=4, seqlen=32, seed=0, include="",
+                exclude="", prune_head=False, batch_size=0)
     args.update(overrides)
     return list(args.values())
 
@@ -130,10 +132,26 @@ def test_builtin_model_flow_with_small_calibration(url, builtin_dir):
     client = Client(url, verbose=False)
     status, card, *_ = client.predict(SOURCES[0], "", "", "", "", False, "cpu", "auto", api_name="/load")
     assert "SmolLM2-135M-Instruct" in status and "| Linears to prune | 210" in card
-    final = client.predict("Wanda", 0.5, "2:4", "1:4", CALIBRATION[0], [], "", 8, 128, 0, api_name="/prune")
+    final = client.predict("Wanda", 0.5, "2:4", "1:4", CALIBRATION[0], [], "", 8, 128, 0, "", "", False, 0,
+                           api_name="/prune")
     assert final[0].startswith("✓ Pruned") and "achieved sparsity 50.00%" in final[0]
     _, dense, pruned, _, _ = client.predict("What is the capital of France?", [], [], 24, True, 0.7, 0.9, 0,
                                             api_name="/chat")
     dense_answer, pruned_answer = text_of(dense[1]["content"]), text_of(pruned[1]["content"])
     assert "Paris" in dense_answer  # the real model answers; pruning 2:4 changes what it says
     assert pruned_answer and pruned_answer != dense_answer
+
+    # A real Stop ends both streaming replies; the app answers the next prompt normally.
+    job = client.submit("Write a long story about a dragon and a knight.", [], [], 400, True, 0.7, 0.9, 0,
+                        api_name="/chat")
+    for update in job:
+        if update[1] and text_of(update[1][-1]["content"]):
+            client.predict(api_name="/stop_chat")
+            break
+    while not job.done():
+        time.sleep(0.1)
+    last = job.outputs()[-1]
+    tokens = [int(stats.split(" tokens")[0]) for stats in last[3:5] if stats]
+    assert tokens and max(tokens) < 400
+    _, dense, _, _, _ = client.predict("What is the capital of France?", [], [], 24, True, 0.7, 0.9, 0, api_name="/chat")
+    assert "Paris" in text_of(dense[1]["content"])

@@ -30,11 +30,13 @@ def test_prune_exports_and_prints_json(tmp_path, tiny_model_dir, text_file):
 
 def test_prune_with_eval_reports_both_perplexities(tmp_path, tiny_model_dir, text_file):
     result = run_cli("prune", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4",
-                     "--seqlen", "32", "--eval", "--eval-nwindows", "4", "--out", str(tmp_path / "o"))
+                     "--seqlen", "32", "--eval", "--eval-nwindows", "4", "--prune-lm-head", "--out", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
     assert "dense perplexity" in result.stdout and "pruned perplexity" in result.stdout
     report = json.loads((tmp_path / "o" / "pruning_report.json").read_text())
     assert report["perplexity"]["dense"]["nwindows"] == 4 and report["perplexity"]["pruned"]["seqlen"] == 32
+    assert report["settings"]["prune_head"] and report["layers"][-1]["name"] == "lm_head"
+    assert "and the LM head" in (tmp_path / "o" / "README.md").read_text()
 
 
 def test_eval_reads_a_hub_id_from_the_offline_cache(tmp_path, tiny_model_dir):

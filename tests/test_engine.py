@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from transformers import AutoModelForCausalLM
+
 from conftest import ARCHITECTURES, tiny_model
 from wanda_gui.core import events as ev
 from wanda_gui.core import engine
@@ -207,3 +209,43 @@ def test_events_arrive_in_order_with_block_timings():
     assert all(e.seconds > 0 and e.peak_memory_bytes > 0 and e.sparsity == pytest.approx(0.5, abs=0.01) for e in finished)
     dones = [e.done for e in events if isinstance(e, ev.LinearPruned)]
     assert dones == list(range(1, events[0].total_linears + 1))
+
+
+def test_lm_head_is_left_alone_by_default():
+    model = tiny_model("llama")
+    head = model.lm_head.weight.clone()
+    run_to_end(prune(model, PruneConfig(), CALIB))
+    assert torch.equal(model.lm_head.weight, head)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_lm_head_pruned_with_wanda_from_its_real_inputs_when_asked(arch):
+    """The head's statistic is what the (pruned) model feeds it: final norm of the last block's output.
+    (Untied here: a tied head's pruning also changes the embeddings, and so what the model then feeds it.)"""
+    torch.manual_seed(0)
+    config = ARCHITECTURES[arch]()
+    config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_config(config).eval()
+    dense_head = model.get_output_embeddings().weight.clone()
+    events = list(prune(model, PruneConfig(prune_head=True), CALIB))
+    head = model.get_output_embeddings()
+    assert events[0].blocks[-1] == [n for n, m in model.named_modules() if m is head]
+    assert isinstance(events[-1], ev.RunFinished) and len(events[-1].summary.layers) == events[0].total_linears
+
+    seen = []
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.inference_mode():
+        model(input_ids=CALIB, use_cache=False)
+    handle.remove()
+    x = torch.cat(seen)
+    expected = engine.select(wanda_score(dense_head, (x ** 2).mean(0)), 0.5, Pattern())
+    assert (expected == (head.weight == 0)).float().mean() > 0.999  # float summation order may flip a rare tie
+
+
+def test_tied_embeddings_are_pruned_with_the_head():
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    run_to_end(prune(model, PruneConfig(method="magnitude", prune_head=True), None))
+    embed = model.get_input_embeddings().weight
+    assert embed is model.lm_head.weight and ((embed == 0).sum(dim=1) == embed.shape[1] // 2).all()

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--layerwise", action="store_true", help="magnitude: one threshold per layer instead of per row")
     prune.add_argument("--include", nargs="*", default=[], metavar="GLOB", help="prune only linears whose name matches")
     prune.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="skip linears whose name matches")
+    prune.add_argument("--prune-lm-head", action="store_true",
+                       help="also prune the LM head (and the input embeddings when they are tied to it)")
     prune.add_argument("--calib", nargs="+", default=["builtin"], metavar="SOURCE",
                        help="builtin, text FILE(s), or hf:NAME[:CONFIG] (wikitext2, c4 or any dataset)")
     prune.add_argument("--nsamples", type=int, default=64)
@@ -87,7 +89,7 @@ def cmd_prune(args) -> dict:
 
     config = PruneConfig(method=get_method(args.method).name, sparsity=check_sparsity(args.sparsity),
                          pattern=Pattern.parse(args.pattern), layerwise=args.layerwise, include=tuple(args.include),
-                         exclude=tuple(args.exclude), batch_size=args.batch_size)
+                         exclude=tuple(args.exclude), prune_head=args.prune_lm_head, batch_size=args.batch_size)
     check_target(Path(args.out).expanduser().absolute(), args.overwrite, None)
     loaded, load_seconds = _load(args)
     validate(loaded.model, config)

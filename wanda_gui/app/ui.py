@@ -162,12 +162,19 @@ def load(ws: Workspace, kind, folder, hub_id, revision, token, trust_remote_code
            gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=False))
 
 
-def prune_config(method, sparsity, pattern_choice, custom_nm):
+def globs(text: str) -> tuple[str, ...]:
+    return tuple(g.strip() for g in (text or "").replace(",", " ").split() if g.strip())
+
+
+def prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size):
     from ..core.engine import PruneConfig
     from ..core.masks import Pattern, check_sparsity
 
     pattern = Pattern.parse(custom_nm if pattern_choice == "custom N:M" else pattern_choice)
-    return PruneConfig(method=method.lower(), sparsity=check_sparsity(sparsity), pattern=pattern)
+    batch = check_count(batch_size, "Batch size", 0)
+    return PruneConfig(method=method.lower(), sparsity=check_sparsity(sparsity), pattern=pattern,
+                       include=globs(include), exclude=globs(exclude), prune_head=bool(prune_head),
+                       batch_size=batch or None)
 
 
 def calibration_source(kind, files, dataset):
@@ -201,11 +208,12 @@ def estimate_text(ws: Workspace, method, nsamples, seqlen):
 
 
 @user_errors
-def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed):
+def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
+          include, exclude, prune_head, batch_size):
     from ..core import events as ev
 
     ws.require_model()
-    config = prune_config(method, sparsity, pattern_choice, custom_nm)
+    config = prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size)
     source = calibration_source(calib_kind, files, dataset)
     nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
     seed = check_count(seed, "Seed", 0)
@@ -377,6 +385,14 @@ def build() -> gr.Blocks:
                     nsamples = gr.Number(64, label="Samples", precision=0, minimum=1, elem_id="nsamples")
                     seqlen = gr.Number(512, label="Sequence length", precision=0, minimum=2, elem_id="seqlen")
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        include = gr.Textbox(label="Only linears matching", placeholder="e.g. *.mlp.*  (globs on names)")
+                        exclude = gr.Textbox(label="Skip linears matching", placeholder="e.g. *down_proj")
+                    with gr.Row():
+                        prune_head = gr.Checkbox(label="Also prune the LM head (tied models: the embeddings too)",
+                                                 value=False)
+                        batch_size = gr.Number(0, label="Batch (windows per forward; 0 = auto)", precision=0, minimum=0)
                 estimate = gr.Markdown("Load a model to see an estimate.", elem_id="estimate")
                 with gr.Row():
                     start_btn = gr.Button("Start pruning", variant="primary", interactive=False, elem_id="start")
@@ -457,7 +473,8 @@ def build() -> gr.Blocks:
             component.change(estimate_text, estimate_inputs, estimate, api_visibility="private")
 
         prune_event = start_btn.click(
-            prune, [ws, method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed],
+            prune, [ws, method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
+                    include, exclude, prune_head, batch_size],
             [prune_status, block_plot, map_plot, layer_pick, results, send_btn, export_btn, eval_btn, stop_btn],
             api_name="prune", show_progress="minimal", show_progress_on=[prune_status], **device_bound)
         prune_event.then(lambda: gr.update(interactive=False), None, stop_btn, api_visibility="private")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -63,6 +65,27 @@ def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     return kwargs.pop("hidden_states"), BlockCall((), kwargs, True)
 
 
+@contextlib.contextmanager
+def stubbed(blocks: nn.ModuleList, make_forward: Callable[[int], Callable]) -> Iterator[None]:
+    """Temporarily replace each block's forward (an instance attribute, so the block's own attributes such as
+    `attention_type` stay readable by the model's loop)."""
+    for i, block in enumerate(blocks):
+        block.forward = make_forward(i)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def _forward_until_stop(model: nn.Module, ids: torch.Tensor, device: torch.device) -> None:
+    try:
+        model(input_ids=ids.to(device), use_cache=False)
+    except _Stop:
+        pass
+
+
+@torch.inference_mode()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
                          device: torch.device) -> tuple[torch.Tensor, list[BlockCall]]:
     """Run the model's own forward with every block stubbed out, recording the first block's hidden input
@@ -87,23 +110,51 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
             raise _Stop
         return forward
 
-    def run(ids: torch.Tensor) -> None:
-        try:
-            model(input_ids=ids.to(device), use_cache=False)
-        except _Stop:
-            pass
-
-    for i, block in enumerate(blocks):
-        block.forward = stub(i)
-    try:
-        with torch.inference_mode():
-            run(input_ids[:1])
-            recording = False
-            for start in range(0, len(input_ids), batch_size):
-                run(input_ids[start:start + batch_size])
-    finally:
-        for block in blocks:
-            del block.forward
+    with stubbed(blocks, stub):
+        _forward_until_stop(model, input_ids[:1], device)
+        recording = False
+        for start in range(0, len(input_ids), batch_size):
+            _forward_until_stop(model, input_ids[start:start + batch_size], device)
     if any(c is None for c in calls):
         raise UserError(f"{type(model).__name__} did not call all of its {len(blocks)} decoder blocks in its forward.")
     return torch.cat(hidden), calls
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The LM head (output embeddings) by qualified name, when it is a linear layer."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, LINEAR_TYPES):
+        return None
+    return next(name for name, m in model.named_modules() if m is head), head
+
+
+@torch.inference_mode()
+def head_input_sq_mean(model: nn.Module, blocks: nn.ModuleList, head: nn.Module, input_ids: torch.Tensor,
+                       final_hidden: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Mean of x_j^2 over all tokens at the LM head's input, given the last block's (pruned) outputs.
+
+    The model's own forward runs with the blocks stubbed (the last returns final_hidden), so whatever it does
+    between the blocks and the head (final norm, projections) is applied exactly; the head's matmul is skipped.
+    """
+    sums = torch.zeros(weight_out_in(head).shape[1], dtype=torch.float32, device=final_hidden.device)
+    batch: list[torch.Tensor] = []
+
+    def stub(index: int):
+        def forward(*args, **kwargs):
+            return batch[0] if index == len(blocks) - 1 else _split(args, kwargs)[0]
+        return forward
+
+    def pre(module, args):
+        flat = args[0].reshape(-1, args[0].shape[-1]).float()
+        sums.add_((flat * flat).sum(dim=0))
+        raise _Stop
+
+    handle = head.register_forward_pre_hook(pre)
+    try:
+        with stubbed(blocks, stub):
+            for start in range(0, len(input_ids), batch_size):
+                batch[:] = [final_hidden[start:start + batch_size]]
+                _forward_until_stop(model, input_ids[start:start + batch_size], device)
+    finally:
+        handle.remove()
+    return sums / (final_hidden.shape[0] * final_hidden.shape[1])

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import BlockCall, capture_block_inputs, find_blocks, find_linears, weight_out_in
+from .architecture import (BlockCall, capture_block_inputs, find_blocks, find_head, find_linears, head_input_sq_mean,
+                           weight_out_in)
 from .errors import UserError
 from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPruned, PruneSummary, RunCancelled,
                      RunFailed, RunFinished, RunStarted)
@@ -33,6 +34,7 @@ class PruneConfig:
     layerwise: bool = False  # magnitude only: one threshold for the whole layer (the reference's variant)
     include: tuple[str, ...] = ()  # fnmatch patterns on qualified linear names; empty = every block linear
     exclude: tuple[str, ...] = ()
+    prune_head: bool = False  # also the LM head (and so the input embeddings, when the two are tied)
     batch_size: int | None = None  # None: about 1k tokens a batch on CPU, 32k on CUDA
     restore_on_abort: bool = True  # keep a dense copy of each pruned weight until the run ends
 
@@ -49,7 +51,8 @@ def default_batch_size(device: torch.device, seqlen: int) -> int:
 
 
 def select_linears(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
-    """The decoder blocks and, per block, the linears to prune by qualified name."""
+    """The decoder blocks and, per block, the linears to prune by qualified name; the LM head as one more
+    stage after the blocks when asked for (never the input embeddings on their own)."""
     blocks_name, blocks = find_blocks(model)
     plan = []
     for i, block in enumerate(blocks):
@@ -62,6 +65,11 @@ def select_linears(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList
                 continue
             chosen[full] = linear
         plan.append(chosen)
+    if config.prune_head:
+        head = find_head(model)
+        if head is None:
+            raise UserError(f"{type(model).__name__} has no linear LM head to prune.")
+        plan.append({} if any(fnmatch.fnmatchcase(head[0], p) for p in config.exclude) else dict([head]))
     if not any(plan):
         raise UserError("The include/exclude patterns select no linear layer to prune.")
     return blocks, plan
@@ -167,6 +175,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
     if method.needs_activations and (calibration is None or calibration.numel() == 0):
         raise UserError(f"{method.name} needs calibration data; none was given.")
     blocks, plan = select_linears(model, config)
+    has_head = len(plan) > len(blocks)
     device = next(model.parameters()).device
     nsamples, seqlen = (calibration.shape if method.needs_activations else (0, 0))
     batch_size = config.batch_size or default_batch_size(device, seqlen)
@@ -192,16 +201,20 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
     try:
         if method.needs_activations:
             hidden, calls = capture_block_inputs(model, blocks, calibration, batch_size, device)
-        for i, block in enumerate(blocks):
+        for i, linears in enumerate(plan):
             if cancel is not None and cancel.is_set():
                 raise Cancelled
+            is_head = i == len(blocks)
             block_started = time.perf_counter()
-            linears = plan[i]
-            yield BlockStarted(i, f"block {i}", len(linears))
+            yield BlockStarted(i, next(iter(linears), "head") if is_head else f"block {i}", len(linears))
             stats = {}
             if method.needs_activations and linears:
                 t = time.perf_counter()
-                stats = collect_input_stats(block, linears, hidden, calls[i], batch_size, cancel)
+                if is_head:
+                    name, head = next(iter(linears.items()))
+                    stats = {name: head_input_sq_mean(model, blocks, head, calibration, hidden, batch_size, device)}
+                else:
+                    stats = collect_input_stats(blocks[i], linears, hidden, calls[i], batch_size, cancel)
                 calibration_seconds += time.perf_counter() - t
             zeros = elements = 0
             for name, linear in linears.items():
@@ -218,9 +231,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
                 yield LinearPruned(i, name, tuple(mask.shape), nz / numel, pooled(score), pooled(~mask),
                                    time.perf_counter() - t, len(layers), total)
             current_layer = None
-            if method.needs_activations and i < len(blocks) - 1:
+            if method.needs_activations and not is_head and (i < len(blocks) - 1 or has_head):
                 t = time.perf_counter()
-                run_block(block, hidden, calls[i], batch_size, cancel)
+                run_block(blocks[i], hidden, calls[i], batch_size, cancel)
                 calibration_seconds += time.perf_counter() - t
             yield BlockFinished(i, time.perf_counter() - block_started, zeros / max(1, elements), peak_memory(device))
         finished = True
@@ -267,6 +280,7 @@ def summarize(config: PruneConfig, method: str, layers: list[LayerSparsity], sec
         method=method, pattern=str(config.pattern), target_sparsity=config.pattern.sparsity(config.sparsity),
         achieved_sparsity=sum(zeros.values()) / max(1, total),
         by_type={k: zeros[k] / sizes[k] for k in sizes}, layers=layers, pruned_parameters=total,
+        settings={**dataclasses.asdict(config), "pattern": str(config.pattern)},
         seconds=seconds, calibration_seconds=calibration_seconds, peak_memory_bytes=peak,
     )
 

@@ -13,7 +13,7 @@ class RunStarted:
     method: str
     pattern: str
     target_sparsity: float
-    blocks: list[list[str]]  # the linears to prune, by qualified name, per decoder block
+    blocks: list[list[str]]  # the linears to prune, by qualified name, per decoder block (then the LM head, if asked)
     total_linears: int
     nsamples: int
     seqlen: int
@@ -65,6 +65,7 @@ class PruneSummary:
     by_type: dict[str, float]  # e.g. {"q_proj": 0.5, "down_proj": 0.5}
     layers: list[LayerSparsity]
     pruned_parameters: int
+    settings: dict  # the PruneConfig as asked: include/exclude, prune_head, layerwise, batch size...
     seconds: float
     calibration_seconds: float
     peak_memory_bytes: int

@@ -38,6 +38,7 @@ def make_report(model_info, summary, calibration: dict | None, timings: dict, pe
         "achieved_sparsity": summary.achieved_sparsity,
         "pruned_parameters": summary.pruned_parameters,
         "sparsity_by_type": summary.by_type,
+        "settings": summary.settings,
         "calibration": calibration,
         "device": model_info.device,
         "dtype": model_info.dtype,
@@ -60,7 +61,9 @@ def model_card(report: dict) -> str:
         f"Pruned by wanda_gui with **{report['method']}** ([Wanda: Sun et al. 2023](https://arxiv.org/abs/2306.11695)), pattern "
         f"**{report['pattern']}**, target sparsity {report['target_sparsity']:.1%}, achieved "
         f"{report['achieved_sparsity']:.2%} over {report['pruned_parameters']:,} weights of the decoder blocks' linear "
-        "layers. Embeddings and the LM head are dense. No weight was retrained or updated: pruned weights are zeros.",
+        "layers" + (" and the LM head (with the input embeddings, where tied to it)." if report["settings"]["prune_head"]
+                    else "; the embeddings and the LM head are dense.") +
+        " No weight was retrained or updated: pruned weights are zeros.",
         "",
     ]
     if calib:
