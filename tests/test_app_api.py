@@ -55,7 +55,8 @@ def test_whole_flow_load_prune_results_chat_export_reload(url, tiny_model_dir, t
     assert heatmap["data"][0]["type"] == "heatmap" and "model.layers.1" in heatmap["layout"]["title"]["text"]
     bars = json.loads(final[1]["plot"])
     assert bars["data"][0]["type"] == "bar" and len(bars["data"][0]["x"]["bdata"] if isinstance(bars["data"][0]["x"], dict) else bars["data"][0]["x"]) > 0
-    assert "| down_proj | 50.00% |" in final[4] and "do not shrink the files" in final[4]
+    assert "| layer type | down_proj | gate_proj | k_proj | o_proj | q_proj | up_proj | v_proj |" in final[4]
+    assert "| sparsity | " + " | ".join(["50.00%"] * 7) + " |" in final[4] and "do not shrink the files" in final[4]
 
     layer = client.predict("model.layers.0.self_attn.q_proj", api_name="/show_layer")
     assert "model.layers.0.self_attn.q_proj" in json.loads(layer["plot"])["layout"]["title"]["text"]

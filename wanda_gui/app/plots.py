@@ -33,16 +33,16 @@ def block_chart(blocks: int, sparsity: dict[int, float], seconds: dict[int, floa
 def layer_maps(name: str, shape: tuple[int, int], sparsity: float, score_map: np.ndarray, mask_map: np.ndarray) -> go.Figure:
     """The pooled score map (log scale: scores are heavy-tailed) beside the fraction of weights kept."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("score, log10 (mean-pooled)", "weights kept (fraction per cell)"),
-                        horizontal_spacing=0.12)
+                        horizontal_spacing=0.2)
     log_score = np.log10(np.maximum(score_map, 1e-12)).astype(np.float32)
-    fig.add_heatmap(z=log_score, colorscale="Viridis", colorbar=dict(x=0.44, len=0.9, thickness=10), row=1, col=1,
+    fig.add_heatmap(z=log_score, colorscale="Viridis", colorbar=dict(x=0.41, len=0.9, thickness=10), row=1, col=1,
                     hovertemplate="row cell %{y}, input cell %{x}<br>log10 score %{z:.2f}<extra></extra>")
     fig.add_heatmap(z=mask_map.astype(np.float32), colorscale="Greys", reversescale=True, zmin=0, zmax=1,
                     colorbar=dict(x=1.0, len=0.9, thickness=10), row=1, col=2,
                     hovertemplate="row cell %{y}, input cell %{x}<br>kept %{z:.0%}<extra></extra>")
-    fig.update_yaxes(autorange="reversed", title="output rows", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", title="output rows (pooled)", row=1, col=1)
     fig.update_yaxes(autorange="reversed", row=1, col=2)
-    fig.update_xaxes(title="input features")
+    fig.update_xaxes(title="input features (pooled)")
     fig.update_layout(**{**LAYOUT, "height": 360},
                       title=f"{name}  {shape[0]}x{shape[1]}, {sparsity:.1%} zero")
     return fig

@@ -81,7 +81,8 @@ def model_card(info) -> str:
             ("Decoder blocks", info.blocks), ("Linears to prune", f"{info.linears} ({info.linear_parameters / 1e6:,.1f} M weights)"),
             ("Device / dtype", f"{info.device} / {info.dtype}"), ("Memory", format_bytes(info.memory_bytes)),
             ("Context", info.context_length or "?"), ("Chat template", "yes" if info.has_chat_template else "no")]
-    return f"#### {html.escape(info.name)}\n\n| model | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    lines = [f"| {k} | {v} |" for k, v in rows]
+    return f"#### {html.escape(info.name)}\n\n" + "\n".join([lines[0], "|---|---|", *lines[1:]])
 
 
 def telemetry_line() -> str:
@@ -99,12 +100,14 @@ def device_choices() -> list[tuple[str, str]]:
 
 def results_markdown(ws: Workspace) -> str:
     s = ws.summary
-    rows = "\n".join(f"| {kind} | {value:.2%} |" for kind, value in sorted(s.by_type.items()))
+    kinds = sorted(s.by_type)
+    table = ("| layer type | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds) + "\n| sparsity | " +
+             " | ".join(f"{s.by_type[k]:.2%}" for k in kinds) + " |")
     dense = "kept as a separate copy for side-by-side chat" if ws.dense_kept else \
         "**not kept** (no memory for a copy: the model was pruned in place; reload it to chat with the dense model)"
     return (f"**{s.method} · {s.pattern}** · target {s.target_sparsity:.1%} · achieved **{s.achieved_sparsity:.2%}** "
             f"over {s.pruned_parameters:,} weights in {s.seconds:.1f} s (peak memory {format_bytes(s.peak_memory_bytes)}). "
-            f"Dense model: {dense}.\n\n| layer type | sparsity |\n|---|---|\n{rows}\n\n{HONEST_NOTE}")
+            f"Dense model: {dense}.\n\n{table}\n\n{HONEST_NOTE}")
 
 
 def perplexity_markdown(ppl: dict) -> str:
@@ -411,7 +414,8 @@ def build() -> gr.Blocks:
             gr.Markdown("### 4 · Results")
             results = gr.Markdown(elem_id="results")
             with gr.Row():
-                nwindows = gr.Number(16, label="Evaluation windows (512 tokens each; P1 uses 64)", precision=0, minimum=1)
+                nwindows = gr.Number(16, label="Evaluation windows (512 tokens each; P1 uses 64)", precision=0, minimum=1,
+                                     elem_id="nwindows")
                 eval_btn = gr.Button("Measure perplexity: dense vs pruned", interactive=False, elem_id="eval")
             ppl_md = gr.Markdown(elem_id="perplexity")
 

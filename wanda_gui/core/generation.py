@@ -132,4 +132,5 @@ class StreamingGeneration:
             parts.append(f"first token {ttft:.2f} s")
         if tps is not None:
             parts.append(f"{tps:.1f} tok/s")
+        parts.append("done" if self.done else "streaming…")
         return " · ".join(parts)
