@@ -222,8 +222,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
                     raise Cancelled
                 current_layer = name
                 t = time.perf_counter()
-                if config.restore_on_abort:
-                    backup[linear] = linear.weight.detach().clone()
+                if config.restore_on_abort:  # kept in host memory: a GPU holds no second copy of the model
+                    backup[linear] = linear.weight.detach().to("cpu", copy=True)
                 score, mask, nz = prune_linear(linear, method.score, stats.get(name), config)
                 numel = mask.numel()
                 zeros, elements = zeros + nz, elements + numel
