@@ -154,3 +154,17 @@ def test_builtin_model_flow_with_small_calibration(url, builtin_dir):
     final = job.result()
     assert final[0].startswith("■ Stopped") and "never touched" in final[0]
     assert "Prune the model first" in error_of(lambda: client.predict("hi", [], [], 4, True, 0.7, 0.9, 0, api_name="/chat"))
+
+
+def test_auth_protects_the_app():
+    from wanda_gui.app.main import launch
+
+    port = free_port()
+    demo = launch(port=port, auth="alice:secret", prevent_thread_lock=True, quiet=True)
+    try:
+        with pytest.raises(Exception):
+            Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/clear")
+        client = Client(f"http://127.0.0.1:{port}/", auth=("alice", "secret"), verbose=False)
+        assert client.predict(api_name="/clear") == ([], [], "", "")
+    finally:
+        demo.close()

@@ -76,3 +76,8 @@ def test_existing_output_is_refused_before_any_work(tmp_path, tiny_model_dir):
     (tmp_path / "o" / "x").write_text("x")
     result = run_cli("prune", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "--overwrite" in result.stderr
+
+
+def test_app_auth_needs_user_and_password():
+    result = run_cli("app", "--auth", "nopassword")
+    assert result.returncode == 2 and "--auth takes USER:PASS" in result.stderr
