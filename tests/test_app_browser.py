@@ -130,17 +130,56 @@ def test_builtin_model_preselected_stop_restores(browser, url, builtin_dir):
     assert w.errors == [], w.errors
 
 
-def test_bad_input_shows_a_message_in_the_page(browser, url, tmp_path):
+def test_bad_input_shows_a_message_in_the_page(browser, url, tmp_path, tiny_model_dir, text_file):
     w = Watched(browser, url)
     page = w.page
+
+    def expect_message(text: str) -> None:
+        page.get_by_text(text).first.wait_for(timeout=30_000)
+        page.keyboard.press("Escape")
+
     page.locator("#source").get_by_text("Local folder", exact=True).click()
     w.fill("folder", tmp_path)
     page.locator("#load").click()
-    page.get_by_text("is not a model folder").first.wait_for(timeout=30_000)
+    expect_message("is not a model folder")
+    assert "✗" in w.text("load-status") and "is not a model folder" in w.text("load-status")
     w.shot("05-error.png")
     page.locator("#source").get_by_text("Hugging Face hub", exact=True).click()
     w.fill("hub-id", "nobody/nothing")
     page.locator("#load").click()
-    page.get_by_text("not in the local hub cache").first.wait_for(timeout=30_000)
+    expect_message("not in the local hub cache")
+
+    page.locator("#source").get_by_text("Local folder", exact=True).click()
+    w.fill("folder", tiny_model_dir)
+    page.locator("#load").click()
+    w.wait_text("load-status", "Loaded")
+    page.locator("#calib").get_by_text("Text files", exact=True).click()
+    page.locator("#calib-files input[type=file]").set_input_files(str(text_file))
+    page.wait_for_timeout(1000)
+    w.fill("nsamples", 4)
+    w.fill("seqlen", 32)
+    page.locator("#pattern").get_by_text("custom N:M", exact=True).click()
+    w.fill("custom-nm", "2:3")
+    page.locator("#start").click()
+    expect_message("multiple of 3")
+    assert "multiple of 3" in w.text("prune-status") and page.locator("#start").is_enabled()
+    w.fill("seqlen", 4096)
+    page.locator("#pattern").get_by_text("2:4", exact=True).click()
+    page.locator("#start").click()
+    expect_message("longer than the model's context")
+    w.fill("seqlen", 32)
+    page.locator("#start").click()
+    w.wait_text("prune-status", "Pruned")
+
+    page.locator("#send").click()
+    expect_message("Type a prompt first")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("precious")
+    w.fill("export-dir", full)
+    page.locator("#export").click()
+    expect_message("is not empty")
+    assert (full / "keep.txt").read_text() == "precious"
     assert "Traceback" not in page.content()
     assert w.outside == [], w.outside
+    assert w.errors == [], w.errors

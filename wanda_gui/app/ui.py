@@ -32,34 +32,42 @@ HONEST_NOTE = ("Zeros stored densely do not shrink the files or make a dense run
                "can be removed and what that costs in quality.")
 
 
-def user_errors(fn):
-    """Show UserError (and anything unexpected) as a readable message in the page, never a traceback."""
+def as_page_error(e: Exception) -> gr.Error:
+    """UserError (and anything unexpected) as a readable message for the page, never a traceback."""
+    if isinstance(e, gr.Error):
+        return e
+    if isinstance(e, UserError):
+        return gr.Error(str(e), title="Cannot do that", print_exception=False)
+    traceback.print_exc()
+    return gr.Error(f"Unexpected {type(e).__name__}: {e}. The app is still usable.", title="Something went wrong",
+                    print_exception=False)
 
-    def translate(e: Exception) -> gr.Error:
-        if isinstance(e, gr.Error):
-            return e
-        if isinstance(e, UserError):
-            return gr.Error(str(e), title="Cannot do that", print_exception=False)
-        traceback.print_exc()
-        return gr.Error(f"Unexpected {type(e).__name__}: {e}. The app is still usable.", title="Something went wrong",
-                        print_exception=False)
 
-    if inspect.isgeneratorfunction(fn):
+def user_errors(on_error=None):
+    """Raise errors as gr.Error (a message box in the page); a streaming callback may first yield `on_error(ws,
+    message)`, the outputs that put the message in its status line and set its buttons right again."""
+
+    def decorate(fn):
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def generator(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:
+                    error = as_page_error(e)
+                    if on_error is not None:
+                        yield on_error(args[0], error.message)
+                    raise error from None
+            return generator
+
         @functools.wraps(fn)
-        def generator(*args, **kwargs):
+        def function(*args, **kwargs):
             try:
-                yield from fn(*args, **kwargs)
+                return fn(*args, **kwargs)
             except Exception as e:
-                raise translate(e) from None
-        return generator
-
-    @functools.wraps(fn)
-    def function(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            raise translate(e) from None
-    return function
+                raise as_page_error(e) from None
+        return function
+    return decorate
 
 
 def text_of(content) -> str:
@@ -137,7 +145,13 @@ def resolve_source(kind: str, folder: str, hub_id: str) -> str:
     return hub_id.strip()
 
 
-@user_errors
+def load_failed(ws: Workspace, message: str):
+    ready = gr.update(interactive=ws.loaded is not None and ws.dense_kept)
+    pruned = gr.update(interactive=ws.pruned is not None)
+    return f"✗ {message}", gr.update(), ready, pruned, pruned
+
+
+@user_errors(load_failed)
 def load(ws: Workspace, kind, folder, hub_id, revision, token, trust_remote_code, device, dtype):
     """Load on a worker thread so that progress messages stream into the status line."""
     source = resolve_source(kind, folder, hub_id)
@@ -153,16 +167,16 @@ def load(ws: Workspace, kind, folder, hub_id, revision, token, trust_remote_code
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    yield ws, "… Loading…", gr.update(), gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False)
+    yield "… Loading…", gr.update(), gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False)
     while thread.is_alive() or not messages.empty():
         try:
-            yield ws, f"… {messages.get(timeout=0.25)}", gr.update(), gr.update(), gr.update(), gr.update()
+            yield f"… {messages.get(timeout=0.25)}", gr.update(), gr.update(), gr.update(), gr.update()
         except queue.Empty:
             pass
     if "error" in outcome:
         raise outcome["error"]
     info = outcome["loaded"].info
-    yield (ws, f"✓ Loaded {info.name} on {info.device} in {ws.timings['load']:.1f} s.", model_card(info),
+    yield (f"✓ Loaded {info.name} on {info.device} in {ws.timings['load']:.1f} s.", model_card(info),
            gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=False))
 
 
@@ -200,7 +214,7 @@ def check_count(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-@user_errors
+@user_errors()
 def estimate_text(ws: Workspace, method, nsamples, seqlen):
     from ..core.estimate import estimate
 
@@ -211,7 +225,13 @@ def estimate_text(ws: Workspace, method, nsamples, seqlen):
     return f"Estimate on {ws.loaded.info.device}: {e}."
 
 
-@user_errors
+def prune_failed(ws: Workspace, message: str):
+    pruned = gr.update(interactive=ws.pruned is not None)
+    return (f"✗ {message}", gr.update(), gr.update(), gr.update(), gr.update(), pruned, pruned, pruned,
+            gr.update(interactive=False))
+
+
+@user_errors(prune_failed)
 def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
           include, exclude, prune_head, batch_size):
     from ..core import events as ev
@@ -269,7 +289,7 @@ def stop_pruning(ws: Workspace):
     return "■ Stopping… the dense model stays intact."
 
 
-@user_errors
+@user_errors()
 def show_layer(ws: Workspace, name):
     if not name or name not in ws.maps:
         return plots.empty("Pick a pruned linear")
@@ -277,13 +297,13 @@ def show_layer(ws: Workspace, name):
     return plots.layer_maps(name, m.shape, m.sparsity, m.score_map, m.mask_map)
 
 
-@user_errors
+@user_errors()
 def evaluate(ws: Workspace, nwindows):
     ppl = ws.evaluate(check_count(nwindows, "Windows"))
     return perplexity_markdown(ppl)
 
 
-@user_errors
+@user_errors()
 def chat(ws: Workspace, prompt, dense_history, pruned_history, max_new_tokens, greedy, temperature, top_p, seed):
     """Send one prompt to both models and stream both replies at once, round-robin on this thread."""
     from ..core.generation import GenerationSettings, StreamingGeneration
@@ -327,7 +347,7 @@ def stop_chat(ws: Workspace):
     ws.stop_chat.set()
 
 
-@user_errors
+@user_errors()
 def export(ws: Workspace, folder, overwrite):
     import json
 
@@ -461,6 +481,7 @@ def build() -> gr.Blocks:
             report_file = gr.File(label="pruning_report.json", visible=False, elem_id="report-file")
 
         # -- wiring
+        demo.load(lambda: gr.update(choices=device_choices()), None, device, queue=False, api_visibility="private")
         def show_source(kind):
             return (gr.update(visible=kind == SOURCES[1]), gr.update(visible=kind == SOURCES[2]),
                     gr.update(visible=kind == SOURCES[2]))
@@ -473,7 +494,7 @@ def build() -> gr.Blocks:
 
         device_bound = dict(concurrency_id="device", concurrency_limit=1)
         load_event = load_btn.click(load, [ws, source_kind, folder, hub_id, revision, token, trust, device, dtype],
-                                    [ws, load_status, card, start_btn, send_btn, export_btn], api_name="load",
+                                    [load_status, card, start_btn, send_btn, export_btn], api_name="load",
                                     show_progress="minimal", show_progress_on=[load_status], **device_bound)
         estimate_inputs = [ws, method, nsamples, seqlen]
         load_event.then(estimate_text, estimate_inputs, estimate, api_visibility="private")
