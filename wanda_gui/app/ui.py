@@ -495,7 +495,7 @@ def build() -> gr.Blocks:
         device_bound = dict(concurrency_id="device", concurrency_limit=1)
         load_event = load_btn.click(load, [ws, source_kind, folder, hub_id, revision, token, trust, device, dtype],
                                     [load_status, card, start_btn, send_btn, export_btn], api_name="load",
-                                    show_progress="minimal", show_progress_on=[load_status], **device_bound)
+                                    show_progress="hidden", **device_bound)
         estimate_inputs = [ws, method, nsamples, seqlen]
         load_event.then(estimate_text, estimate_inputs, estimate, api_visibility="private")
         for component in (method, nsamples, seqlen):
@@ -505,7 +505,7 @@ def build() -> gr.Blocks:
             prune, [ws, method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
                     include, exclude, prune_head, batch_size],
             [prune_status, block_plot, map_plot, layer_pick, results, send_btn, export_btn, eval_btn, stop_btn],
-            api_name="prune", show_progress="minimal", show_progress_on=[prune_status], **device_bound)
+            api_name="prune", show_progress="hidden", **device_bound)
         prune_event.then(lambda: gr.update(interactive=False), None, stop_btn, api_visibility="private")
         stop_btn.click(stop_pruning, ws, prune_status, api_name="stop", queue=False)
         layer_pick.change(show_layer, [ws, layer_pick], map_plot, api_name="show_layer")
