@@ -12,12 +12,12 @@ from .errors import UserError
 
 def wanda_score(weight: torch.Tensor, input_sq_mean: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||X_j||: the weight's magnitude times the RMS of the input feature it multiplies."""
-    return weight.abs().float() * input_sq_mean.sqrt().unsqueeze(0)
+    return weight.float().abs().mul_(input_sq_mean.sqrt().unsqueeze(0))
 
 
 def magnitude_score(weight: torch.Tensor, input_sq_mean: torch.Tensor | None = None) -> torch.Tensor:
     """|W_ij| alone: the classic baseline, blind to activations."""
-    return weight.abs().float()
+    return weight.float().abs()
 
 
 @dataclasses.dataclass(frozen=True)
