@@ -41,8 +41,8 @@ def weight_out_in(linear: nn.Module) -> torch.Tensor:
     return linear.weight.t() if isinstance(linear, Conv1D) else linear.weight
 
 
-class _Stop(Exception):
-    """Raised from a stubbed block to end the model's forward early."""
+class StopForward(Exception):
+    """Raised from a stubbed block or a hook to end a forward early: nothing after that point is needed."""
 
 
 @dataclasses.dataclass
@@ -81,7 +81,7 @@ def stubbed(blocks: nn.ModuleList, make_forward: Callable[[int], Callable]) -> I
 def _forward_until_stop(model: nn.Module, ids: torch.Tensor, device: torch.device) -> None:
     try:
         model(input_ids=ids.to(device), use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
 
 
@@ -104,10 +104,10 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
             if recording:
                 calls[index] = call
                 if index == len(blocks) - 1:
-                    raise _Stop
+                    raise StopForward
                 return h
             hidden.append(h)
-            raise _Stop
+            raise StopForward
         return forward
 
     with stubbed(blocks, stub):
@@ -147,7 +147,7 @@ def head_input_sq_mean(model: nn.Module, blocks: nn.ModuleList, head: nn.Module,
     def pre(module, args):
         flat = args[0].reshape(-1, args[0].shape[-1]).float()
         sums.add_((flat * flat).sum(dim=0))
-        raise _Stop
+        raise StopForward
 
     handle = head.register_forward_pre_hook(pre)
     try:

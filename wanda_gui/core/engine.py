@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import (BlockCall, capture_block_inputs, find_blocks, find_head, find_linears, head_input_sq_mean,
+from .architecture import (BlockCall, StopForward, capture_block_inputs, find_blocks, find_head, find_linears, head_input_sq_mean,
                            weight_out_in)
 from .errors import UserError
 from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPruned, PruneSummary, RunCancelled,
@@ -122,10 +122,6 @@ def peak_memory(device: torch.device) -> int:
     return psutil.Process().memory_info().rss
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.inference_mode()
 def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall,
                         batch_size: int, cancel: threading.Event | None) -> dict[str, torch.Tensor]:
@@ -148,7 +144,7 @@ def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden:
             if len(order) < len(linears):
                 order.append(name)
             elif name == order[-1]:
-                raise _Stop
+                raise StopForward
         return pre
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
@@ -158,7 +154,7 @@ def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden:
                 raise Cancelled
             try:
                 call(block, hidden[start:start + batch_size])
-            except _Stop:
+            except StopForward:
                 pass
             last_input[:] = [None, None]
     finally:
