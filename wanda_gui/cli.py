@@ -84,12 +84,11 @@ def cmd_prune(args) -> dict:
     from .core.engine import PruneConfig, prune, validate
     from .core.evaluate import perplexity
     from .core.export import check_target, export_model, make_report
-    from .core.masks import Pattern, check_sparsity
     from .core.methods import get_method
 
-    config = PruneConfig(method=get_method(args.method).name, sparsity=check_sparsity(args.sparsity),
-                         pattern=Pattern.parse(args.pattern), layerwise=args.layerwise, include=tuple(args.include),
-                         exclude=tuple(args.exclude), prune_head=args.prune_lm_head, batch_size=args.batch_size)
+    config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
+                         include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
+                         batch_size=args.batch_size)
     check_target(Path(args.out).expanduser().absolute(), args.overwrite, None)
     loaded, load_seconds = _load(args)
     validate(loaded.model, config)

@@ -133,7 +133,7 @@ def perplexity_markdown(ppl: dict) -> str:
 
 # -- callbacks --------------------------------------------------------------------------------------------------------
 
-def resolve_source(kind: str, folder: str, hub_id: str) -> str:
+def source_of(kind: str, folder: str, hub_id: str) -> str:
     if kind == SOURCES[0]:
         return "builtin"
     if kind == SOURCES[1]:
@@ -154,7 +154,7 @@ def load_failed(ws: Workspace, message: str):
 @user_errors(load_failed)
 def load(ws: Workspace, kind, folder, hub_id, revision, token, trust_remote_code, device, dtype):
     """Load on a worker thread so that progress messages stream into the status line."""
-    source = resolve_source(kind, folder, hub_id)
+    source = source_of(kind, folder, hub_id)
     messages: queue.Queue = queue.Queue()
     outcome: dict = {}
 
@@ -186,13 +186,10 @@ def globs(text: str) -> tuple[str, ...]:
 
 def prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size):
     from ..core.engine import PruneConfig
-    from ..core.masks import Pattern, check_sparsity
 
-    pattern = Pattern.parse(custom_nm if pattern_choice == "custom N:M" else pattern_choice)
-    batch = check_count(batch_size, "Batch size", 0)
-    return PruneConfig(method=method.lower(), sparsity=check_sparsity(sparsity), pattern=pattern,
+    return PruneConfig(method=method, sparsity=sparsity, pattern=custom_nm if pattern_choice == "custom N:M" else pattern_choice,
                        include=globs(include), exclude=globs(exclude), prune_head=bool(prune_head),
-                       batch_size=batch or None)
+                       batch_size=check_count(batch_size, "Batch size", 0) or None)
 
 
 def calibration_source(kind, files, dataset):

@@ -40,6 +40,19 @@ class PruneConfig:
     batch_size: int | None = None  # None: about 1k tokens a batch on CPU, 32k on CUDA
     restore_on_abort: bool = True  # keep a dense copy of each pruned weight until the run ends
 
+    def __post_init__(self):
+        """Parse and check what needs no model, so the CLI and the app fail before loading anything."""
+        if isinstance(self.pattern, str):
+            self.pattern = Pattern.parse(self.pattern)
+        self.method = get_method(self.method).name
+        self.sparsity = check_sparsity(self.sparsity)
+        if self.layerwise and self.method != "magnitude":
+            raise UserError("Layer-wide comparison is a magnitude-pruning option; Wanda compares within each output row.")
+        if self.layerwise and self.pattern.structured:
+            raise UserError("Layer-wide comparison does not apply to N:M patterns, which work within groups of a row.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"Batch size must be at least 1; got {self.batch_size}.")
+
 
 class Cancelled(Exception):
     pass
@@ -91,15 +104,7 @@ def select_linears(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList
 
 
 def validate(model: nn.Module, config: PruneConfig) -> None:
-    """Every check of the configuration against the model that can fail before a weight is touched."""
-    method = get_method(config.method)
-    check_sparsity(config.sparsity)
-    if config.layerwise and method.name != "magnitude":
-        raise UserError("Layer-wide comparison is a magnitude-pruning option; Wanda compares within each output row.")
-    if config.layerwise and config.pattern.structured:
-        raise UserError("Layer-wide comparison does not apply to N:M patterns, which work within groups of a row.")
-    if config.batch_size is not None and config.batch_size < 1:
-        raise UserError(f"Batch size must be at least 1; got {config.batch_size}.")
+    """The checks of the configuration against this model that can fail before a weight is touched."""
     _, plan = select_linears(model, config)
     if config.pattern.structured:
         for linears in plan:
