@@ -74,7 +74,7 @@ def builtin_model_dir(progress: Progress | None = None) -> Path:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    with _hub_offline():
+    with _forced_offline():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = source.config.to_dict()
@@ -89,7 +89,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _hub_offline():
+def _forced_offline():
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
@@ -270,7 +270,12 @@ def load_model(
         raise UserError(f"Cannot load the model in {path}: {str(e).splitlines()[0]}") from None
     model.eval()
     model.requires_grad_(False)
-    name = BUILTIN_NAME if source.strip() == BUILTIN else source.strip() if path.name != Path(source).name else path.name
+    if source.strip() == BUILTIN:
+        name = BUILTIN_NAME
+    elif Path(source.strip()).expanduser().exists():
+        name = path.name  # a local folder
+    else:
+        name = source.strip()  # a hub id
     _, blocks = find_blocks(model)
     linears = [m for b in blocks for m in find_linears(b).values()]
     info = ModelInfo(
