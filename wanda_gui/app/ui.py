@@ -241,7 +241,7 @@ def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind
     no_change = gr.update()
     locked = gr.update(interactive=False)
     yield ("… Drawing calibration windows…", no_change, no_change, gr.update(choices=[], value=None), "",
-           locked, locked, locked, gr.update(interactive=True))
+           locked, locked, locked, no_change)  # Stop opens with the run itself, once it can take effect
     sparsity_by_block, seconds_by_block = {}, {}
     blocks, target, started, heatmap, last_drawn = 1, None, time.perf_counter(), no_change, 0.0
     for event in ws.prune(config, source, nsamples, seqlen, seed):
@@ -249,7 +249,7 @@ def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind
             blocks, target, started = len(event.blocks), event.target_sparsity, time.perf_counter()
             status = f"… {event.method} · {event.pattern} · {event.total_linears} linears in {blocks} blocks"
             yield (status, plots.block_chart(blocks, {}, {}, target), no_change, no_change, "", locked, locked,
-                   locked, no_change)
+                   locked, gr.update(interactive=True))
         elif isinstance(event, ev.LinearPruned):
             if time.perf_counter() - last_drawn < DRAW_INTERVAL and event.done < event.total:
                 continue  # drawing every linear would slow a fast run down; the picker shows them all afterwards
@@ -282,8 +282,9 @@ def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind
 
 
 def stop_pruning(ws: Workspace):
+    """Ask the run to stop; its own stream then says what became of the model (no race with that message)."""
     ws.cancel.set()
-    return "■ Stopping… the dense model stays intact."
+    return gr.update(interactive=False)
 
 
 @user_errors()
@@ -504,7 +505,7 @@ def build() -> gr.Blocks:
             [prune_status, block_plot, map_plot, layer_pick, results, send_btn, export_btn, eval_btn, stop_btn],
             api_name="prune", show_progress="hidden", **device_bound)
         prune_event.then(lambda: gr.update(interactive=False), None, stop_btn, api_visibility="private")
-        stop_btn.click(stop_pruning, ws, prune_status, api_name="stop", queue=False)
+        stop_btn.click(stop_pruning, ws, stop_btn, api_name="stop", queue=False)
         layer_pick.change(show_layer, [ws, layer_pick], map_plot, api_name="show_layer")
         eval_btn.click(evaluate, [ws, nwindows], ppl_md, api_name="evaluate", show_progress_on=[ppl_md], **device_bound)
 
