@@ -27,12 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanda-gui", description="Prune LLMs with Wanda; with no command, open the app.")
     sub = parser.add_subparsers(dest="command")
 
-    app = sub.add_parser("app", help="open the Gradio app (the default)")
-    app.add_argument("--host", default="127.0.0.1")
-    app.add_argument("--port", type=int, default=7860)
-    app.add_argument("--share", action="store_true", help="create a public gradio.live link (needs internet)")
-    app.add_argument("--auth", default=None, metavar="USER:PASS", help="require a login")
-    app.add_argument("--debug", action="store_true")
+    from .app.main import add_arguments
+
+    add_arguments(sub.add_parser("app", help="open the Gradio app (the default)"))
 
     prune = sub.add_parser("prune", help="prune a model and export it")
     _add_model_args(prune)
@@ -151,9 +148,9 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_app(args) -> None:
-    from .app.main import launch
+    from .app.main import serve
 
-    launch(host=args.host, port=args.port, share=args.share, auth=args.auth)
+    serve(args)
 
 
 def main(argv: list[str] | None = None) -> int:

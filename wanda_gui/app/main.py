@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 
@@ -48,3 +49,16 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth:
                 favicon_path=str(ASSETS / "favicon.png"), footer_links=[], run_history=False, show_error=True,
                 allowed_paths=[tempfile.gettempdir()], prevent_thread_lock=prevent_thread_lock, quiet=quiet)
     return demo
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The app's command-line options (`wanda-gui app`, `python launch.py`)."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link (needs internet)")
+    parser.add_argument("--auth", default=None, metavar="USER:PASS", help="require a login")
+    parser.add_argument("--debug", action="store_true")
+
+
+def serve(args: argparse.Namespace) -> None:
+    launch(host=args.host, port=args.port, share=args.share, auth=args.auth)
