@@ -5,7 +5,7 @@ No Gradio here: the callbacks in ui.py translate between this and components.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import threading
 from pathlib import Path
@@ -18,7 +18,7 @@ import torch
 from ..core import events as ev
 from ..core.errors import UserError
 
-HEADROOM = 1.15  # a dense copy must fit with this margin (allocator slack, activations)
+HEADROOM = 1.15  # the pruned linears' copy must fit with this margin (allocator slack, activations)
 
 
 @dataclasses.dataclass
@@ -37,28 +37,60 @@ def free_memory(device: torch.device) -> int:
 
 
 class Workspace:
-    """Holds the dense model and, once pruned, a pruned deep copy, so both can answer side by side.
+    """One session's state: the dense model it shares read-only with every session that loaded the same one, and
+    its own pruned copy, which shares with the dense model every tensor pruning leaves untouched.
 
-    When the copy does not fit in free memory, the model is pruned in place instead (the engine restores it on
-    Stop) and the dense column says so: dense chat then needs a reload.
+    When even the pruned linears' copy does not fit in free memory and no other session shares the dense model,
+    it is pruned in place instead (the engine restores it on Stop) and the dense column says so.
     """
 
-    def __init__(self):
-        self.loaded = None  # core.models.LoadedModel, always the dense weights unless dense_kept is False
+    def __init__(self, pool=None):
+        from .sessions import ModelPool
+
+        self.pool = pool if pool is not None else ModelPool()
+        self.cancel = threading.Event()
+        self.stop_chat = threading.Event()
+        self._work = threading.Lock()  # one run (load, prune, evaluate, export) at a time per session
+        self.activity: str | None = None
+        self.closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loaded = None  # core.models.LoadedModel: the shared dense model (or this session's own when in place)
         self.pruned: torch.nn.Module | None = None
         self.dense_kept = True
         self.summary: ev.PruneSummary | None = None
         self.run: dict | None = None  # what was asked for: method, pattern, calibration...
+        self.run_id = 0  # counts finished runs, so the page can tell whose results it shows
         self.maps: dict[str, LayerMaps] = {}
         self.perplexity: dict = {}
         self._dense_perplexity: dict = {}
+        self.generation: dict = {}
         self.timings: dict = {}
-        self.cancel = threading.Event()
-        self.stop_chat = threading.Event()
 
-    def __deepcopy__(self, memo):
-        """Gradio deep-copies each session's initial state: a workspace (models, events) starts anew instead."""
-        return Workspace()
+    @property
+    def busy(self) -> bool:
+        return self.activity is not None
+
+    @contextlib.contextmanager
+    def doing(self, activity: str):
+        """Mark the session busy with one activity; a second one is refused in words instead of queued silently."""
+        if not self._work.acquire(blocking=False):
+            raise UserError(f"This session is {self.activity}; wait for it to finish or stop it first.")
+        self.activity = activity
+        try:
+            yield
+        finally:
+            self.activity = None
+            self._work.release()
+
+    def close(self) -> None:
+        """The session ended: stop its runs and free its models."""
+        self.closed = True
+        self.stop()
+        with self._work:  # a stopped run ends within a second or so
+            self._reset()
+            self.pool.release(self)
 
     # -- model
     def load(self, source: str, device: str, dtype: str | None, revision: str | None = None, token: str | None = None,
@@ -66,17 +98,23 @@ class Workspace:
         import time
 
         from ..core.models import load_model
+        from .sessions import model_key
 
         started = time.perf_counter()
-        loaded = load_model(source, device, dtype, revision or None, token or None, trust_remote_code, progress=progress)
-        self.__init__()
-        self.loaded = loaded
-        self.timings = {"load": time.perf_counter() - started}
+        key = model_key(source, revision, device, dtype, token, trust_remote_code)
+        with self.doing("loading a model"):
+            self._reset()
+            self.pool.release(self)
+            loaded = self.pool.acquire(self, key, lambda: load_model(source, device, dtype, revision or None, token or None,
+                                                                     trust_remote_code, progress=progress))
+            self.loaded = loaded
+            self.timings = {"load": time.perf_counter() - started}
         return loaded
 
     def require_model(self):
         if self.loaded is None:
-            raise UserError("Load a model first (step 1).")
+            raise UserError("Load a model first (step 1)." if not self.closed else
+                            "This session was closed and its models freed; reload the page and load a model.")
         return self.loaded
 
     def require_pruned(self) -> torch.nn.Module:
@@ -88,29 +126,50 @@ class Workspace:
     def dense_model(self) -> torch.nn.Module | None:
         return self.loaded.model if self.loaded is not None and self.dense_kept else None
 
-    def copy_fits(self) -> bool:
+    def copy_bytes(self, config) -> int:
+        """What the pruned copy costs: the weights of the linears pruning will change."""
+        from ..core.engine import select_linears
+
+        _, plan = select_linears(self.require_model().model, config)
+        return sum(m.weight.numel() * m.weight.element_size() for linears in plan for m in linears.values())
+
+    def copy_fits(self, config) -> bool:
         loaded = self.require_model()
-        return free_memory(torch.device(loaded.info.device)) > loaded.info.memory_bytes * HEADROOM
+        return free_memory(torch.device(loaded.info.device)) > self.copy_bytes(config) * HEADROOM
 
     # -- pruning
     def prune(self, config, calibration_source, nsamples: int, seqlen: int, seed: int) -> Iterator[ev.Event]:
-        """Draw calibration, prune a copy of the dense model (or the model itself when no copy fits), yield events."""
+        """Draw calibration, prune a copy of the dense model's linears (or the model itself when no copy fits and no
+        other session shares it), yield events."""
+        with self.doing("pruning"):
+            yield from self._prune(config, calibration_source, nsamples, seqlen, seed)
+
+    def _prune(self, config, calibration_source, nsamples, seqlen, seed) -> Iterator[ev.Event]:
         from ..core.calibration import calibration_windows
-        from ..core.engine import prune, validate
+        from ..core.copies import pruning_copy
+        from ..core.engine import prune, select_linears, validate
         from ..core.methods import get_method
 
         loaded = self.require_model()
         if not self.dense_kept:
-            raise UserError("The model was pruned in place (no room for a dense copy); reload it before pruning again.")
+            raise UserError("The model was pruned in place (no room for a copy); reload it before pruning again.")
         validate(loaded.model, config)
+        self.check_memory(config, nsamples, seqlen)
         windows, calibration = None, None
         if get_method(config.method).needs_activations:
             windows, calibration = calibration_windows(loaded.tokenizer, calibration_source, nsamples, seqlen, seed,
                                                        loaded.info.context_length)
-        self.pruned, self.summary, self.maps, self.perplexity = None, None, {}, {}
+        self.pruned, self.summary, self.maps, self.perplexity, self.generation = None, None, {}, {}, {}
         self.cancel.clear()
-        in_place = not self.copy_fits()
-        model = loaded.model if in_place else copy.deepcopy(loaded.model)
+        in_place = not self.copy_fits(config)
+        if in_place and not self.pool.take_private(self, loaded):
+            raise UserError("Not enough free memory for this session's pruned copy, and the dense model is shared with "
+                            "other sessions, so it cannot be pruned in place. Try again when the server is less busy.")
+        if in_place:
+            model = loaded.model
+        else:
+            _, plan = select_linears(loaded.model, config)
+            model = pruning_copy(loaded.model, [m for linears in plan for m in linears.values()])
         config = dataclasses.replace(config, restore_on_abort=in_place)
         self.run = {"method": config.method, "pattern": str(config.pattern), "sparsity": config.sparsity,
                     "calibration": calibration, "in_place": in_place}
@@ -121,29 +180,64 @@ class Workspace:
                 self.summary = event.summary
                 self.pruned = model
                 self.dense_kept = not in_place
+                self.run_id += 1
                 self.timings["calibration_and_pruning"] = event.summary.seconds
             yield event
+
+    def check_memory(self, config, nsamples: int, seqlen: int) -> None:
+        """Refuse up front, with the numbers, a run that cannot fit in free memory even when pruning in place."""
+        from ..core.estimate import estimate
+
+        loaded = self.require_model()
+        need = estimate(loaded.info, config.method, nsamples, seqlen, False).extra_bytes
+        free = free_memory(torch.device(loaded.info.device))
+        if need > free:
+            from ..core.devices import format_bytes
+
+            raise UserError(f"This run needs about {format_bytes(need)} on {loaded.info.device} for its calibration "
+                            f"activations and statistics, but {format_bytes(free)} is free. Lower the samples or the "
+                            "sequence length.")
 
     def stop(self) -> None:
         self.cancel.set()
         self.stop_chat.set()
 
     # -- results
-    def evaluate(self, nwindows: int) -> dict:
+    def evaluate(self, nwindows: int, progress=None) -> dict:
         """Dense (memoised per window setting, it never changes) and pruned perplexity on PROTOCOL's windows
-        (512 tokens, or the model's context when shorter)."""
+        (512 tokens, or the model's context when shorter). progress(done, total) counts windows over both models."""
         from ..core.evaluate import perplexity
 
-        loaded = self.require_model()
-        pruned = self.require_pruned()
-        seqlen = min(512, loaded.info.context_length or 512)
-        key = (seqlen, nwindows)
-        if self.dense_model is not None and key not in self._dense_perplexity:
-            self._dense_perplexity[key] = perplexity(self.dense_model, loaded.tokenizer, seqlen=seqlen, nwindows=nwindows)
-        self.perplexity = {"pruned": perplexity(pruned, loaded.tokenizer, seqlen=seqlen, nwindows=nwindows)}
-        if key in self._dense_perplexity:
-            self.perplexity["dense"] = self._dense_perplexity[key]
-        return self.perplexity
+        with self.doing("measuring perplexity"):
+            loaded = self.require_model()
+            pruned = self.require_pruned()
+            run_id = self.run_id
+            seqlen = min(512, loaded.info.context_length or 512)
+            key = (seqlen, nwindows)
+            todo = [("pruned", pruned)]
+            if self.dense_model is not None and key not in self._dense_perplexity:
+                todo.insert(0, ("dense", self.dense_model))
+            results, done = {}, 0
+            self.cancel.clear()
+            for name, model in todo:
+                def step(i, _total, offset=done):
+                    if progress is not None:
+                        progress(offset + i, nwindows * len(todo))
+                results[name] = perplexity(model, loaded.tokenizer, seqlen=seqlen, nwindows=nwindows,
+                                           cancel=self.cancel, progress=step)
+                done += nwindows
+            if "dense" in results:
+                self._dense_perplexity[key] = results["dense"]
+            if run_id != self.run_id:
+                raise UserError("A new run finished while measuring; measure again.")
+            self.perplexity = {"pruned": results["pruned"]}
+            if key in self._dense_perplexity:
+                self.perplexity["dense"] = self._dense_perplexity[key]
+            return self.perplexity
+
+    def record_generation(self, column: str, tokens_per_second: float) -> None:
+        """The last measured generation speed of a chat column, for the report."""
+        self.generation[column] = round(tokens_per_second, 2)
 
     def report(self) -> dict:
         from ..core.export import make_report
@@ -152,13 +246,14 @@ class Workspace:
         if self.summary is None:
             raise UserError("Prune the model first (step 2).")
         ppl = {k: v.__dict__ for k, v in self.perplexity.items()} or None
-        return make_report(loaded.info, self.summary, self.run.get("calibration"), dict(self.timings), ppl)
+        return make_report(loaded.info, self.summary, self.run.get("calibration"), dict(self.timings), ppl,
+                           dict(self.generation) or None)
 
-    def export(self, folder: str, overwrite: bool) -> Path:
+    def export(self, folder: Path, overwrite: bool, overwrite_control: str) -> Path:
         from ..core.export import export_model
 
-        loaded = self.require_model()
-        pruned = self.require_pruned()
-        if not (folder or "").strip():
-            raise UserError("Give a folder to export to.")
-        return export_model(pruned, loaded.tokenizer, folder.strip(), self.report(), overwrite, source=loaded.path)
+        with self.doing("exporting"):
+            loaded = self.require_model()
+            pruned = self.require_pruned()
+            return export_model(pruned, loaded.tokenizer, folder, self.report(), overwrite, source=loaded.path,
+                                overwrite_control=overwrite_control)

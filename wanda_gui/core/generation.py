@@ -76,6 +76,7 @@ class StreamingGeneration:
         self._kwargs = dict(**inputs, max_new_tokens=settings.max_new_tokens, streamer=self.streamer, pad_token_id=pad,
                             stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]), **settings.generate_kwargs())
         self._seed = None if settings.greedy else settings.seed
+        self._stop = stop
         self._model = model
         self.text = ""
         self.error: str | None = None
@@ -132,5 +133,5 @@ class StreamingGeneration:
             parts.append(f"first token {ttft:.2f} s")
         if tps is not None:
             parts.append(f"{tps:.1f} tok/s")
-        parts.append("done" if self.done else "streaming…")
+        parts.append(("stopped" if self._stop.is_set() else "done") if self.done else "streaming…")
         return " · ".join(parts)
