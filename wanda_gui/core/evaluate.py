@@ -6,6 +6,7 @@ import dataclasses
 import math
 import threading
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,9 @@ class Perplexity:
 
 @torch.inference_mode()
 def window_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4,
-                  cancel: threading.Event | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy of each window, computed in fp32."""
+                  cancel: threading.Event | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window, computed in fp32; progress(windows done, total) after each batch."""
     device = next(model.parameters()).device
     losses = []
     for start in range(0, len(windows), batch_size):
@@ -40,17 +42,20 @@ def window_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         losses.append(loss.view(len(ids), -1).mean(dim=1).cpu())
+        if progress is not None:
+            progress(start + len(ids), len(windows))
     return torch.cat(losses)
 
 
 def perplexity(model: torch.nn.Module, tokenizer, text: str | None = None, seqlen: int = 512,
-               nwindows: int | None = 64, batch_size: int = 4, cancel: threading.Event | None = None) -> Perplexity:
+               nwindows: int | None = 64, batch_size: int = 4, cancel: threading.Event | None = None,
+               progress: Callable[[int, int], None] | None = None) -> Perplexity:
     """exp(mean over windows of the window's mean cross-entropy); the built-in evaluation text by default."""
     started = time.perf_counter()
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     windows = evaluation_windows(tokenize(tokenizer, text if text is not None else builtin_evaluation_text()),
                                  seqlen, nwindows, context)
-    losses = window_losses(model, windows, batch_size, cancel)
+    losses = window_losses(model, windows, batch_size, cancel, progress)
     return Perplexity(math.exp(losses.double().mean().item()), seqlen, seqlen, len(windows), windows.numel(),
                       time.perf_counter() - started)
 
