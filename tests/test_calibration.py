@@ -89,13 +89,35 @@ def test_text_files_are_joined(tmp_path, tiny_tokenizer):
     assert windows.shape == (3, 16) and info == {"source": "file:a.txt", "nsamples": 3, "seqlen": 16, "seed": 1}
 
 
-@pytest.mark.parametrize("content,message", [(None, "does not exist"), (b"", "empty"), (b"\xff\xfe\x00bad", "not UTF-8")])
+@pytest.mark.parametrize("content,message", [(None, "does not exist"), (b"", "empty"), (b"  \n\t\n", "only blank"),
+                                             (b"\xff\xfe\x00bad", "not UTF-8")])
 def test_bad_text_files_are_refused(tmp_path, content, message):
     path = tmp_path / "c.txt"
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(UserError, match=message):
         calibration_text(str(path))
+
+
+def test_a_folder_is_not_a_text_file(tmp_path):
+    with pytest.raises(UserError, match="is a folder, not a text file"):
+        calibration_text(str(tmp_path))
+    with pytest.raises(UserError, match="is a folder, not a text file"):
+        calibration_text([str(tmp_path), str(tmp_path)])
+
+
+def test_messages_name_what_the_text_is_for(tmp_path):
+    from wanda_gui.core.calibration import read_text_files
+
+    with pytest.raises(UserError, match="^Evaluation file .* does not exist"):
+        read_text_files([tmp_path / "missing.txt"], "evaluation")
+
+
+def test_text_file_sources_are_what_calibration_text_reads_as_files():
+    from wanda_gui.core.calibration import text_file_sources
+
+    assert text_file_sources(["builtin"]) == [] and text_file_sources("hf:c4") == []
+    assert text_file_sources(["a.txt"]) == ["a.txt"] and text_file_sources(["a.txt", "b.txt"]) == ["a.txt", "b.txt"]
 
 
 def test_hub_dataset_offline_fails_clearly():

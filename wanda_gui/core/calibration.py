@@ -35,19 +35,34 @@ def builtin_evaluation_text() -> str:
     return _speeches(2000, 9999)
 
 
-def read_text_files(paths: list[str | Path]) -> str:
+def check_text_files(paths: list[str | Path], what: str = "calibration") -> None:
+    """Each path is an existing, non-empty regular file (checked before any model is loaded)."""
+    for p in paths:
+        path = Path(p).expanduser()
+        if path.is_dir():
+            raise UserError(f"{p} is a folder, not a text file; give the {what} text file(s) inside it.")
+        if not path.exists():
+            raise UserError(f"{what.capitalize()} file {p} does not exist.")
+        if not path.is_file():
+            raise UserError(f"{what.capitalize()} file {p} is not a regular file.")
+        if path.stat().st_size == 0:
+            raise UserError(f"{what.capitalize()} file {p} is empty.")
+
+
+def read_text_files(paths: list[str | Path], what: str = "calibration") -> str:
+    """The files' UTF-8 text joined by blank lines; `what` names their use in messages (calibration, evaluation)."""
+    check_text_files(paths, what)
     texts = []
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise UserError(f"Calibration file {p} does not exist.")
         try:
-            texts.append(path.read_text(encoding="utf-8"))
+            texts.append(Path(p).expanduser().read_text(encoding="utf-8"))
         except UnicodeDecodeError:
-            raise UserError(f"Calibration file {p} is not UTF-8 text.") from None
+            raise UserError(f"{what.capitalize()} file {p} is not UTF-8 text.") from None
+        except OSError as e:
+            raise UserError(f"Cannot read {what} file {p}: {e.strerror}.") from None
     text = "\n\n".join(texts)
     if not text.strip():
-        raise UserError("The calibration file(s) are empty.")
+        raise UserError(f"The {what} file(s) hold only blank text.")
     return text
 
 
@@ -74,6 +89,15 @@ def load_hub_dataset(spec: str, split: str | None = None, column: str | None = N
     if column not in data.column_names:
         raise UserError(f"Dataset {spec!r} has no column {column!r}; columns: {', '.join(data.column_names)}.")
     return "\n\n".join(t for t in data[column] if t and t.strip())
+
+
+def text_file_sources(source: str | list[str]) -> list[str]:
+    """The entries of a calibration source that calibration_text reads as text files."""
+    if isinstance(source, (list, tuple)):
+        if len(source) != 1:
+            return list(source)
+        source = source[0]
+    return [] if source == BUILTIN or source.startswith("hf:") else [source]
 
 
 def calibration_text(source: str | list[str]) -> tuple[str, str]:
@@ -107,15 +131,20 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
         logging.set_verbosity(verbosity)
 
 
+def check_seqlen(seqlen: int, context_length: int | None) -> None:
+    """A window length the model can take."""
+    if seqlen < 2:
+        raise UserError(f"The sequence length must be at least 2; got {seqlen}.")
+    if context_length and seqlen > context_length:
+        raise UserError(f"Sequence length {seqlen} is longer than the model's context ({context_length} tokens).")
+
+
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0,
                    context_length: int | None = None) -> torch.Tensor:
     """nsamples windows of seqlen tokens at random.randint(0, len - seqlen - 1) with random.seed(seed)."""
     if nsamples < 1:
         raise UserError(f"The number of calibration samples must be at least 1; got {nsamples}.")
-    if seqlen < 2:
-        raise UserError(f"The sequence length must be at least 2; got {seqlen}.")
-    if context_length and seqlen > context_length:
-        raise UserError(f"Sequence length {seqlen} is longer than the model's context ({context_length} tokens).")
+    check_seqlen(seqlen, context_length)
     if len(ids) - seqlen - 1 < 0:
         raise UserError(f"The calibration text has {len(ids)} tokens: too short for windows of {seqlen} tokens; "
                         "give more text or a shorter sequence length.")
@@ -127,10 +156,7 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0,
 def evaluation_windows(ids: torch.Tensor, seqlen: int, nwindows: int | None = None,
                        context_length: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping seqlen-token windows (stride = seqlen), the first nwindows of them."""
-    if seqlen < 2:
-        raise UserError(f"The sequence length must be at least 2; got {seqlen}.")
-    if context_length and seqlen > context_length:
-        raise UserError(f"Sequence length {seqlen} is longer than the model's context ({context_length} tokens).")
+    check_seqlen(seqlen, context_length)
     available = len(ids) // seqlen
     if available == 0:
         raise UserError(f"The evaluation text has {len(ids)} tokens: too short for one window of {seqlen}.")
@@ -140,9 +166,14 @@ def evaluation_windows(ids: torch.Tensor, seqlen: int, nwindows: int | None = No
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def windows_from_text(tokenizer, text: str, label: str, nsamples: int, seqlen: int, seed: int = 0,
+                      context_length: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The (nsamples, seqlen) calibration ids drawn from a text already read, and how they were drawn (for reports)."""
+    windows = sample_windows(tokenize(tokenizer, text), nsamples, seqlen, seed, context_length)
+    return windows, {"source": label, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+
+
 def calibration_windows(tokenizer, source: str | list[str], nsamples: int, seqlen: int, seed: int = 0,
                         context_length: int | None = None) -> tuple[torch.Tensor, dict]:
     """The (nsamples, seqlen) calibration ids for a source, and how they were drawn (for reports)."""
-    text, label = calibration_text(source)
-    windows = sample_windows(tokenize(tokenizer, text), nsamples, seqlen, seed, context_length)
-    return windows, {"source": label, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    return windows_from_text(tokenizer, *calibration_text(source), nsamples, seqlen, seed, context_length)
