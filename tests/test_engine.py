@@ -15,7 +15,8 @@ from wanda_gui.core import engine
 from wanda_gui.core.architecture import capture_block_inputs, find_blocks, find_linears, weight_out_in
 from wanda_gui.core.engine import PruneConfig, collect_input_stats, prune, run_to_end
 from wanda_gui.core.errors import UserError
-from wanda_gui.core.masks import Pattern
+from wanda_gui.core.masks import Pattern, select
+from wanda_gui.core.methods import base as method_base
 from wanda_gui.core.methods import wanda_score
 
 CALIB = torch.randint(0, 512, (6, 24), generator=torch.Generator().manual_seed(1))
@@ -114,7 +115,7 @@ def test_statistics_come_from_the_pruned_upstream():
     name = "model.layers.1.mlp.down_proj"
     linear = find_linears(find_blocks(model)[1][1])["mlp.down_proj"]
     w_dense = find_linears(blocks[1])["mlp.down_proj"].weight
-    dense_mask = engine.select(wanda_score(w_dense, dense_stats["mlp.down_proj"]), 0.5, Pattern())
+    dense_mask = select(wanda_score(w_dense, dense_stats["mlp.down_proj"]), 0.5, Pattern())
     assert name in masks
     assert not torch.equal(linear.weight == 0, dense_mask)
 
@@ -174,7 +175,7 @@ def test_closing_the_stream_midway_restores_the_dense_weights():
 def test_failure_mid_run_restores_and_names_the_layer(monkeypatch):
     model = tiny_model("llama")
     before = checksum(model)
-    real_select, calls = engine.select, []
+    real_select, calls = method_base.select, []
 
     def failing_select(*args, **kwargs):
         calls.append(1)
@@ -182,7 +183,7 @@ def test_failure_mid_run_restores_and_names_the_layer(monkeypatch):
             raise RuntimeError("boom")
         return real_select(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "select", failing_select)
+    monkeypatch.setattr(method_base, "select", failing_select)
     events = list(prune(model, PruneConfig(), CALIB))
     assert isinstance(events[-1], ev.RunFailed)
     assert events[-1].layer == "model.layers.1.self_attn.k_proj" and "boom" in events[-1].reason
@@ -192,7 +193,7 @@ def test_failure_mid_run_restores_and_names_the_layer(monkeypatch):
 @pytest.mark.parametrize("settings,calib,message", [
     (dict(sparsity=1.0), CALIB, "Sparsity must be in"),
     (dict(sparsity=-0.1), CALIB, "Sparsity must be in"),
-    (dict(method="sparsegpt"), CALIB, "Unknown method"),
+    (dict(method="obs"), CALIB, "Unknown method"),
     ({}, None, "needs calibration data"),
     (dict(layerwise=True), CALIB, "magnitude-pruning option"),
     (dict(pattern="2:3"), CALIB, "multiple of 3"),
@@ -246,7 +247,7 @@ def test_lm_head_pruned_with_wanda_from_its_real_inputs_when_asked(arch):
         model(input_ids=CALIB, use_cache=False)
     handle.remove()
     x = torch.cat(seen)
-    expected = engine.select(wanda_score(dense_head, (x ** 2).mean(0)), 0.5, Pattern())
+    expected = select(wanda_score(dense_head, (x ** 2).mean(0)), 0.5, Pattern())
     assert (expected == (head.weight == 0)).float().mean() > 0.999  # float summation order may flip a rare tie
 
 

@@ -129,14 +129,14 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 @torch.inference_mode()
-def head_input_sq_mean(model: nn.Module, blocks: nn.ModuleList, head: nn.Module, input_ids: torch.Tensor,
-                       final_hidden: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Mean of x_j^2 over all tokens at the LM head's input, given the last block's (pruned) outputs.
+def head_input_stat(model: nn.Module, blocks: nn.ModuleList, head: nn.Module, input_ids: torch.Tensor,
+                    final_hidden: torch.Tensor, batch_size: int, device: torch.device, stat) -> torch.Tensor:
+    """A statistic (core.statistics: add(x) per batch, result()) of the LM head's input over all tokens, given
+    the last block's (pruned) outputs.
 
     The model's own forward runs with the blocks stubbed (the last returns final_hidden), so whatever it does
     between the blocks and the head (final norm, projections) is applied exactly; the head's matmul is skipped.
     """
-    sums = torch.zeros(weight_out_in(head).shape[1], dtype=torch.float32, device=final_hidden.device)
     batch: list[torch.Tensor] = []
 
     def stub(index: int):
@@ -145,8 +145,7 @@ def head_input_sq_mean(model: nn.Module, blocks: nn.ModuleList, head: nn.Module,
         return forward
 
     def pre(module, args):
-        flat = args[0].reshape(-1, args[0].shape[-1]).float()
-        sums.add_((flat * flat).sum(dim=0))
+        stat.add(args[0])
         raise StopForward
 
     handle = head.register_forward_pre_hook(pre)
@@ -157,4 +156,4 @@ def head_input_sq_mean(model: nn.Module, blocks: nn.ModuleList, head: nn.Module,
                 _forward_until_stop(model, input_ids[start:start + batch_size], device)
     finally:
         handle.remove()
-    return sums / (final_hidden.shape[0] * final_hidden.shape[1])
+    return stat.result()

@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import (BlockCall, StopForward, capture_block_inputs, find_blocks, find_head, find_linears, head_input_sq_mean,
+from .architecture import (BlockCall, StopForward, capture_block_inputs, find_blocks, find_head, find_linears, head_input_stat,
                            weight_out_in)
 from .errors import UserError
 from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPruned, PruneSummary, RunCancelled,
                      RunFailed, RunFinished, RunStarted)
-from .masks import Pattern, check_sparsity, select
-from .methods import get_method
+from .masks import Pattern, check_sparsity
+from .methods import BlockMasked, Method, RunContext, Step, get_method
+from .statistics import SquaredMean
 
 MAP_SIZE = 128
 
@@ -129,30 +130,31 @@ def peak_memory(device: torch.device) -> int:
 
 @torch.inference_mode()
 def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall,
-                        batch_size: int, cancel: threading.Event | None) -> dict[str, torch.Tensor]:
-    """Mean of x_j^2 over every calibration token, in fp32, for each linear's input, from one pass of the block.
+                        batch_size: int, cancel: threading.Event | None, statistic: type = SquaredMean) -> dict[str, torch.Tensor]:
+    """A statistic of every linear's input (mean x_j^2 by default) over all calibration tokens, from one pass.
 
-    Linears fed the same tensor (q/k/v, gate/up) share one reduction, and the pass stops at the last linear's
-    input: nothing after it is read.
+    Linears fed the same tensor (q/k/v, gate/up) share one statistic object, so one accumulation and one result
+    tensor, and the pass stops at the last linear's input: nothing after it is read.
     """
-    sums = {name: torch.zeros(weight_out_in(m).shape[1], dtype=torch.float32, device=hidden.device) for name, m in linears.items()}
+    stats: dict[str, object] = {}
     order: list[str] = []
-    last_input: list = [None, None]  # (tensor, its squared column sums); the reference keeps it alive
+    last_input: list = [None, None]  # (tensor, its statistic); the reference keeps the tensor alive
 
-    def hook(name: str):
+    def hook(name: str, width: int):
         def pre(module, args):
             x = args[0]
             if last_input[0] is not x:
-                flat = x.reshape(-1, x.shape[-1]).float()
-                last_input[:] = [x, (flat * flat).sum(dim=0)]  # 10x faster than linalg.vector_norm on CPU
-            sums[name] += last_input[1]
+                stat = stats[name] if name in stats else statistic(width, hidden.device)
+                stat.add(x)
+                last_input[:] = [x, stat]
+            stats.setdefault(name, last_input[1])
             if len(order) < len(linears):
                 order.append(name)
             elif name == order[-1]:
                 raise StopForward
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    handles = [m.register_forward_pre_hook(hook(name, weight_out_in(m).shape[1])) for name, m in linears.items()]
     try:
         for start in range(0, len(hidden), batch_size):
             if cancel is not None and cancel.is_set():
@@ -165,8 +167,10 @@ def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden:
     finally:
         for h in handles:
             h.remove()
-    tokens = hidden.shape[0] * hidden.shape[1]
-    return {name: s / tokens for name, s in sums.items()}
+    for name, m in linears.items():  # a linear the forward never reached: no data, as an all-zero statistic
+        stats.setdefault(name, statistic(weight_out_in(m).shape[1], hidden.device))
+    results = {id(stat): stat.result() for stat in stats.values()}
+    return {name: results[id(stats[name])] for name in linears}
 
 
 @torch.inference_mode()
@@ -180,11 +184,12 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, batch_siz
 
 
 def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None,
-          cancel: threading.Event | None = None, model_name: str = "model") -> Iterator[Event]:
+          cancel: threading.Event | None = None, model_name: str = "model", steps: tuple[Step, ...] = ()) -> Iterator[Event]:
     """Prune the model in place, block by block, yielding events.
 
-    calibration: (nsamples, seqlen) token ids, needed by methods that read activations. On cancellation, a
-    failure, or the consumer closing the stream, every pruned weight is restored (unless restore_on_abort is off).
+    calibration: (nsamples, seqlen) token ids, needed by methods that read activations. steps: options whose hooks
+    run around the loop after the method's own (methods/base.py). On cancellation, a failure, or the consumer
+    closing the stream, every pruned weight is restored (unless restore_on_abort is off).
     """
     validate(model, config)
     method = get_method(config.method)
@@ -196,6 +201,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
     nsamples, seqlen = (calibration.shape if method.needs_activations else (0, 0))
     batch_size = config.batch_size or default_batch_size(device, seqlen)
     total = sum(len(p) for p in plan)
+    hooks = (method, *steps)
+    keep_dense = config.restore_on_abort or any(type(h).after_masking is not Step.after_masking for h in hooks)
     backup: dict[nn.Module, torch.Tensor] = {}
     finished = False
     current_layer = None
@@ -212,46 +219,56 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
     else:
         keep_freed_memory_mapped()
     yield RunStarted(model_name, method.name, str(config.pattern), config.pattern.sparsity(config.sparsity),
-                     [list(p) for p in plan], total, int(nsamples), int(seqlen), batch_size)
+                     [list(p) for p in plan], total, int(nsamples), int(seqlen), batch_size, method.score_label)
     started = time.perf_counter()
     calibration_seconds = 0.0
     layers: list[LayerSparsity] = []
     try:
+        ctx = RunContext(model, config, blocks, plan, calibration if method.needs_activations else None, None, None,
+                         batch_size, device, [config.sparsity] * len(plan), cancel)
         if method.needs_activations:
-            hidden, calls = capture_block_inputs(model, blocks, calibration, batch_size, device)
+            ctx.hidden, ctx.calls = capture_block_inputs(model, blocks, calibration, batch_size, device)
+        for hook in hooks:
+            hook.before_pruning(ctx)
         for i, linears in enumerate(plan):
             if cancel is not None and cancel.is_set():
                 raise Cancelled
             is_head = i == len(blocks)
             block_started = time.perf_counter()
             yield BlockStarted(i, next(iter(linears), "head") if is_head else f"block {i}", len(linears))
-            stats = {}
-            if method.needs_activations and linears:
-                t = time.perf_counter()
-                if is_head:
-                    name, head = next(iter(linears.items()))
-                    stats = {name: head_input_sq_mean(model, blocks, head, calibration, hidden, batch_size, device)}
-                else:
-                    stats = collect_input_stats(blocks[i], linears, hidden, calls[i], batch_size, cancel)
-                calibration_seconds += time.perf_counter() - t
+            t = time.perf_counter()
+            stats = stage_statistics(ctx, method, i, linears)
+            calibration_seconds += time.perf_counter() - t
+            prepared: dict[int, object] = {}  # per shared statistic
+            dense: dict[str, torch.Tensor] = {}
+            masks: dict[str, torch.Tensor] = {}
             zeros = elements = 0
             for name, linear in linears.items():
                 if cancel is not None and cancel.is_set():
                     raise Cancelled
                 current_layer = name
                 t = time.perf_counter()
-                if config.restore_on_abort:  # kept in host memory: a GPU holds no second copy of the model
-                    backup[linear] = linear.weight.detach().to("cpu", copy=True)
-                score, mask, nz = prune_linear(linear, method.score, stats.get(name), config)
+                if keep_dense:  # in host memory: a GPU holds no second copy of the model
+                    dense[name] = linear.weight.detach().to("cpu", copy=True)
+                if config.restore_on_abort:
+                    backup[linear] = dense[name]
+                stat = stats.get(name)
+                if id(stat) not in prepared:
+                    prepared[id(stat)] = method.prepare(stat)
+                score, mask, nz = prune_linear(linear, method, prepared[id(stat)], ctx.sparsities[i], config)
+                masks[name] = mask
                 numel = mask.numel()
                 zeros, elements = zeros + nz, elements + numel
                 layers.append(LayerSparsity(name, i, tuple(mask.shape), nz / numel))
                 yield LinearPruned(i, name, tuple(mask.shape), nz / numel, pooled(score), pooled(~mask),
                                    time.perf_counter() - t, len(layers), total)
             current_layer = None
+            for hook in hooks:
+                hook.after_masking(ctx, BlockMasked(i, linears, masks, dense))
+            del dense, masks, prepared, stats
             if method.needs_activations and not is_head and (i < len(blocks) - 1 or has_head):
                 t = time.perf_counter()
-                run_block(blocks[i], hidden, calls[i], batch_size, cancel)
+                run_block(blocks[i], ctx.hidden, ctx.calls[i], batch_size, cancel)
                 calibration_seconds += time.perf_counter() - t
             yield BlockFinished(i, time.perf_counter() - block_started, zeros / max(1, elements), peak_memory(device))
         finished = True
@@ -273,14 +290,25 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
             restore()
 
 
+def stage_statistics(ctx: RunContext, method: Method, index: int, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The method's statistic for every linear of a stage (a block, or the LM head), from the current inputs."""
+    if not method.needs_activations or not linears:
+        return {}
+    if index == len(ctx.blocks):
+        name, head = next(iter(linears.items()))
+        stat = method.statistic(weight_out_in(head).shape[1], ctx.hidden.device)
+        return {name: head_input_stat(ctx.model, ctx.blocks, head, ctx.calibration, ctx.hidden, ctx.batch_size,
+                                      ctx.device, stat)}
+    return collect_input_stats(ctx.blocks[index], linears, ctx.hidden, ctx.calls[index], ctx.batch_size, ctx.cancel,
+                               method.statistic)
+
+
 @torch.no_grad()
-def prune_linear(linear: nn.Module, score_fn, input_sq_mean: torch.Tensor | None,
+def prune_linear(linear: nn.Module, method: Method, prepared, sparsity: float,
                  config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Score one linear, zero its selected weights in place; return (score, pruned mask, zeros now in it)."""
+    """Prune one linear in place with the method; return (score, pruned mask, zeros now in it)."""
     weight = weight_out_in(linear)
-    score = score_fn(weight, input_sq_mean)
-    mask = select(score, config.sparsity, config.pattern, config.layerwise)
-    weight.masked_fill_(mask, 0)
+    score, mask = method.prune(weight, prepared, sparsity, config)
     return score, mask, int((weight == 0).sum())
 
 

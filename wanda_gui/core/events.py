@@ -18,6 +18,7 @@ class RunStarted:
     nsamples: int
     seqlen: int
     batch_size: int
+    score_label: str = ""  # what LinearPruned.score_map shows for this method, e.g. "|W| x ||X_j||"
 
 
 @dataclasses.dataclass

@@ -1,0 +1,21 @@
+"""Pruning methods by name: each one small object (methods/base.py says its shape), one file per family."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .base import BlockMasked, Method, RunContext, ScoreMethod, Step
+from .sparsegpt import SPARSEGPT
+from .wanda import MAGNITUDE, WANDA, magnitude_score, wanda_score
+
+METHODS: dict[str, Method] = {m.name: m for m in (WANDA, MAGNITUDE, SPARSEGPT)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[(name or "").strip().lower()]
+    except KeyError:
+        raise UserError(f"Unknown method {name!r}: use one of {', '.join(METHODS)}.") from None
+
+
+__all__ = ["METHODS", "BlockMasked", "Method", "RunContext", "ScoreMethod", "Step", "get_method", "magnitude_score",
+           "wanda_score"]

@@ -1,0 +1,94 @@
+"""The one shape every pruning method has, and the whole-model hook points a method or an option can use."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from ..masks import select
+
+if TYPE_CHECKING:
+    from ..architecture import BlockCall
+    from ..engine import PruneConfig
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a hook sees of a run. `sparsities` holds the target of each stage (blocks, then the LM head if
+    pruned); the engine reads it per linear, so a hook before pruning may set per-block targets (OWL)."""
+
+    model: nn.Module
+    config: "PruneConfig"
+    blocks: nn.ModuleList
+    plan: list[dict[str, nn.Module]]  # per stage, the linears to prune by qualified name
+    calibration: torch.Tensor | None  # (nsamples, seqlen) token ids
+    hidden: torch.Tensor | None  # the current stage's inputs, (nsamples, seqlen, hidden); None without calibration
+    calls: list["BlockCall"] | None  # how to replay each block
+    batch_size: int
+    device: torch.device
+    sparsities: list[float]
+    cancel: threading.Event | None = None
+
+
+@dataclasses.dataclass
+class BlockMasked:
+    """A stage whose linears are all masked (and updated), before its pruned outputs are computed:
+    ctx.hidden still holds its inputs."""
+
+    index: int
+    linears: dict[str, nn.Module]
+    masks: dict[str, torch.Tensor]  # True where pruned, (C_out, C_in)
+    dense_weights: dict[str, torch.Tensor]  # each linear's weight before this stage was pruned, on the host (kept when
+    # restore_on_abort is on or a hook overrides after_masking)
+
+
+class Step:
+    """Whole-model hook points around the block loop; an option (OWL, DSnoT, reconstruction) overrides them."""
+
+    def before_pruning(self, ctx: RunContext) -> None:
+        """Called once, the model still dense, after the first block's inputs are captured."""
+
+    def after_masking(self, ctx: RunContext, block: BlockMasked) -> None:
+        """Called after each stage's linears are masked, before the stage is re-run to feed the next one."""
+
+
+class Method(Step):
+    """A pruning method: which statistic it needs per linear input (None: no calibration), and how it prunes
+    one linear given that statistic. Linears fed the same tensor share one statistic and one `prepare`."""
+
+    name: str = ""
+    description: str = ""  # one line for the app and --help, citing the paper
+    score_label: str = ""  # what the LinearPruned score map shows
+    statistic: type | None = None  # a class from core.statistics, or None
+
+    @property
+    def needs_activations(self) -> bool:
+        return self.statistic is not None
+
+    def prepare(self, stat: torch.Tensor | None) -> Any:
+        """Work that depends only on the statistic, done once per shared input (SparseGPT: H's inverse)."""
+        return stat
+
+    def prune(self, weight: torch.Tensor, prepared: Any, sparsity: float,
+              config: "PruneConfig") -> tuple[torch.Tensor, torch.Tensor]:
+        """Prune (and possibly update) a (C_out, C_in) weight in place; return (score map, True where pruned)."""
+        raise NotImplementedError
+
+
+class ScoreMethod(Method):
+    """A method that scores each weight and zeroes the lowest: no update of the others."""
+
+    def __init__(self, name: str, description: str, score: Callable[..., torch.Tensor], statistic: type | None,
+                 score_label: str):
+        self.name, self.description, self.score, self.statistic, self.score_label = (
+            name, description, score, statistic, score_label)
+
+    def prune(self, weight, prepared, sparsity, config):
+        score = self.score(weight, prepared)
+        mask = select(score, sparsity, config.pattern, config.layerwise)
+        weight.masked_fill_(mask, 0)
+        return score, mask

