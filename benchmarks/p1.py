@@ -1,7 +1,8 @@
-"""Benchmark setting P1 (PROTOCOL.md): built-in model, Wanda 50% unstructured and 2:4, 64 x 512 calibration, eval on.
+"""Benchmark setting P1 (PROTOCOL.md): built-in model, Wanda and SparseGPT at 50% unstructured, 2:4 and 4:8,
+64 x 512 calibration, evaluation on 64 windows.
 
 Each setting runs in a fresh process so that its memory figures are its own. Prints a table and writes JSON.
-Usage: python benchmarks/p1.py [--out benchmarks/p1.json] [--patterns unstructured 2:4] [--device cpu]
+Usage: python benchmarks/p1.py [--out benchmarks/p1.json] [--runs wanda:unstructured sparsegpt:2:4] [--device cpu]
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ class PeakRss:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def run_setting(pattern: str, device_name: str, dtype_name: str | None, nwindows: int) -> dict:
+DEFAULT_RUNS = ["wanda:unstructured", "wanda:2:4", "sparsegpt:unstructured", "sparsegpt:2:4", "sparsegpt:4:8"]
+
+
+def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: int) -> dict:
     import torch
 
     from wanda_gui.core.calibration import calibration_windows
@@ -71,6 +75,7 @@ def run_setting(pattern: str, device_name: str, dtype_name: str | None, nwindows
     from wanda_gui.core.masks import Pattern
     from wanda_gui.core.models import load_model
 
+    method, pattern = run.split(":", 1)
     t = time.perf_counter()
     loaded = load_model("builtin", device_name, dtype_name)
     load_seconds = time.perf_counter() - t
@@ -86,7 +91,7 @@ def run_setting(pattern: str, device_name: str, dtype_name: str | None, nwindows
     gc.collect()
     with PeakRss() as rss:
         before = rss.peak
-        summary = run_to_end(prune(loaded.model, PruneConfig(method="wanda", pattern=Pattern.parse(pattern)), windows))
+        summary = run_to_end(prune(loaded.model, PruneConfig(method=method, pattern=Pattern.parse(pattern)), windows))
     rates += matmul_times(device, dtype)  # measured on both sides of the prune phase
     rate, median_rate = max(rates), statistics.median(rates)  # the best is the floor: the stricter ratio
     pruned = perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=nwindows)
@@ -119,11 +124,11 @@ def run_setting(pattern: str, device_name: str, dtype_name: str | None, nwindows
 
 def table(reports: list[dict]) -> str:
     gib = 1024 ** 3
-    rows = [("pattern", "sparsity", "prune s", "floor s", "ratio", "(median)", "+RSS GiB", "peak RSS GiB", "ppl dense",
+    rows = [("method", "pattern", "sparsity", "prune s", "floor s", "ratio", "(median)", "+RSS GiB", "peak RSS GiB", "ppl dense",
              "ppl pruned", "tok/s dense", "tok/s pruned")]
     for r in reports:
         f = r["floor"]
-        rows.append((r["pattern"], f"{r['achieved_sparsity']:.4f}", f"{r['seconds']['calibration_and_pruning']:.1f}",
+        rows.append((r["method"], r["pattern"], f"{r['achieved_sparsity']:.4f}", f"{r['seconds']['calibration_and_pruning']:.1f}",
                      f"{f['linear_flops'] / f['matmul_flops_per_second']:.1f}", f"{f['ratio']:.2f}",
                      f"{f['ratio_to_median_matmul']:.2f}",
                      f"{r['rss_added_by_pruning_bytes'] / gib:.2f}", f"{r['peak_rss_bytes'] / gib:.2f}",
@@ -136,7 +141,7 @@ def table(reports: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="method:pattern, e.g. sparsegpt:2:4")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--nwindows", type=int, default=64)
@@ -147,8 +152,8 @@ def main() -> int:
         print(json.dumps(run_setting(args.one, args.device, args.dtype, args.nwindows)))
         return 0
     reports = []
-    for pattern in args.patterns:
-        cmd = [sys.executable, __file__, "--one", pattern, "--device", args.device, "--nwindows", str(args.nwindows)]
+    for run in args.runs:
+        cmd = [sys.executable, __file__, "--one", run, "--device", args.device, "--nwindows", str(args.nwindows)]
         if args.dtype:
             cmd += ["--dtype", args.dtype]
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -156,7 +161,7 @@ def main() -> int:
             print(result.stderr, file=sys.stderr)
             return result.returncode
         reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    print(f"P1 on {reports[0]['device']} {reports[0]['dtype']}: wanda, 64 x 512 calibration (seed 0), "
+    print(f"P1 on {reports[0]['device']} {reports[0]['dtype']}: 64 x 512 calibration (seed 0), "
           f"eval {args.nwindows} x 512; matmul best {reports[0]['floor']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s "
           f"(floor = linear FLOPs at the best rate; '(median)' uses the median rate)")
     print(table(reports))
