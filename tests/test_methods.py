@@ -61,3 +61,39 @@ def test_without_hooks_or_restore_no_dense_copy_is_kept(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(k.get("copy")) or real(self, *a, **k))
     run_to_end(prune(tiny_model("llama"), PruneConfig(method="magnitude", restore_on_abort=False), None))
     assert True not in copies
+
+
+def wanda_like_score(rows=256, cols=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    norms = torch.rand(cols, generator=g) * 2
+    norms[:5] *= 30  # a few outlier features
+    return torch.randn(rows, cols, generator=g).abs() * norms
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_wanda_variant_hits_the_target_within_a_thousandth_with_one_alpha_for_all_rows(sparsity):
+    from wanda_gui.core.methods.wanda import alpha_mask
+
+    score = wanda_like_score()
+    mask = alpha_mask(score, sparsity)
+    assert abs(float(mask.float().mean()) - sparsity) <= 0.001
+    counts = mask.sum(dim=1)
+    assert counts.min() < counts.max()  # rows differ
+    ordered = score.sort(dim=1).values
+    assert torch.equal(mask, score <= ordered.gather(1, (counts - 1).unsqueeze(1)))  # each row's lowest scores
+    share = ordered.cumsum(dim=1) / score.sum(dim=1, keepdim=True)
+    pruned_share = share.gather(1, (counts - 1).unsqueeze(1))
+    next_share = share.gather(1, counts.clamp(max=score.shape[1] - 1).unsqueeze(1))
+    assert pruned_share.max() < next_share.min()  # one α separates pruned from kept in every row
+
+
+def test_wanda_variant_runs_in_the_engine_and_is_refused_elsewhere():
+    model = tiny_model("llama")
+    summary = run_to_end(prune(model, PruneConfig(wanda_variant=True), CALIB))
+    rows = [(weight_out_in(m) == 0).sum(dim=1) for m in dict(model.named_modules()).values()
+            if hasattr(m, "weight") and m.weight.dim() == 2 and m.weight.shape[1] == 64 and m.weight.shape[0] == 64]
+    assert any(r.min() < r.max() for r in rows)
+    assert summary.achieved_sparsity == pytest.approx(0.5, abs=0.005)
+    for settings in (dict(method="sparsegpt"), dict(pattern="2:4")):
+        with pytest.raises(UserError, match="α-variant"):
+            PruneConfig(wanda_variant=True, **settings)

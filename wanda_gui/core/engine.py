@@ -40,6 +40,7 @@ class PruneConfig:
     prune_head: bool = False  # also the LM head (and so the input embeddings, when the two are tied)
     batch_size: int | None = None  # None: about 1k tokens a batch on CPU, 32k on CUDA
     restore_on_abort: bool = True  # keep a dense copy of each pruned weight until the run ends
+    wanda_variant: bool = False  # Wanda only: the reference's α-variant (per-layer target, rows differ)
 
     def __post_init__(self):
         """Parse and check what needs no model, so the CLI and the app fail before loading anything."""
@@ -51,6 +52,9 @@ class PruneConfig:
             raise UserError("Layer-wide comparison is a magnitude-pruning option; Wanda compares within each output row.")
         if self.layerwise and self.pattern.structured:
             raise UserError("Layer-wide comparison does not apply to N:M patterns, which work within groups of a row.")
+        if self.wanda_variant and (self.method != "wanda" or self.pattern.structured):
+            raise UserError("The α-variant is a Wanda option for unstructured sparsity; choose method wanda and "
+                            "pattern unstructured, or turn the variant off.")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {self.batch_size}.")
 

@@ -89,6 +89,10 @@ class ScoreMethod(Method):
 
     def prune(self, weight, prepared, sparsity, config):
         score = self.score(weight, prepared)
-        mask = select(score, sparsity, config.pattern, config.layerwise)
+        mask = self.select(score, sparsity, config)
         weight.masked_fill_(mask, 0)
         return score, mask
+
+    def select(self, score: torch.Tensor, sparsity: float, config: "PruneConfig") -> torch.Tensor:
+        """True where pruned: per row (or the whole layer), or per N:M group."""
+        return select(score, sparsity, config.pattern, config.layerwise)
