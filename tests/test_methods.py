@@ -97,3 +97,19 @@ def test_wanda_variant_runs_in_the_engine_and_is_refused_elsewhere():
     for settings in (dict(method="sparsegpt"), dict(pattern="2:4")):
         with pytest.raises(UserError, match="α-variant"):
             PruneConfig(wanda_variant=True, **settings)
+
+
+def test_ria_score_matches_its_formula_and_prunes_per_row():
+    from wanda_gui.core.methods import ria_score
+
+    g = torch.Generator().manual_seed(2)
+    W, x_sq = torch.randn(6, 10, generator=g), torch.rand(10, generator=g) * 4
+    score = ria_score(W, x_sq)
+    for i in range(6):
+        for j in range(10):
+            expected = (abs(W[i, j]) / W[i].abs().sum() + abs(W[i, j]) / W[:, j].abs().sum()) * x_sq[j].sqrt() ** 0.5
+            assert score[i, j] == pytest.approx(float(expected), rel=1e-5)
+    model = tiny_model("qwen2")
+    run_to_end(prune(model, PruneConfig(method="ria", pattern="2:4"), CALIB))
+    w = weight_out_in(find_blocks(model)[1][0].mlp.down_proj)
+    assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) == 2).all()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .base import BlockMasked, Method, RunContext, ScoreMethod, Step
+from .ria import RIA, ria_score
 from .sparsegpt import SPARSEGPT
 from .wanda import MAGNITUDE, WANDA, magnitude_score, wanda_score
 
-METHODS: dict[str, Method] = {m.name: m for m in (WANDA, MAGNITUDE, SPARSEGPT)}
+METHODS: dict[str, Method] = {m.name: m for m in (WANDA, MAGNITUDE, SPARSEGPT, RIA)}
 
 
 def get_method(name: str) -> Method:
@@ -18,4 +19,4 @@ def get_method(name: str) -> Method:
 
 
 __all__ = ["METHODS", "BlockMasked", "Method", "RunContext", "ScoreMethod", "Step", "get_method", "magnitude_score",
-           "wanda_score"]
+           "ria_score", "wanda_score"]
