@@ -35,6 +35,17 @@ def test_evaluation_windows_reproduce_the_protocol_hash(builtin_tokenizer):
     assert sha(evaluation_windows(ids, 512, 64)) == "0955da3e5e33851abac1719cfc71324f78c3f8a2308412b9d6a6bfda45709e1d"
 
 
+def test_piecewise_tokenization_gives_the_whole_text_ids(builtin_tokenizer):
+    from wanda_gui.core.calibration import CHUNK_CHARS, word_chunks
+
+    text = builtin_calibration_text()[:3 * CHUNK_CHARS]
+    chunks = word_chunks(text)
+    assert len(chunks) == 3 and "".join(chunks) == text
+    assert all(c[0] == " " and c[1].isalpha() and c[-1].isalpha() for c in chunks[1:])
+    whole = builtin_tokenizer(text, return_tensors="pt").input_ids[0]
+    assert torch.equal(tokenize(builtin_tokenizer, text), whole)
+
+
 def test_calibration_and_evaluation_texts_do_not_overlap():
     calib, evaluation = builtin_calibration_text(), builtin_evaluation_text()
     assert calib.startswith(open_first_speech("1900")) and evaluation.startswith(open_first_speech("2000"))

