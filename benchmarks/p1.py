@@ -62,7 +62,8 @@ class PeakRss:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-DEFAULT_RUNS = ["wanda:unstructured", "wanda:2:4", "sparsegpt:unstructured", "sparsegpt:2:4", "sparsegpt:4:8"]
+DEFAULT_RUNS = ["wanda:unstructured", "wanda:2:4", "sparsegpt:unstructured", "sparsegpt:2:4", "sparsegpt:4:8",
+                "wanda-variant:unstructured", "ria:unstructured", "ria:2:4"]
 
 
 def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: int) -> dict:
@@ -76,6 +77,7 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     from wanda_gui.core.models import load_model
 
     method, pattern = run.split(":", 1)
+    variant = method == "wanda-variant"  # Wanda with the reference's α-variant
     t = time.perf_counter()
     loaded = load_model("builtin", device_name, dtype_name)
     load_seconds = time.perf_counter() - t
@@ -91,7 +93,8 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     gc.collect()
     with PeakRss() as rss:
         before = rss.peak
-        summary = run_to_end(prune(loaded.model, PruneConfig(method=method, pattern=Pattern.parse(pattern)), windows))
+        summary = run_to_end(prune(loaded.model, PruneConfig(method="wanda" if variant else method,
+                                                             pattern=Pattern.parse(pattern), wanda_variant=variant), windows))
     rates += matmul_times(device, dtype)  # measured on both sides of the prune phase
     rate, median_rate = max(rates), statistics.median(rates)  # the best is the floor: the stricter ratio
     pruned = perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=nwindows)
@@ -128,7 +131,7 @@ def table(reports: list[dict]) -> str:
              "ppl pruned", "tok/s dense", "tok/s pruned")]
     for r in reports:
         f = r["floor"]
-        rows.append((r["method"], r["pattern"], f"{r['achieved_sparsity']:.4f}", f"{r['seconds']['calibration_and_pruning']:.1f}",
+        rows.append((r["method"] + ("-variant" if r["settings"].get("wanda_variant") else ""), r["pattern"], f"{r['achieved_sparsity']:.4f}", f"{r['seconds']['calibration_and_pruning']:.1f}",
                      f"{f['linear_flops'] / f['matmul_flops_per_second']:.1f}", f"{f['ratio']:.2f}",
                      f"{f['ratio_to_median_matmul']:.2f}",
                      f"{r['rss_added_by_pruning_bytes'] / gib:.2f}", f"{r['peak_rss_bytes'] / gib:.2f}",

@@ -49,7 +49,8 @@ class PruneConfig:
         self.method = get_method(self.method).name
         self.sparsity = check_sparsity(self.sparsity)
         if self.layerwise and self.method != "magnitude":
-            raise UserError("Layer-wide comparison is a magnitude-pruning option; Wanda compares within each output row.")
+            raise UserError(f"Layer-wide comparison is a magnitude-pruning option; {self.method} has its own "
+                            "comparison groups (output rows, or SparseGPT's column blocks).")
         if self.layerwise and self.pattern.structured:
             raise UserError("Layer-wide comparison does not apply to N:M patterns, which work within groups of a row.")
         if self.wanda_variant and (self.method != "wanda" or self.pattern.structured):
