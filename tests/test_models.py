@@ -1,5 +1,6 @@
 """Loading: local folders, the offline hub cache, devices, dtypes, the built-in conversion, clear errors."""
 
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -61,11 +62,67 @@ def test_offline_hub_revision_missing_fails_clearly(tmp_path, tiny_model_dir):
     (lambda p: p, "no config.json"),
     (lambda p: (p / "config.json").write_text("{}") and p, "no weights"),
     (lambda p: (p / "f.txt").write_text("x") and p / "f.txt", "is a file"),
-    (lambda p: p / "missing-folder", "neither an existing folder nor a hub id"),
+    (lambda p: p / "missing-folder", "Folder .*missing-folder does not exist"),
 ])
 def test_not_a_model_is_refused_clearly(tmp_path, make, message):
     with pytest.raises(UserError, match=message):
         resolve_source(str(make(tmp_path)))
+
+
+def test_bare_name_that_is_no_folder_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="'missing' is neither an existing folder nor a hub id"):
+        resolve_source("missing")
+
+
+@pytest.mark.parametrize("source", ["./nope", "../nope", "~/nope", "nope/a/b", "/no/such/folder", "nope/", r"C:\\models"])
+def test_a_path_that_does_not_exist_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "download_from_hub", lambda *a, **k: pytest.fail("a path was looked up on the hub"))
+    with pytest.raises(UserError, match=f"^Folder {re.escape(source)} does not exist"):
+        resolve_source(source)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_org_name_neither_folder_nor_cached_says_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no folder some-org/not-cached here.*not in the local hub cache"):
+        load_model("some-org/not-cached", cache_dir=tmp_path / "hub")
+    assert list(tmp_path.iterdir()) == []
+
+
+def copy_model(tiny_model_dir: Path, where: Path) -> Path:
+    shutil.copytree(tiny_model_dir, where)
+    return where
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"", b"\xff\xfe{}", b"[1, 2]"])
+def test_corrupt_config_json_is_named(tmp_path, tiny_model_dir, damage):
+    folder = copy_model(tiny_model_dir, tmp_path / "m")
+    (folder / "config.json").write_bytes(damage)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(UserError, match=f"{re.escape(str(folder / 'config.json'))} (is not valid JSON|does not hold a JSON object)"
+                                        ".*re-download or re-export"):
+        load_model(str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("keep", [0, 5, 200, -10])
+def test_truncated_safetensors_is_named(tmp_path, tiny_model_dir, keep):
+    folder = copy_model(tiny_model_dir, tmp_path / "m")
+    weights = next(folder.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(UserError, match=f"{re.escape(str(weights))} is damaged or incomplete.*re-download or re-export"):
+        load_model(str(folder))
+
+
+def test_safetensors_with_extra_bytes_is_damaged(tmp_path, tiny_model_dir):
+    folder = copy_model(tiny_model_dir, tmp_path / "m")
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b"junk")
+    assert "where its header describes" in models.safetensors_problem(weights)
+    assert models.safetensors_problem(next(tiny_model_dir.glob("*.safetensors"))) is None
 
 
 def test_empty_source_is_refused():
@@ -137,6 +194,20 @@ def test_builtin_conversion_killed_halfway_leaves_nothing_that_looks_done(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         models.builtin_model_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".convert.lock"]
+
+
+def test_builtin_conversion_removes_leftovers_of_killed_conversions(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    (tmp_path / ".convert-dead1234").mkdir()
+    (tmp_path / ".convert-dead1234" / "model.safetensors").write_text("half")
+    (tmp_path / "mine.txt").write_text("not ours")
+
+    def fake_convert(gguf, out):
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    models.builtin_model_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".convert.lock", "mine.txt", "smollm2-135m-instruct-fp32"]
 
 
 def test_builtin_model_is_a_real_llama(builtin_dir):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import fcntl
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -50,7 +51,8 @@ def builtin_model_dir(progress: Progress | None = None) -> Path:
     """Convert the built-in GGUF once into an fp32 safetensors folder in the cache and return it.
 
     A file lock keeps two processes from converting at once; the folder is written under a temporary
-    name and renamed, so a conversion killed half-way leaves nothing that looks complete.
+    name and renamed, so a conversion killed half-way leaves nothing that looks complete, and the next
+    conversion (which holds the lock, as every converter does) removes what it left.
     """
     target = cache_root() / "smollm2-135m-instruct-fp32"
     if (target / "config.json").exists():
@@ -60,6 +62,7 @@ def builtin_model_dir(progress: Progress | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").exists():
             return target
+        remove_dead_conversions(target.parent)
         if progress:
             progress("Converting the built-in model from GGUF to fp32 safetensors (once, ~30 s)", None)
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -69,6 +72,13 @@ def builtin_model_dir(progress: Progress | None = None) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def remove_dead_conversions(cache: Path) -> None:
+    """Remove `.convert-…` folders of killed conversions; only call while holding the conversion lock."""
+    for leftover in cache.glob(".convert-*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -179,18 +189,72 @@ def resolve_source(
         raise UserError("No model given: choose the built-in model, a local folder or a hub id like 'org/name'.")
     if source == BUILTIN:
         return builtin_model_dir(progress)
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{source} is a file; give the folder that holds config.json, the weights and the tokenizer.")
-        if not (path / "config.json").exists():
-            raise UserError(f"{source} is not a model folder: it has no config.json.")
-        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-            raise UserError(f"{source} has a config.json but no weights (*.safetensors or *.bin).")
+    path = Path(source)
+    if path.exists() or path.is_symlink():
+        check_model_folder(path, source)
         return path
+    if looks_like_path(source):
+        raise UserError(f"Folder {source} does not exist; give the folder that holds config.json, the weights and the tokenizer.")
     if HUB_ID.match(source):
-        return download_from_hub(source, revision, token, cache_dir, trust_remote_code, progress)
+        try:
+            path = download_from_hub(source, revision, token, cache_dir, trust_remote_code, progress)
+        except UserError as e:
+            raise UserError(f"There is no folder {source} here, so it was looked up as a hub id: {e}") from None
+        check_model_files(path)
+        return path
     raise UserError(f"{source!r} is neither an existing folder nor a hub id of the form 'org/name'.")
+
+
+def looks_like_path(source: str) -> bool:
+    """A name no hub id can have: it starts like a path, has more than one '/', or uses a Windows separator or drive."""
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith("/") or "\\" in source
+            or bool(re.match(r"^[A-Za-z]:", source)))
+
+
+def check_model_folder(path: Path, source: str) -> None:
+    """A local folder holds a readable config.json and weights, or the message says which is missing or damaged."""
+    if not path.is_dir():
+        raise UserError(f"{source} is a file; give the folder that holds config.json, the weights and the tokenizer.")
+    if not (path / "config.json").exists():
+        raise UserError(f"{source} is not a model folder: it has no config.json.")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"{source} has a config.json but no weights (*.safetensors or *.bin).")
+    check_model_files(path)
+
+
+def check_model_files(path: Path) -> None:
+    """A damaged config.json or a truncated safetensors file is named, instead of failing deep inside a library."""
+    config = path / "config.json"
+    try:
+        parsed = json.loads(config.read_bytes())
+    except ValueError as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise UserError(f"{config} is not valid JSON{where}: the file is damaged; re-download or re-export the model.") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"{config} does not hold a JSON object: the file is damaged; re-download or re-export the model.")
+    for weights in sorted(path.glob("*.safetensors")):
+        if problem := safetensors_problem(weights):
+            raise UserError(f"{weights} is damaged or incomplete ({problem}); re-download or re-export the model.")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole, read from its header and its size alone; None if it looks whole."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than any header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"{size:,} bytes, shorter than its own {length:,}-byte header says"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not readable"
+    if 8 + length + end != size:
+        return f"{size:,} bytes where its header describes {8 + length + end:,}"
+    return None
 
 
 @dataclasses.dataclass
@@ -244,6 +308,7 @@ def load_model(
     progress: Progress | None = None,
 ) -> LoadedModel:
     """Resolve the source, check it is a decoder LM, and load model + tokenizer on the device in the dtype."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .architecture import find_blocks, find_linears
@@ -266,13 +331,14 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"The model does not fit in {torch_device}'s free memory; pick another device or dtype.") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"Cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise UserError(f"Cannot load the model in {path}: {str(e).splitlines()[0]}; if a file is damaged or "
+                        "incomplete, re-download or re-export the model.") from None
     model.eval()
     model.requires_grad_(False)
     if source.strip() == BUILTIN:
         name = BUILTIN_NAME
-    elif Path(source.strip()).expanduser().exists():
+    elif Path(source.strip()).exists():
         name = path.name  # a local folder
     else:
         name = source.strip()  # a hub id
