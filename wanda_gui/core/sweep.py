@@ -1,0 +1,307 @@
+"""Compare methods: every (method, pattern, sparsity) on a fresh copy of the dense model, measured, resumable."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import io
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import events as ev
+from . import methods as methods_module
+from .copies import pruning_copy
+from .engine import PruneConfig, prune, select_linears
+from .errors import UserError
+from .evaluate import perplexity
+from .masks import Pattern, check_sparsity
+from .methods import Step, get_method
+
+DENSE = "dense"
+RESULTS_JSON, RESULTS_CSV, CHART_HTML = "results.json", "results.csv", "chart.html"
+COLUMNS = ("key", "method", "pattern", "owl", "target_sparsity", "achieved_sparsity", "perplexity", "prune_seconds",
+           "eval_seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: a method, a pattern and the sparsity it prunes to (1 - N/M for N:M)."""
+
+    method: str
+    pattern: Pattern
+    sparsity: float
+    owl: bool = False
+
+    @property
+    def key(self) -> str:
+        """Stable across processes, so a rerun recognises the runs already in results.json."""
+        return f"{self.method}{'+owl' if self.owl else ''}|{self.pattern}|{self.sparsity:g}"
+
+    def config(self) -> PruneConfig:
+        return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, restore_on_abort=False)
+
+
+@dataclasses.dataclass
+class SweepStarted:
+    total: int  # runs in the plan
+    to_run: int  # of them, not already in results.json
+
+
+@dataclasses.dataclass
+class RunStarting:
+    index: int  # 1-based among the runs this call does
+    of: int
+    spec: RunSpec
+
+
+@dataclasses.dataclass
+class RunProgress:
+    key: str
+    done: int  # linears pruned so far in this run
+    total: int
+
+
+@dataclasses.dataclass
+class RunSkipped:
+    spec: RunSpec
+    row: dict  # the result recorded earlier
+
+
+@dataclasses.dataclass
+class RunDone:
+    row: dict
+
+
+@dataclasses.dataclass
+class SweepFinished:
+    rows: list[dict]  # every row of results.json, the dense one first
+    cancelled: bool = False
+
+
+SweepEvent = SweepStarted | RunStarting | RunProgress | RunSkipped | RunDone | SweepFinished
+
+
+def owl_step() -> Step:
+    """The OWL option's whole-model step, once the methods package provides it."""
+    step = getattr(methods_module, "OWL", None)
+    if step is None:
+        raise UserError("OWL is not available in this version; run the sweep without --owl.")
+    return step
+
+
+def plan(methods: list[str], sparsities: list[float], patterns: list[str | Pattern], owl: bool = False) -> list[RunSpec]:
+    """Every method x pattern x sparsity; an N:M pattern has one sparsity of its own, so it ignores the sparsity axis."""
+    names = [get_method(m).name for m in methods]
+    parsed = [p if isinstance(p, Pattern) else Pattern.parse(p) for p in patterns]
+    levels = [check_sparsity(s) for s in sparsities]
+    if not names or not parsed:
+        raise UserError("A sweep needs at least one method and one pattern.")
+    if not levels and any(not p.structured for p in parsed):
+        raise UserError("An unstructured sweep needs at least one sparsity, e.g. 0.5.")
+    if owl:
+        owl_step()
+    specs: dict[str, RunSpec] = {}
+    for name in names:
+        for pattern in parsed:
+            for sparsity in ([pattern.sparsity(0.0)] if pattern.structured else levels):
+                spec = RunSpec(name, pattern, sparsity, owl)
+                specs.setdefault(spec.key, spec)
+    return list(specs.values())
+
+
+def sweep_header(loaded, calibration_info: dict, eval_seqlen: int, eval_nwindows: int) -> dict:
+    """What makes two sweeps' numbers comparable: a rerun must match it to reuse finished runs."""
+    return {"model": loaded.name, "dtype": loaded.info.dtype, "calibration": dict(calibration_info),
+            "evaluation": {"seqlen": eval_seqlen, "nwindows": eval_nwindows}}
+
+
+def read_results(out_dir: Path, header: dict) -> list[dict]:
+    """The rows of an earlier sweep in out_dir; refused when it was run with other settings."""
+    path = out_dir / RESULTS_JSON
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        old, rows = data["header"], list(data["rows"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a sweep's results file; pick another output folder.") from None
+    differs = [k for k in header if old.get(k) != json.loads(json.dumps(header[k]))]
+    if differs:
+        detail = "; ".join(f"{k}: {old.get(k)} there, {header[k]} now" for k in differs)
+        raise UserError(f"{out_dir} holds a sweep run with other settings ({detail}). Use the same settings to "
+                        "resume it, or another output folder.")
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a stopped sweep never leaves a half-written results file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def results_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def save(out_dir: Path, header: dict, rows: list[dict]) -> None:
+    """results.json, results.csv and chart.html, each replaced whole."""
+    write_atomic(out_dir / RESULTS_JSON, json.dumps({"header": header, "rows": rows}, indent=2))
+    write_atomic(out_dir / RESULTS_CSV, results_csv(rows))
+    dense = next((r["perplexity"] for r in rows if r["key"] == DENSE), None)
+    write_atomic(out_dir / CHART_HTML, chart_html([r for r in rows if r["key"] != DENSE], dense))
+
+
+class Stopped(Exception):
+    """The user stopped the sweep; the finished runs stay saved."""
+
+
+def stopped(cancel: threading.Event | None) -> bool:
+    return cancel is not None and cancel.is_set()
+
+
+def zero_fraction(model: torch.nn.Module) -> float:
+    """Share of zeros in the linears a default prune would touch: the dense model's own sparsity."""
+    _, stages = select_linears(model, PruneConfig())
+    weights = [linear.weight for linears in stages for linear in linears.values()]
+    return sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
+
+
+def measure(loaded, model: torch.nn.Module, eval_seqlen: int, eval_nwindows: int,
+            cancel: threading.Event | None) -> tuple[float, float]:
+    """(perplexity, seconds) on the protocol's evaluation windows."""
+    try:
+        result = perplexity(model, loaded.tokenizer, seqlen=eval_seqlen, nwindows=eval_nwindows, cancel=cancel)
+    except UserError:
+        if stopped(cancel):
+            raise Stopped from None
+        raise
+    return result.perplexity, result.seconds
+
+
+def dense_row(loaded, eval_seqlen: int, eval_nwindows: int, cancel: threading.Event | None) -> dict:
+    ppl, seconds = measure(loaded, loaded.model, eval_seqlen, eval_nwindows, cancel)
+    return {"key": DENSE, "method": DENSE, "pattern": "", "owl": False, "target_sparsity": 0.0,
+            "achieved_sparsity": zero_fraction(loaded.model), "perplexity": ppl, "prune_seconds": 0.0,
+            "eval_seconds": seconds}
+
+
+def run_one(loaded, spec: RunSpec, windows: torch.Tensor, eval_seqlen: int, eval_nwindows: int,
+            cancel: threading.Event | None) -> Iterator[RunProgress | RunDone]:
+    """Prune a copy that shares every untouched tensor with the dense model, measure it, free it."""
+    config = spec.config()
+    _, stages = select_linears(loaded.model, config)
+    copy = pruning_copy(loaded.model, [linear for linears in stages for linear in linears.values()])
+    steps = (owl_step(),) if spec.owl else ()
+    started = time.perf_counter()
+    try:
+        summary = None
+        for event in prune(copy, config, windows, cancel=cancel, model_name=loaded.name, steps=steps):
+            if isinstance(event, ev.LinearPruned):
+                yield RunProgress(spec.key, event.done, event.total)
+            elif isinstance(event, ev.RunFinished):
+                summary = event.summary
+            elif isinstance(event, ev.RunCancelled):
+                raise Stopped
+            elif isinstance(event, ev.RunFailed):
+                raise UserError(f"Run {spec.key} failed: {event.reason}. The finished runs are kept; rerun to resume.")
+        if summary is None:
+            raise UserError(f"Run {spec.key} did not finish. The finished runs are kept; rerun to resume.")
+        prune_seconds = time.perf_counter() - started
+        ppl, eval_seconds = measure(loaded, copy, eval_seqlen, eval_nwindows, cancel)
+    finally:
+        del copy
+        free_memory()
+    yield RunDone({"key": spec.key, "method": spec.method, "pattern": str(spec.pattern), "owl": spec.owl,
+                   "target_sparsity": summary.target_sparsity, "achieved_sparsity": summary.achieved_sparsity,
+                   "perplexity": ppl, "prune_seconds": prune_seconds, "eval_seconds": eval_seconds})
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_sweep(loaded, specs: list[RunSpec], windows: torch.Tensor, calibration_info: dict, eval_nwindows: int,
+              out_dir: str | Path, cancel: threading.Event | None = None, eval_seqlen: int = 512) -> Iterator[SweepEvent]:
+    """Dense perplexity once, then each spec on a fresh pruning copy (the dense model is never touched); results
+    are saved after every run, and runs already in out_dir's results.json (same settings) are skipped. A stop
+    ends the stream with SweepFinished(cancelled=True), the finished runs saved."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = sweep_header(loaded, calibration_info, eval_seqlen, eval_nwindows)
+    rows = read_results(out_dir, header)
+    done = {row["key"]: row for row in rows}
+    todo = [s for s in specs if s.key not in done]
+    yield SweepStarted(len(specs), len(todo))
+    for spec in specs:
+        if spec.key in done:
+            yield RunSkipped(spec, done[spec.key])
+    try:
+        if DENSE not in done:
+            rows.insert(0, dense_row(loaded, eval_seqlen, eval_nwindows, cancel))
+            save(out_dir, header, rows)
+        for index, spec in enumerate(todo, 1):
+            if stopped(cancel):
+                raise Stopped
+            yield RunStarting(index, len(todo), spec)
+            for event in run_one(loaded, spec, windows, eval_seqlen, eval_nwindows, cancel):
+                if isinstance(event, RunDone):
+                    rows.append(event.row)
+                    save(out_dir, header, rows)
+                yield event
+    except Stopped:
+        yield SweepFinished(rows, cancelled=True)
+        return
+    yield SweepFinished(rows)
+
+
+def trace_name(row: dict) -> str:
+    """One legend entry per method (with OWL) and pattern."""
+    method = row["method"] + (" + OWL" if row.get("owl") else "")
+    return method if row["pattern"] == "unstructured" else f"{method} {row['pattern']}"
+
+
+def chart_figure(rows: list[dict], dense_ppl: float | None) -> "go.Figure":
+    """Perplexity against sparsity, log scale: a line per method, markers for N:M runs, the dense model as a line
+    (the app shows this figure live; chart_html saves it)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["key"] != DENSE:
+            groups.setdefault(trace_name(row), []).append(row)
+    for name, group in groups.items():
+        group.sort(key=lambda r: r["achieved_sparsity"])
+        structured = group[0]["pattern"] != "unstructured"
+        fig.add_scatter(x=[r["achieved_sparsity"] for r in group], y=[r["perplexity"] for r in group], name=name,
+                        mode="markers" if structured else "lines+markers",
+                        marker=dict(size=11 if structured else 7, symbol="diamond" if structured else "circle"),
+                        customdata=[r["key"] for r in group],
+                        hovertemplate="%{customdata}<br>sparsity %{x:.3f}<br>perplexity %{y:.2f}<extra></extra>")
+    if dense_ppl is not None:
+        right = max([r["achieved_sparsity"] for r in rows] + [0.5])
+        fig.add_scatter(x=[0, right], y=[dense_ppl, dense_ppl], name=f"dense ({dense_ppl:.2f})", mode="lines",
+                        line=dict(color="black", dash="dash"), hoverinfo="name")
+    fig.update_layout(title="Perplexity against sparsity (lower is better)", template="plotly_white",
+                      xaxis=dict(title="achieved sparsity", tickformat=".0%"),
+                      yaxis=dict(title="perplexity (log scale)", type="log"), legend=dict(title="method"))
+    return fig
+
+
+def chart_html(rows: list[dict], dense_ppl: float | None) -> str:
+    """The chart as one HTML file with plotly.js inlined, so it opens offline."""
+    return chart_figure(rows, dense_ppl).to_html(include_plotlyjs=True, full_html=True)
