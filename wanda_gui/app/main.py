@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import os
-import tempfile
+import socket
+
+from ..core.errors import UserError
+from .policy import ServePolicy, is_loopback, policy_from_args
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -32,33 +37,98 @@ def theme():
                              font=system, font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
 
 
+def credentials_of(auth: str | None) -> tuple[str, str] | None:
+    """--auth USER:PASS as Gradio's (user, password), or None for no login."""
+    if auth is None:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user.strip() or not password:
+        raise UserError("--auth takes USER:PASS, both non-empty (e.g. --auth alice:a-long-passphrase).")
+    return user, password
+
+
+def check_port(port: int) -> None:
+    """A port number the system can bind: 1..65535."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port number: give one from 1 to 65535 (7860 is the default).")
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind (host, port) once before launch, so that a bad host or a busy port is named as such, not as a crash."""
+    check_port(port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as the server (uvicorn) binds it
+    try:
+        address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4]
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"--host {host!r} does not resolve to an address: give an IP address of this machine "
+                        "(127.0.0.1: this machine only; 0.0.0.0: every network interface) or a name that "
+                        "resolves.") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UserError(bind_failure(host, port, e)) from None
+
+
+def bind_failure(host: str, port: int, e: OSError) -> str:
+    """What a failed bind means for the operator, and what to do about it."""
+    if e.errno == errno.EADDRINUSE:
+        return f"Port {port} on {host} is already in use by another program: stop it or choose another --port."
+    if e.errno == errno.EADDRNOTAVAIL:
+        return (f"--host {host} is not an address of this machine: give one of its own addresses, 127.0.0.1 for "
+                "this machine only, or 0.0.0.0 for every network interface.")
+    if e.errno == errno.EACCES:
+        return f"Port {port} needs administrator rights on this system: choose a --port above 1023."
+    return f"Cannot listen on {host}:{port}: {e.strerror or e}."
+
+
+def serve_files_from(folder) -> None:
+    """Put Gradio's upload and cache folders inside the app's private folder (read when components and routes are made)."""
+    os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(folder / "examples")
+
+
 def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth: str | None = None,
-           prevent_thread_lock: bool = False, quiet: bool = False):
-    from ..core.errors import UserError
+           prevent_thread_lock: bool = False, quiet: bool = False, policy: ServePolicy | None = None):
+    """Check the address and the login the serving mode needs, then build and start the app."""
+    policy = policy or ServePolicy()
+    if (share or not is_loopback(host)) and not policy.exposed:
+        policy = dataclasses.replace(policy, exposed=True)  # reachable from elsewhere: never local-mode rules
+    credentials = credentials_of(auth)
+    check_address(host, port)
+    if policy.exposed and credentials is None:
+        raise UserError("Serving beyond this machine (--share or a --host other than 127.0.0.1) needs a login: add "
+                        "--auth USER:PASS, or serve on 127.0.0.1 only.")
+    serve_files_from(policy.files_dir)
     from .ui import ASSETS, build
 
-    credentials = None
-    if auth:
-        user, sep, password = auth.partition(":")
-        if not sep or not user or not password:
-            raise UserError("--auth takes USER:PASS.")
-        credentials = (user, password)
-    demo = build()
+    demo = build(policy)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, auth=credentials, theme=theme(), css=CSS,
                 favicon_path=str(ASSETS / "favicon.png"), footer_links=[], run_history=False, show_error=True,
-                allowed_paths=[tempfile.gettempdir()], prevent_thread_lock=prevent_thread_lock, quiet=quiet)
+                allowed_paths=[str(policy.files_dir)], prevent_thread_lock=prevent_thread_lock, quiet=quiet)
     return demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The app's command-line options (`wanda-gui app`, `python launch.py`)."""
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; anything but loopback serves others (then --auth is required)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="create a public gradio.live link (needs internet)")
+    parser.add_argument("--share", action="store_true",
+                        help="create a public gradio.live link (needs internet and --auth)")
     parser.add_argument("--auth", default=None, metavar="USER:PASS", help="require a login")
+    parser.add_argument("--models-dir", default=None, metavar="DIR",
+                        help="when serving others: the only folder whose model folders visitors may load")
+    parser.add_argument("--exports-dir", default="exports", metavar="DIR",
+                        help="when serving others: exports are saved by name in this folder (default ./exports)")
+    parser.add_argument("--allow-remote-code", action="store_true",
+                        help="let models run their own Python (trust_remote_code); off unless given")
+    parser.add_argument("--max-sessions", type=int, default=4, metavar="N",
+                        help="sessions holding models at once (default 4)")
     parser.add_argument("--debug", action="store_true")
 
 
 def serve(args: argparse.Namespace) -> None:
-    launch(host=args.host, port=args.port, share=args.share, auth=args.auth)
+    launch(host=args.host, port=args.port, share=args.share, auth=args.auth, policy=policy_from_args(args))

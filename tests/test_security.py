@@ -1,0 +1,258 @@
+"""Serving safely: files only from the app's own folder, remote code only when the operator allows it, exposed mode
+only with a login and only inside the operator's folders, and a bad address answered in words."""
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from test_app_api import error_of, free_port
+from wanda_gui.app.main import launch
+from wanda_gui.app.policy import ServePolicy, app_files_dir, policy_from_args
+from wanda_gui.app.ui import SOURCES
+from wanda_gui.cli import main
+from wanda_gui.core.errors import UserError
+
+AUTH = ("alice", "a-long-passphrase")
+
+
+def refusal(call) -> str:
+    with pytest.raises(UserError) as info:
+        call()
+    return str(info.value)
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def local_url():
+    port = free_port()
+    demo = launch(port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+# -- files --------------------------------------------------------------------------------------------------------
+
+def test_a_file_in_the_temp_dir_outside_the_apps_folder_is_not_served(local_url):
+    secret = tempfile.NamedTemporaryFile("w", dir=tempfile.gettempdir(), suffix=".txt", delete=False)
+    secret.write("server secret 8d1f")
+    secret.close()
+    ours = app_files_dir() / "served.txt"
+    ours.write_text("the app's own file")
+    try:
+        status, body = http_get(f"{local_url}gradio_api/file={secret.name}")
+        assert status in (403, 404) and b"8d1f" not in body
+        assert http_get(f"{local_url}gradio_api/file={ours}") == (200, b"the app's own file")  # the route itself works
+    finally:
+        os.unlink(secret.name)
+        ours.unlink()
+
+
+def test_uploads_land_in_the_apps_folder_and_are_served_back(local_url):
+    response = httpx.post(f"{local_url}gradio_api/upload", files={"files": ("calib.txt", b"uploaded text 42")})
+    path = Path(response.json()[0])
+    assert path.resolve().is_relative_to(app_files_dir())
+    assert http_get(f"{local_url}gradio_api/file={path}") == (200, b"uploaded text 42")
+
+
+# -- starting the server -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", [dict(host="0.0.0.0"), dict(share=True)])
+def test_exposed_mode_refuses_to_start_without_auth(where):
+    message = refusal(lambda: launch(port=free_port(), prevent_thread_lock=True, quiet=True, **where))
+    assert "needs a login" in message and "--auth USER:PASS" in message
+
+
+def test_cli_refuses_exposed_mode_without_auth(capsys):
+    assert main(["app", "--host", "0.0.0.0", "--port", str(free_port())]) == 2
+    assert "needs a login: add --auth USER:PASS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--port", "99999"], "--port 99999 is not a port number: give one from 1 to 65535"),
+    (["--port", "0"], "--port 0 is not a port number"),
+    (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' does not resolve to an address"),
+    (["--host", "192.0.2.1"], "--host 192.0.2.1 is not an address of this machine"),
+    (["--auth", "alice"], "--auth takes USER:PASS"),
+    (["--auth", ":secret"], "--auth takes USER:PASS"),
+    (["--models-dir", "/no/such/folder", "--host", "127.0.0.1"], "--models-dir /no/such/folder is not a folder"),
+    (["--max-sessions", "0"], "--max-sessions must be at least 1"),
+])
+def test_bad_serving_options_are_answered_in_words(argv, words, capsys):
+    port = [] if "--port" in argv else ["--port", str(free_port())]
+    assert main(["app", *argv, *port]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "internal error" not in err
+
+
+def test_a_port_in_use_is_named_as_such(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", "--port", str(port)]) == 2
+    assert f"Port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
+
+
+# -- the policy ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def served(tmp_path):
+    """An exposed policy over models/ (one model folder, one symlink escaping it) and exports/, and a folder outside."""
+    models, outside = tmp_path / "models", tmp_path / "outside"
+    (models / "tiny").mkdir(parents=True)
+    (outside / "private").mkdir(parents=True)
+    (models / "escape").symlink_to(outside / "private")
+    (models / "inner").symlink_to(models / "tiny")
+    policy = ServePolicy(exposed=True, models_dir=models, exports_dir=tmp_path / "exports")
+    return SimpleNamespace(policy=policy, models=models, outside=outside, root=tmp_path)
+
+
+def test_exposed_policy_loads_folders_only_inside_models_dir(served):
+    policy = served.policy
+    assert policy.model_source("folder", "tiny", "") == str(served.models / "tiny")
+    assert policy.model_source("folder", "inner", "") == str(served.models / "tiny")  # a symlink that stays inside
+    assert policy.model_source("folder", str(served.models / "tiny"), "") == str(served.models / "tiny")
+    missing = refusal(lambda: policy.model_source("folder", "nothing-here", ""))
+    for outside in ("../outside/private", str(served.outside / "private"), "escape", "tiny/../../outside/private"):
+        message = refusal(lambda: policy.model_source("folder", outside, ""))
+        # Outside and missing read the same, up to the name given: nothing says which server paths exist.
+        assert message.replace(repr(outside), "X") == missing.replace(repr("nothing-here"), "X")
+        assert str(served.root) not in message.replace(outside, "")  # only what the visitor typed is echoed
+    assert refusal(lambda: ServePolicy(exposed=True).model_source("folder", "tiny", "")).startswith(
+        "This server loads no local folders")
+
+
+def test_exposed_policy_takes_hub_ids_that_are_not_server_paths(served, monkeypatch):
+    policy = served.policy
+    assert policy.model_source("hub", "", " org/name ") == "org/name"
+    assert policy.model_source("builtin", "whatever", "") == "builtin"
+    monkeypatch.chdir(served.root)
+    assert "not a hub id" in refusal(lambda: policy.model_source("hub", "", "outside/private"))  # exists relative here
+    assert "not a hub id" in refusal(lambda: policy.model_source("hub", "", "/etc/passwd"))
+    assert ServePolicy().model_source("hub", "", "outside/private") == "outside/private"  # local mode: as before
+
+
+def test_local_policy_takes_any_folder_and_target(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local = ServePolicy()
+    assert local.model_source("folder", "models/x", "") == str(tmp_path / "models" / "x")
+    assert local.model_source("folder", "~/m", "") == str(Path.home() / "m")
+    assert local.export_target("out/a") == tmp_path / "out" / "a"
+    assert local.export_target("/srv/x") == Path("/srv/x")
+    assert "Give the folder" in refusal(lambda: local.export_target("  "))
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", "..", ".hidden", "a\\b", "/abs/path", "", "x..y"])
+def test_exposed_export_names_are_plain_names_under_exports_dir(served, name):
+    message = refusal(lambda: served.policy.export_target(name))
+    assert "plain name" in message and "exports/ folder" in message and str(served.root) not in message
+
+
+def test_exposed_export_name_lands_under_exports_dir_and_no_symlink_leads_out(served):
+    policy = served.policy
+    assert policy.export_target(" my-model_2 ") == served.root / "exports" / "my-model_2"
+    (served.root / "exports").mkdir()
+    (served.root / "exports" / "link").symlink_to(served.outside)
+    assert "cannot be used" in refusal(lambda: policy.export_target("link"))
+
+
+def test_remote_code_runs_only_when_the_operator_allowed_it():
+    assert "--allow-remote-code" in refusal(lambda: ServePolicy().remote_code(True))
+    assert "--allow-remote-code" in refusal(lambda: ServePolicy(exposed=True).remote_code(True))
+    assert ServePolicy().remote_code(False) is False
+    assert ServePolicy(allow_remote_code=True).remote_code(True) is True
+
+
+def test_policy_from_args_and_describe(tmp_path):
+    args = SimpleNamespace(host="0.0.0.0", share=False, models_dir=str(tmp_path), exports_dir="exp",
+                           allow_remote_code=False, max_sessions=3)
+    policy = policy_from_args(args)
+    assert policy.exposed and policy.models_dir == tmp_path.resolve() and policy.exports_dir == Path("exp").absolute()
+    assert policy.max_sessions == 3 and f"`{tmp_path.name}/`" in policy.describe() and "`exp/`" in policy.describe()
+    assert not policy_from_args(SimpleNamespace(**{**vars(args), "host": "localhost"})).exposed
+    assert policy_from_args(SimpleNamespace(**{**vars(args), "host": "127.0.0.1", "share": True})).exposed
+    assert policy.files_dir == app_files_dir() and oct(app_files_dir().stat().st_mode & 0o777) == "0o700"
+    assert ServePolicy().describe().startswith("**Local mode**")
+
+
+# -- through the API (needs ui.py to call the policy) -------------------------------------------------------------
+
+def remote_code_folder(tiny_model_dir, root: Path) -> tuple[Path, Path]:
+    """A copy of the tiny model whose config maps AutoConfig to a .py that writes a marker file when imported."""
+    folder, marker = root / "evil-model", root / "marker.txt"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n")
+    return folder, marker
+
+
+def load_args(kind, folder="", hub_id="", trust=False):
+    return [kind, str(folder), hub_id, "", "", trust, "cpu", "auto"]
+
+
+def test_remote_code_does_not_run_through_the_api_unless_allowed(local_url, tiny_model_dir, tmp_path):
+    folder, marker = remote_code_folder(tiny_model_dir, tmp_path)
+    client = Client(local_url, verbose=False)
+    try:
+        message = error_of(lambda: client.predict(*load_args(SOURCES[1], folder, trust=True), api_name="/load"))
+    finally:
+        client.close()
+    assert "--allow-remote-code" in message and not marker.exists()
+
+
+def test_with_allow_remote_code_the_models_code_runs(tiny_model_dir, tmp_path):
+    folder, marker = remote_code_folder(tiny_model_dir, tmp_path)
+    port = free_port()
+    demo = launch(port=port, prevent_thread_lock=True, quiet=True, policy=ServePolicy(allow_remote_code=True))
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    try:
+        try:
+            client.predict(*load_args(SOURCES[1], folder, trust=True), api_name="/load")
+        except Exception:
+            pass  # whether the model then loads does not matter: its code was allowed to run
+        assert marker.read_text() == "ran"  # the fixture is real: the test above would see it
+    finally:
+        client.close()
+        demo.close()
+
+
+def test_exposed_server_keeps_visitors_inside_its_folders(tiny_model_dir, tmp_path):
+    models, exports = tmp_path / "models", tmp_path / "exports"
+    models.mkdir()
+    shutil.copytree(tiny_model_dir, models / "tiny")
+    port = free_port()
+    policy = ServePolicy(exposed=True, models_dir=models, exports_dir=exports)
+    demo = launch(port=port, prevent_thread_lock=True, quiet=True, policy=policy, auth=":".join(AUTH))
+    client = Client(f"http://127.0.0.1:{port}/", auth=AUTH, verbose=False)
+    try:
+        for outside in (str(tiny_model_dir), "../../", "/etc"):
+            message = error_of(lambda: client.predict(*load_args(SOURCES[1], outside), api_name="/load"))
+            assert "no model folder" in message and str(tmp_path) not in message
+        status = client.predict(*load_args(SOURCES[1], "tiny"), api_name="/load")[0]
+        assert status.startswith("✓ Loaded")
+        assert "plain name" in error_of(lambda: client.predict(str(tmp_path / "stolen"), False, api_name="/export"))
+        assert not (tmp_path / "stolen").exists()
+    finally:
+        client.close()
+        demo.close()
