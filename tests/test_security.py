@@ -15,10 +15,10 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from test_app_api import error_of, free_port
+from test_app_api import error_of, free_port, prune_args
 from wanda_gui.app.main import launch
 from wanda_gui.app.policy import ServePolicy, app_files_dir, policy_from_args
-from wanda_gui.app.ui import SOURCES
+from wanda_gui.app.ui import CALIBRATION, SOURCES
 from wanda_gui.cli import main
 from wanda_gui.core.errors import UserError
 
@@ -173,6 +173,15 @@ def test_exposed_export_name_lands_under_exports_dir_and_no_symlink_leads_out(se
     assert "cannot be used" in refusal(lambda: policy.export_target("link"))
 
 
+def test_exposed_calibration_datasets_are_hub_names_not_server_folders(served, monkeypatch):
+    monkeypatch.chdir(served.root)
+    for spec in ("wikitext2", "c4", "org/name:config"):
+        assert served.policy.calibration_dataset(f" {spec} ") == spec
+    for spec in ("/etc", "outside/private", "./models", "~/data", "../x:y", ""):
+        assert "not a hub dataset name" in refusal(lambda: served.policy.calibration_dataset(spec))
+    assert ServePolicy().calibration_dataset("outside/private") == "outside/private"  # local mode: as before
+
+
 def test_remote_code_runs_only_when_the_operator_allowed_it():
     assert "--allow-remote-code" in refusal(lambda: ServePolicy().remote_code(True))
     assert "--allow-remote-code" in refusal(lambda: ServePolicy(exposed=True).remote_code(True))
@@ -253,6 +262,26 @@ def test_exposed_server_keeps_visitors_inside_its_folders(tiny_model_dir, tmp_pa
         assert status.startswith("✓ Loaded")
         assert "plain name" in error_of(lambda: client.predict(str(tmp_path / "stolen"), False, api_name="/export"))
         assert not (tmp_path / "stolen").exists()
+    finally:
+        client.close()
+        demo.close()
+
+
+def test_exposed_server_reads_no_server_folder_as_a_calibration_dataset(tiny_model_dir, tmp_path):
+    """Needs ui.calibration_source to call POLICY.calibration_dataset (`datasets` reads a local folder's files)."""
+    models, private = tmp_path / "models", tmp_path / "private"
+    shutil.copytree(tiny_model_dir, models / "tiny")
+    private.mkdir()
+    (private / "table.csv").write_text("secret_column,other\n1,2\n")
+    port = free_port()
+    policy = ServePolicy(exposed=True, models_dir=models, exports_dir=tmp_path / "exports")
+    demo = launch(port=port, prevent_thread_lock=True, quiet=True, policy=policy, auth=":".join(AUTH))
+    client = Client(f"http://127.0.0.1:{port}/", auth=AUTH, verbose=False)
+    try:
+        client.predict(*load_args(SOURCES[1], "tiny"), api_name="/load")
+        message = error_of(lambda: client.predict(*prune_args([], calib_kind=CALIBRATION[2], dataset=str(private)),
+                                                  api_name="/prune"))
+        assert "not a hub dataset name" in message and "secret_column" not in message
     finally:
         client.close()
         demo.close()

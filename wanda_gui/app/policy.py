@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.models import HUB_ID
 
 REMOTE_CODE_REFUSED = ("This server does not run a model's own code (trust_remote_code); the operator can start it "
                        "with --allow-remote-code.")
@@ -83,6 +82,8 @@ class ServePolicy:
         return str(path.resolve())
 
     def _hub_source(self, hub_id: str) -> str:
+        from ..core.models import HUB_ID  # torch comes with it: not at import, the CLI's parser imports this module
+
         if not hub_id:
             raise UserError("Give a hub id of the form 'org/name'.")
         if self.exposed and (not HUB_ID.match(hub_id) or Path(hub_id).expanduser().exists()):
@@ -104,6 +105,16 @@ class ServePolicy:
         if not inside(target, self.exports_dir):
             raise UserError(f"{text!r} cannot be used as an export name here; choose another name.")
         return target
+
+    def calibration_dataset(self, spec: str) -> str:
+        """A hub dataset 'NAME[:CONFIG]'; exposed, never a server path (`datasets` would read a local folder's files)."""
+        spec = (spec or "").strip()
+        name = spec.partition(":")[0]
+        if self.exposed and (not name or name.startswith(("/", ".", "~")) or "\\" in name or ".." in name
+                             or Path(name).expanduser().exists()):
+            raise UserError(f"{spec!r} is not a hub dataset name this server fetches: give NAME[:CONFIG] "
+                            "(wikitext2, c4, or a hub id like 'org/name').")
+        return spec
 
     def remote_code(self, requested: bool) -> bool:
         """Whether a model's own Python may run: only when asked for and the operator allowed it."""
