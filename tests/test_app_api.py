@@ -64,9 +64,9 @@ def test_whole_flow_load_prune_results_chat_export_reload(url, tiny_model_dir, t
     ppl = client.predict(2, api_name="/evaluate")
     assert "| dense |" in ppl and "| pruned |" in ppl and "2 x 256 tokens" in ppl  # the tiny model's context
 
-    prompt, dense, pruned, dense_stats, pruned_stats = client.predict(
+    prompt, dense, pruned, dense_stats, pruned_stats, chat_status = client.predict(
         "Hello there", [], [], 8, True, 0.7, 0.9, 0, api_name="/chat")
-    assert prompt == ""
+    assert chat_status == ""  # finished, not stopped
     for history, stats in ((dense, dense_stats), (pruned, pruned_stats)):
         assert [m["role"] for m in history] == ["user", "assistant"]
         assert "8 tokens" in stats and "tok/s" in stats
@@ -107,12 +107,13 @@ def test_bad_input_is_answered_in_words(url, tiny_model_dir, text_file, tmp_path
     assert "longer than the model's context" in error_of(lambda: client.predict(*prune_args([text_file], seqlen=4096),
                                                                                 api_name="/prune"))
     client.predict(*prune_args([text_file]), api_name="/prune")
-    assert "Type a prompt first" in error_of(lambda: client.predict("  ", [], [], 8, True, 0.7, 0.9, 0, api_name="/chat"))
+    assert "Type a prompt first" in client.predict("  ", [], [], 8, True, 0.7, 0.9, 0, api_name="/chat")[5]
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("x")
-    assert "not empty" in error_of(lambda: client.predict(str(full), False, api_name="/export"))
-    assert (full / "keep.txt").read_text() == "x"
+    for overwrite in (False, True):  # a folder this app did not write is never replaced
+        assert "not a previous export" in error_of(lambda: client.predict(str(full), overwrite, api_name="/export"))
+    assert (full / "keep.txt").read_text() == "x" and sorted(p.name for p in full.iterdir()) == ["keep.txt"]
 
 
 @pytest.mark.builtin
@@ -123,8 +124,8 @@ def test_builtin_model_flow_with_small_calibration(url, builtin_dir):
     final = client.predict("Wanda", 0.5, "2:4", "1:4", CALIBRATION[0], [], "", 8, 128, 0, "", "", False, 0,
                            api_name="/prune")
     assert final[0].startswith("✓ Pruned") and "achieved sparsity 50.00%" in final[0]
-    _, dense, pruned, _, _ = client.predict("What is the capital of France?", [], [], 24, True, 0.7, 0.9, 0,
-                                            api_name="/chat")
+    _, dense, pruned, *_ = client.predict("What is the capital of France?", [], [], 24, True, 0.7, 0.9, 0,
+                                          api_name="/chat")
     dense_answer, pruned_answer = text_of(dense[1]["content"]), text_of(pruned[1]["content"])
     assert "Paris" in dense_answer  # the real model answers; pruning 2:4 changes what it says
     assert pruned_answer and pruned_answer != dense_answer
@@ -141,7 +142,7 @@ def test_builtin_model_flow_with_small_calibration(url, builtin_dir):
     last = job.outputs()[-1]
     tokens = [int(stats.split(" tokens")[0]) for stats in last[3:5] if stats]
     assert tokens and max(tokens) < 400
-    _, dense, _, _, _ = client.predict("What is the capital of France?", [], [], 24, True, 0.7, 0.9, 0, api_name="/chat")
+    _, dense, *_ = client.predict("What is the capital of France?", [], [], 24, True, 0.7, 0.9, 0, api_name="/chat")
     assert "Paris" in text_of(dense[1]["content"])
 
     # Stop during a real run: the pruned copy is discarded, the dense model answers as before.
@@ -165,6 +166,6 @@ def test_auth_protects_the_app():
         with pytest.raises(Exception):
             Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/clear")
         client = Client(f"http://127.0.0.1:{port}/", auth=("alice", "secret"), verbose=False)
-        assert client.predict(api_name="/clear") == ([], [], "", "")
+        assert client.predict(api_name="/clear") == ([], [], "", "", "")
     finally:
         demo.close()

@@ -17,6 +17,8 @@ import gradio as gr
 from ..core.devices import format_bytes, list_devices, read_telemetry
 from ..core.errors import UserError
 from . import plots
+from .policy import ServePolicy
+from .sessions import ModelPool, Sessions
 from .workspace import Workspace
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -44,8 +46,9 @@ def as_page_error(e: Exception) -> gr.Error:
 
 
 def user_errors(on_error=None):
-    """Raise errors as gr.Error (a message box in the page); a streaming callback may first yield `on_error(ws,
-    message)`, the outputs that put the message in its status line and set its buttons right again."""
+    """Raise errors as gr.Error (a message box in the page); a callback may first yield (or return) `on_error(ws,
+    message)`, the outputs that put the message in its status line and set its buttons right again. The session's
+    Workspace is found from the gr.Request every callback takes last."""
 
     def decorate(fn):
         if inspect.isgeneratorfunction(fn):
@@ -56,7 +59,7 @@ def user_errors(on_error=None):
                 except Exception as e:
                     error = as_page_error(e)
                     if on_error is not None:
-                        yield on_error(args[0], error.message)
+                        yield on_error(session(args[-1]), error.message)
                     raise error from None
             return generator
 
@@ -68,6 +71,19 @@ def user_errors(on_error=None):
                 raise as_page_error(e) from None
         return function
     return decorate
+
+
+SESSIONS: Sessions | None = None  # this process's sessions and the dense models they share; set by build()
+POLICY: ServePolicy | None = None  # what visitors may do here; set by build()
+
+
+def session(request: gr.Request) -> Workspace:
+    return SESSIONS.get(request.session_hash)
+
+
+def close_session(request: gr.Request) -> None:
+    """The tab closed (or an API client disconnected): free its models now, not in an hour."""
+    SESSIONS.close(request.session_hash)
 
 
 def text_of(content) -> str:
@@ -112,11 +128,18 @@ def results_markdown(ws: Workspace) -> str:
     kinds = sorted(s.by_type)
     table = ("| layer type | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds) + "\n| sparsity | " +
              " | ".join(f"{s.by_type[k]:.2%}" for k in kinds) + " |")
-    dense = "kept as a separate copy for side-by-side chat" if ws.dense_kept else \
+    shared = ""
+    if ws.dense_kept and ws.pruned is not None:
+        from ..core.copies import shared_bytes, tensor_bytes
+
+        own = tensor_bytes(ws.pruned) - shared_bytes(ws.pruned, ws.dense_model)
+        shared = (f" The pruned copy adds {format_bytes(own)}: it shares the embeddings, norms and every untouched "
+                  "tensor with the dense model.")
+    dense = "kept for side-by-side chat" if ws.dense_kept else \
         "**not kept** (no memory for a copy: the model was pruned in place; reload it to chat with the dense model)"
     return (f"**{s.method} · {s.pattern}** · target {s.target_sparsity:.1%} · achieved **{s.achieved_sparsity:.2%}** "
-            f"over {s.pruned_parameters:,} weights in {s.seconds:.1f} s (peak memory {format_bytes(s.peak_memory_bytes)}). "
-            f"Dense model: {dense}.\n\n{table}\n\n{HONEST_NOTE}")
+            f"over {s.pruned_parameters:,} weights in {s.seconds:.1f} s. Dense model: {dense}.{shared}\n\n{table}\n\n"
+            f"{HONEST_NOTE}")
 
 
 def perplexity_markdown(ppl: dict) -> str:
@@ -132,52 +155,84 @@ def perplexity_markdown(ppl: dict) -> str:
 
 
 # -- callbacks --------------------------------------------------------------------------------------------------------
+# Each callback names its outputs; build() maps the names to components, so a callback returns only what it changes.
 
-def source_of(kind: str, folder: str, hub_id: str) -> str:
-    if kind == SOURCES[0]:
-        return "builtin"
-    if kind == SOURCES[1]:
-        if not (folder or "").strip():
-            raise UserError("Type the path of a local model folder (it holds config.json, weights and tokenizer).")
-        return folder.strip()
-    if not (hub_id or "").strip():
-        raise UserError("Type a hub id such as HuggingFaceTB/SmolLM2-360M-Instruct.")
-    return hub_id.strip()
+BUTTONS = ("load_btn", "start_btn", "send_btn", "export_btn", "eval_btn", "stop_btn")
+AFTER_RUN = ("ppl_md", "dense_chat", "pruned_chat", "dense_stats", "pruned_stats", "chat_status", "export_status",
+             "report_file")  # what a run produces after pruning: cleared when a new model or run starts
+RUN_VIEW = ("block_plot", "map_plot", "layer_pick", "results")
+
+
+def updates(names: tuple[str, ...], **values) -> tuple:
+    """Positional outputs for `names`, `gr.update()` (no change) where no value is given."""
+    return tuple(values.get(name, gr.update()) for name in names)
+
+
+def buttons(ws: Workspace, running: bool = False, can_stop: bool = False) -> dict:
+    """Which buttons a user may press now: nothing that would disturb a run while it runs."""
+    pruned = not running and ws.pruned is not None
+    return dict(load_btn=gr.update(interactive=not running),
+                start_btn=gr.update(interactive=not running and ws.loaded is not None and ws.dense_kept),
+                send_btn=gr.update(interactive=pruned), export_btn=gr.update(interactive=pruned),
+                eval_btn=gr.update(interactive=pruned), stop_btn=gr.update(interactive=running and can_stop))
+
+
+def cleared(*groups: tuple[str, ...]) -> dict:
+    """Empty values for everything a previous model or run left on the page."""
+    empty = dict(block_plot=plots.block_chart(1, {}, {}, None),
+                 map_plot=plots.empty("Score and mask maps appear as each linear is pruned"),
+                 layer_pick=gr.update(choices=[], value=None), results="", ppl_md="", dense_chat=[], pruned_chat=[],
+                 dense_stats="", pruned_stats="", chat_status="", export_status="",
+                 report_file=gr.update(value=None, visible=False))
+    return {name: empty[name] for group in groups for name in group}
+
+
+def source_of(policy: ServePolicy, kind: str, folder: str, hub_id: str) -> str:
+    return policy.model_source({SOURCES[0]: "builtin", SOURCES[1]: "folder"}.get(kind, "hub"), folder or "",
+                               hub_id or "")
+
+
+LOAD_OUTPUTS = ("load_status", "card", *BUTTONS, *RUN_VIEW, *AFTER_RUN)
 
 
 def load_failed(ws: Workspace, message: str):
-    ready = gr.update(interactive=ws.loaded is not None and ws.dense_kept)
-    pruned = gr.update(interactive=ws.pruned is not None)
-    return f"✗ {message}", gr.update(), ready, pruned, pruned
+    return updates(LOAD_OUTPUTS, load_status=f"✗ {message}", **buttons(ws))
 
 
 @user_errors(load_failed)
-def load(ws: Workspace, kind, folder, hub_id, revision, token, trust_remote_code, device, dtype):
+def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype, request: gr.Request):
     """Load on a worker thread so that progress messages stream into the status line."""
-    source = source_of(kind, folder, hub_id)
+    ws = session(request)
+    source = source_of(POLICY, kind, folder, hub_id)
+    trust = POLICY.remote_code(bool(trust_remote_code))
+    if ws.busy:
+        raise UserError(f"This session is {ws.activity}; wait for it to finish or stop it first.")
     messages: queue.Queue = queue.Queue()
     outcome: dict = {}
 
     def work():
         try:
-            outcome["loaded"] = ws.load(source, device, None if dtype == "auto" else dtype, revision, token,
-                                        trust_remote_code, progress=lambda m, f: messages.put(m + (f" {f:.0%}" if f else "")))
+            outcome["loaded"] = ws.load(source, device, None if dtype == "auto" else dtype, revision, token, trust,
+                                        progress=lambda m, f: messages.put(m + (f" {f:.0%}" if f else "")))
         except Exception as e:  # re-raised on the callback's thread below
             outcome["error"] = e
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    yield "… Loading…", gr.update(), gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False)
+    yield updates(LOAD_OUTPUTS, load_status="… Loading…", card="", **buttons(ws, running=True),
+                  **cleared(RUN_VIEW, AFTER_RUN))
     while thread.is_alive() or not messages.empty():
         try:
-            yield f"… {messages.get(timeout=0.25)}", gr.update(), gr.update(), gr.update(), gr.update()
+            yield updates(LOAD_OUTPUTS, load_status=f"… {messages.get(timeout=0.25)}")
         except queue.Empty:
             pass
     if "error" in outcome:
         raise outcome["error"]
     info = outcome["loaded"].info
-    yield (f"✓ Loaded {info.name} on {info.device} in {ws.timings['load']:.1f} s.", model_card(info),
-           gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=False))
+    shared = ws.pool.holders(outcome["loaded"]) - 1
+    note = f" Shared read-only with {shared} other session(s)." if shared > 0 else ""
+    yield updates(LOAD_OUTPUTS, load_status=f"✓ Loaded {info.name} on {info.device} in {ws.timings['load']:.1f} s.{note}",
+                  card=model_card(info), **buttons(ws))
 
 
 def globs(text: str) -> tuple[str, ...]:
@@ -212,114 +267,168 @@ def check_count(value, name: str, minimum: int = 1) -> int:
 
 
 @user_errors()
-def estimate_text(ws: Workspace, method, nsamples, seqlen):
+def estimate_text(method, nsamples, seqlen, request: gr.Request):
     from ..core.estimate import estimate
 
+    ws = session(request)
     if ws.loaded is None:
         return "Load a model to see an estimate."
     e = estimate(ws.loaded.info, method.lower(), check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2),
-                 ws.copy_fits())
+                 True)
     return f"Estimate on {ws.loaded.info.device}: {e}."
 
 
+def sparsity_label(pattern_choice: str, custom_nm: str):
+    """The slider applies to unstructured pruning only; N:M fixes the sparsity at 1 - N/M."""
+    from ..core.masks import Pattern
+
+    if pattern_choice == "unstructured":
+        return gr.update(interactive=True, label="Sparsity (unstructured)")
+    try:
+        pattern = Pattern.parse(custom_nm if pattern_choice == "custom N:M" else pattern_choice)
+        fixed = f"{pattern.sparsity(0):.0%}, set by {pattern}"
+    except UserError:
+        fixed = "set by the N:M pattern"
+    return gr.update(interactive=False, label=f"Sparsity ({fixed})")
+
+
+PRUNE_OUTPUTS = ("prune_status", *RUN_VIEW, *BUTTONS, *AFTER_RUN)
+
+
 def prune_failed(ws: Workspace, message: str):
-    pruned = gr.update(interactive=ws.pruned is not None)
-    return (f"✗ {message}", gr.update(), gr.update(), gr.update(), gr.update(), pruned, pruned, pruned,
-            gr.update(interactive=False))
+    return updates(PRUNE_OUTPUTS, prune_status=f"✗ {message}", **buttons(ws))
 
 
 @user_errors(prune_failed)
-def prune(ws: Workspace, method, sparsity, pattern_choice, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
-          include, exclude, prune_head, batch_size):
+def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
+          include, exclude, prune_head, batch_size, request: gr.Request):
     from ..core import events as ev
 
+    ws = session(request)
     ws.require_model()
     config = prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size)
     source = calibration_source(calib_kind, files, dataset)
     nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
     seed = check_count(seed, "Seed", 0)
-    no_change = gr.update()
-    locked = gr.update(interactive=False)
-    yield ("… Drawing calibration windows…", no_change, no_change, gr.update(choices=[], value=None), "",
-           locked, locked, locked, no_change)  # Stop opens with the run itself, once it can take effect
+    out = functools.partial(updates, PRUNE_OUTPUTS)
+    # The previous run's results go at once; Stop opens with the run itself, once it can take effect.
+    yield out(prune_status="… Drawing calibration windows…", **buttons(ws, running=True),
+              **cleared(RUN_VIEW, AFTER_RUN))
     sparsity_by_block, seconds_by_block = {}, {}
-    blocks, target, started, heatmap, last_drawn = 1, None, time.perf_counter(), no_change, 0.0
+    blocks, target, started, heatmap, last_drawn = 1, None, time.perf_counter(), gr.update(), 0.0
     for event in ws.prune(config, source, nsamples, seqlen, seed):
         if isinstance(event, ev.RunStarted):
             blocks, target, started = len(event.blocks), event.target_sparsity, time.perf_counter()
-            status = f"… {event.method} · {event.pattern} · {event.total_linears} linears in {blocks} blocks"
-            yield (status, plots.block_chart(blocks, {}, {}, target), no_change, no_change, "", locked, locked,
-                   locked, gr.update(interactive=True))
+            yield out(prune_status=f"… {event.method} · {event.pattern} · {event.total_linears} linears in {blocks} blocks",
+                      block_plot=plots.block_chart(blocks, {}, {}, target), **buttons(ws, running=True, can_stop=True))
         elif isinstance(event, ev.LinearPruned):
             if time.perf_counter() - last_drawn < DRAW_INTERVAL and event.done < event.total:
                 continue  # drawing every linear would slow a fast run down; the picker shows them all afterwards
             last_drawn = time.perf_counter()
             elapsed = time.perf_counter() - started
             eta = elapsed / event.done * (event.total - event.done)
-            status = (f"… block {event.block + 1}/{blocks} · linear {event.done}/{event.total} "
-                      f"({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · ETA {eta:.0f} s")
             heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, event.score_map, event.mask_map)
-            yield status, no_change, heatmap, no_change, "", locked, locked, locked, no_change
+            yield out(prune_status=f"… block {event.block + 1}/{blocks} · linear {event.done}/{event.total} "
+                                   f"({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · ETA {eta:.0f} s",
+                      map_plot=heatmap)
         elif isinstance(event, ev.BlockFinished):
             sparsity_by_block[event.index] = event.sparsity
             seconds_by_block[event.index] = event.seconds
-            yield (no_change, plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target), no_change,
-                   no_change, "", locked, locked, locked, no_change)
+            yield out(block_plot=plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target))
         elif isinstance(event, ev.RunFinished):
             names = list(ws.maps)
-            yield (f"✓ Pruned in {event.summary.seconds:.1f} s: achieved sparsity {event.summary.achieved_sparsity:.2%}.",
-                   plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target), heatmap,
-                   gr.update(choices=names, value=names[-1]), results_markdown(ws),
-                   gr.update(interactive=True), gr.update(interactive=True), gr.update(interactive=True),
-                   gr.update(interactive=False))
+            yield out(prune_status=f"✓ Pruned in {event.summary.seconds:.1f} s: achieved sparsity "
+                                   f"{event.summary.achieved_sparsity:.2%}.",
+                      block_plot=plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target), map_plot=heatmap,
+                      layer_pick=gr.update(choices=names, value=names[-1]), results=results_markdown(ws), **buttons(ws))
         elif isinstance(event, ev.RunCancelled):
-            yield ("■ Stopped. " + ("The dense weights were restored." if event.restored else
-                                    "The dense model was never touched (the pruned copy was discarded)."),
-                   no_change, no_change, no_change, "", locked, locked, locked, gr.update(interactive=False))
+            yield out(prune_status="■ Stopped. " + ("The dense weights were restored." if event.restored else
+                                                    "The dense model was never touched (the pruned copy was discarded)."),
+                      **buttons(ws))
         elif isinstance(event, ev.RunFailed):
             raise UserError(f"Pruning failed{f' at {event.layer}' if event.layer else ''}: {event.reason}. "
                             "The dense model is intact.")
 
 
-def stop_pruning(ws: Workspace):
+def stop_pruning(request: gr.Request):
     """Ask the run to stop; its own stream then says what became of the model (no race with that message)."""
-    ws.cancel.set()
+    session(request).cancel.set()
     return gr.update(interactive=False)
 
 
 @user_errors()
-def show_layer(ws: Workspace, name):
+def show_layer(name, request: gr.Request):
+    ws = session(request)
     if not name or name not in ws.maps:
         return plots.empty("Pick a pruned linear")
     m = ws.maps[name]
     return plots.layer_maps(name, m.shape, m.sparsity, m.score_map, m.mask_map)
 
 
-@user_errors()
-def evaluate(ws: Workspace, nwindows):
-    ppl = ws.evaluate(check_count(nwindows, "Windows"))
-    return perplexity_markdown(ppl)
+EVAL_OUTPUTS = ("ppl_md", *BUTTONS)
+
+
+def evaluate_failed(ws: Workspace, message: str):
+    return updates(EVAL_OUTPUTS, ppl_md=f"✗ {message}", **buttons(ws))
+
+
+@user_errors(evaluate_failed)
+def evaluate(nwindows, request: gr.Request):
+    """Measure on a worker thread, streaming windows done / total."""
+    ws = session(request)
+    nwindows = check_count(nwindows, "Windows")
+    ws.require_pruned()
+    progress: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["ppl"] = ws.evaluate(nwindows, progress=lambda done, total: progress.put((done, total)))
+        except Exception as e:  # re-raised on the callback's thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield updates(EVAL_OUTPUTS, ppl_md="… Measuring perplexity…", **buttons(ws, running=True))
+    while thread.is_alive() or not progress.empty():
+        try:
+            done, total = progress.get(timeout=0.25)
+            yield updates(EVAL_OUTPUTS, ppl_md=f"… Measuring perplexity: window {done}/{total}")
+        except queue.Empty:
+            pass
+    if "error" in outcome:
+        raise outcome["error"]
+    yield updates(EVAL_OUTPUTS, ppl_md=perplexity_markdown(outcome["ppl"]), **buttons(ws))
+
+
+CHAT_OUTPUTS = ("prompt", "dense_chat", "pruned_chat", "dense_stats", "pruned_stats", "chat_status")
 
 
 @user_errors()
-def chat(ws: Workspace, prompt, dense_history, pruned_history, max_new_tokens, greedy, temperature, top_p, seed):
+def chat(prompt, dense_history, pruned_history, max_new_tokens, greedy, temperature, top_p, seed, request: gr.Request):
     """Send one prompt to both models and stream both replies at once, round-robin on this thread."""
     from ..core.generation import GenerationSettings, StreamingGeneration
 
+    ws = session(request)
+    out = functools.partial(updates, CHAT_OUTPUTS)
     if not (prompt or "").strip():
-        raise UserError("Type a prompt first.")
+        yield out(chat_status="Type a prompt first.")
+        return
     loaded = ws.require_model()
+    if ws.activity == "pruning":
+        raise UserError("This session is pruning; chat once the run has finished.")
     pruned = ws.require_pruned()
     settings = GenerationSettings(check_count(max_new_tokens, "Max new tokens"), bool(greedy), float(temperature),
                                   float(top_p), check_count(seed, "Seed", 0))
     ws.stop_chat.clear()
-    columns = [(dense_history or [], ws.dense_model), (pruned_history or [], pruned)]
+    columns = [("dense", dense_history or [], ws.dense_model), ("pruned", pruned_history or [], pruned)]
     runs, histories = [], []
-    for history, model in columns:
+    for _, history, model in columns:
         history = plain_history(history) + [{"role": "user", "content": prompt}]
         runs.append(StreamingGeneration(model, loaded.tokenizer, history, settings, ws.stop_chat) if model is not None else None)
         histories.append(history + [{"role": "assistant", "content": "" if model is not None else
                                      "(The dense model was not kept: no memory for a copy. Reload to chat with it.)"}])
+    yield out(prompt="", dense_chat=histories[0], pruned_chat=histories[1], chat_status="… Generating…")
     try:
         while True:
             changed = False
@@ -327,13 +436,17 @@ def chat(ws: Workspace, prompt, dense_history, pruned_history, max_new_tokens, g
                 if run is not None and run.poll():
                     history[-1]["content"] = run.text + (f"\n\n⚠ {run.error}" if run.error else "")
                     changed = True
-            stats = [run.stats() if run is not None else "" for run in runs]
             if changed:
-                yield "", histories[0], histories[1], stats[0], stats[1]
+                yield out(dense_chat=histories[0], pruned_chat=histories[1],
+                          dense_stats=runs[0].stats() if runs[0] else "", pruned_stats=runs[1].stats())
             if all(run is None or run.done for run in runs):
                 break
             time.sleep(0.03)
-        yield "", histories[0], histories[1], *[run.stats() if run is not None else "" for run in runs]
+        for (column, _, _), run in zip(columns, runs):
+            if run is not None and run.tokens_per_second is not None:
+                ws.record_generation(column, run.tokens_per_second)
+        yield out(dense_chat=histories[0], pruned_chat=histories[1], dense_stats=runs[0].stats() if runs[0] else "",
+                  pruned_stats=runs[1].stats(), chat_status="■ Stopped." if ws.stop_chat.is_set() else "")
     finally:
         ws.stop_chat.set()  # a Stop, a closed tab or an error ends both generations
         for run in runs:
@@ -341,18 +454,31 @@ def chat(ws: Workspace, prompt, dense_history, pruned_history, max_new_tokens, g
                 run.join(timeout=5)
 
 
-def stop_chat(ws: Workspace):
-    ws.stop_chat.set()
+def stop_chat(request: gr.Request):
+    session(request).stop_chat.set()
+    return "■ Stopped."
 
 
-@user_errors()
-def export(ws: Workspace, folder, overwrite):
+EXPORT_OUTPUTS = ("export_status", "report_file")
+OVERWRITE_CONTROL = "the 'Replace a previous export' box"
+
+
+def export_failed(ws: Workspace, message: str):
+    return updates(EXPORT_OUTPUTS, export_status=f"✗ {message}", report_file=gr.update(value=None, visible=False))
+
+
+@user_errors(export_failed)
+def export(folder, overwrite, request: gr.Request):
     import json
 
-    out = ws.export(folder, bool(overwrite))
-    report = Path(tempfile.mkdtemp(prefix="wanda-report-")) / "pruning_report.json"
+    ws = session(request)
+    target = POLICY.export_target(folder or "")
+    yield updates(EXPORT_OUTPUTS, export_status=f"… Exporting to `{target}`…")
+    out = ws.export(target, bool(overwrite), OVERWRITE_CONTROL)
+    report = Path(tempfile.mkdtemp(prefix="report-", dir=POLICY.files_dir)) / "pruning_report.json"
     report.write_text(json.dumps(ws.report(), indent=2))
-    return f"✓ Exported to `{out}` (safetensors, tokenizer, README, pruning_report.json).", gr.update(value=str(report), visible=True)
+    yield updates(EXPORT_OUTPUTS, export_status=f"✓ Exported to `{out}` (safetensors, tokenizer, README, pruning_report.json).",
+                  report_file=gr.update(value=str(report), visible=True))
 
 
 # -- layout -----------------------------------------------------------------------------------------------------------
@@ -364,34 +490,43 @@ def header() -> str:
             "and chat with the pruned and dense models side by side.</p></div></div>")
 
 
-def build() -> gr.Blocks:
+def build(policy: ServePolicy | None = None) -> gr.Blocks:
+    global POLICY, SESSIONS
+    POLICY = policy or ServePolicy()
+    SESSIONS = Sessions(ModelPool(POLICY.max_sessions))
+    folders = not POLICY.exposed or POLICY.models_dir is not None
     with gr.Blocks(title="wanda_gui: prune LLMs with Wanda") as demo:
-        ws = gr.State(Workspace, delete_callback=lambda w: w.stop())
+        c: dict[str, gr.components.Component] = {}  # components by the names the callbacks use
         with gr.Row(equal_height=True):
             gr.HTML(header())
         telemetry = gr.Markdown(telemetry_line(), elem_id="telemetry")
         gr.Timer(1.0).tick(telemetry_line, outputs=telemetry, show_progress="hidden", queue=False)
+        gr.Markdown(POLICY.describe(), elem_id="serving")
 
         with gr.Row():
             with gr.Column(scale=1, elem_classes="step"):
                 gr.Markdown("### 1 · Model")
-                source_kind = gr.Radio(SOURCES, value=SOURCES[0], label="Source", elem_id="source")
-                folder = gr.Textbox(label="Local folder", placeholder="/path/to/model (config.json + weights + tokenizer)",
-                                    visible=False, elem_id="folder")
+                source_kind = gr.Radio(SOURCES if folders else [SOURCES[0], SOURCES[2]], value=SOURCES[0], label="Source",
+                                       elem_id="source")
+                folder = gr.Textbox(label="Local folder" if not POLICY.exposed else f"Model folder (under {POLICY.models_dir.name}/)"
+                                    if POLICY.models_dir else "Local folder",
+                                    placeholder="/path/to/model (config.json + weights + tokenizer)" if not POLICY.exposed
+                                    else "a folder name", visible=False, elem_id="folder")
                 with gr.Row(visible=False) as hub_row:
                     hub_id = gr.Textbox(label="Hub id", placeholder="org/name", elem_id="hub-id", scale=3)
                     revision = gr.Textbox(label="Revision", placeholder="main", scale=1)
                 with gr.Row(visible=False) as hub_row2:
                     token = gr.Textbox(label="Token (gated/private models)", type="password", scale=3)
-                    trust = gr.Checkbox(label="Trust remote code", value=False, scale=1)
+                    trust = gr.Checkbox(label="Trust remote code (runs the model's own Python)", value=False, scale=1,
+                                        visible=POLICY.allow_remote_code)
                 with gr.Row():
                     choices = device_choices()
                     device = gr.Dropdown(choices, value=choices[0][1], label="Device", elem_id="device", scale=3)
                     dtype = gr.Dropdown(["auto", "fp32", "bf16", "fp16"], value="auto", label="dtype", scale=1,
                                         info="auto: fp32 on CPU, bf16 on GPU")
-                load_btn = gr.Button("Load model", variant="primary", elem_id="load")
-                load_status = gr.Markdown("Pick a model and press Load.", elem_id="load-status")
-                card = gr.Markdown(elem_id="model-card")
+                c["load_btn"] = gr.Button("Load model", variant="primary", elem_id="load")
+                c["load_status"] = gr.Markdown("Pick a model and press Load.", elem_id="load-status")
+                c["card"] = gr.Markdown(elem_id="model-card")
 
             with gr.Column(scale=1, elem_classes="step"):
                 gr.Markdown("### 2 · Prune")
@@ -420,45 +555,46 @@ def build() -> gr.Blocks:
                         batch_size = gr.Number(0, label="Batch (windows per forward; 0 = auto)", precision=0, minimum=0)
                 estimate = gr.Markdown("Load a model to see an estimate.", elem_id="estimate")
                 with gr.Row():
-                    start_btn = gr.Button("Start pruning", variant="primary", interactive=False, elem_id="start")
-                    stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+                    c["start_btn"] = gr.Button("Start pruning", variant="primary", interactive=False, elem_id="start")
+                    c["stop_btn"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
 
         with gr.Column(elem_classes="step"):
             gr.Markdown("### 3 · Live")
-            prune_status = gr.Markdown("Load a model, then start pruning.", elem_id="prune-status")
+            c["prune_status"] = gr.Markdown("Load a model, then start pruning.", elem_id="prune-status")
             with gr.Row():
-                block_plot = gr.Plot(plots.block_chart(1, {}, {}, None), label="Blocks", elem_id="block-plot")
-                map_plot = gr.Plot(plots.empty("Score and mask maps appear as each linear is pruned"), label="Maps",
-                                   elem_id="map-plot")
-            layer_pick = gr.Dropdown([], label="Look at any pruned linear", interactive=True, elem_id="layer-pick")
+                c["block_plot"] = gr.Plot(plots.block_chart(1, {}, {}, None), label="Blocks", elem_id="block-plot")
+                c["map_plot"] = gr.Plot(plots.empty("Score and mask maps appear as each linear is pruned"), label="Maps",
+                                        elem_id="map-plot")
+            c["layer_pick"] = gr.Dropdown([], label="Look at any pruned linear", interactive=True, elem_id="layer-pick")
 
         with gr.Column(elem_classes="step"):
             gr.Markdown("### 4 · Results")
-            results = gr.Markdown(elem_id="results")
+            c["results"] = gr.Markdown(elem_id="results")
             with gr.Row():
                 nwindows = gr.Number(16, label="Evaluation windows (512 tokens each; P1 uses 64)", precision=0, minimum=1,
                                      elem_id="nwindows")
-                eval_btn = gr.Button("Measure perplexity: dense vs pruned", interactive=False, elem_id="eval")
-            ppl_md = gr.Markdown(elem_id="perplexity")
+                c["eval_btn"] = gr.Button("Measure perplexity: dense vs pruned", interactive=False, elem_id="eval")
+            c["ppl_md"] = gr.Markdown(elem_id="perplexity")
 
         with gr.Column(elem_classes="step"):
             gr.Markdown("### 5 · Chat side by side")
             with gr.Row():
                 with gr.Column():
-                    dense_chat = gr.Chatbot(label="Dense", height=380, buttons=["copy"], elem_id="dense-chat",
-                                            placeholder="The original model answers here.")
-                    dense_stats = gr.Markdown(elem_id="dense-stats")
+                    c["dense_chat"] = gr.Chatbot(label="Dense", height=380, buttons=["copy"], elem_id="dense-chat",
+                                                 placeholder="The original model answers here.")
+                    c["dense_stats"] = gr.Markdown(elem_id="dense-stats")
                 with gr.Column():
-                    pruned_chat = gr.Chatbot(label="Pruned", height=380, buttons=["copy"], elem_id="pruned-chat",
-                                             placeholder="The pruned model answers here.")
-                    pruned_stats = gr.Markdown(elem_id="pruned-stats")
+                    c["pruned_chat"] = gr.Chatbot(label="Pruned", height=380, buttons=["copy"], elem_id="pruned-chat",
+                                                  placeholder="The pruned model answers here.")
+                    c["pruned_stats"] = gr.Markdown(elem_id="pruned-stats")
             with gr.Row():
-                prompt = gr.Textbox(show_label=False, placeholder="Ask both models something (after pruning)…",
-                                    scale=6, elem_id="prompt")
-                send_btn = gr.Button("Send", variant="primary", interactive=False, scale=1, elem_id="send")
+                c["prompt"] = gr.Textbox(show_label=False, placeholder="Ask both models something (after pruning)…",
+                                         scale=6, elem_id="prompt")
+                c["send_btn"] = gr.Button("Send", variant="primary", interactive=False, scale=1, elem_id="send")
                 chat_stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
                 clear_btn = gr.Button("Clear", scale=1, elem_id="clear")
-            gr.Examples(EXAMPLES, inputs=prompt, label="Example prompts")
+            c["chat_status"] = gr.Markdown(elem_id="chat-status")
+            gr.Examples(EXAMPLES, inputs=c["prompt"], label="Example prompts")
             with gr.Accordion("Generation settings (shared by both columns)", open=False):
                 with gr.Row():
                     max_new = gr.Slider(1, 512, value=128, step=1, label="Max new tokens")
@@ -470,53 +606,62 @@ def build() -> gr.Blocks:
         with gr.Column(elem_classes="step"):
             gr.Markdown("### 6 · Export")
             with gr.Row():
-                export_dir = gr.Textbox(label="Target folder", value=str(Path.cwd() / "exports" / "pruned-model"),
+                export_dir = gr.Textbox(label="Export name (under the server's exports folder)" if POLICY.exposed
+                                        else "Target folder",
+                                        value="pruned-model" if POLICY.exposed else str(Path("exports") / "pruned-model"),
                                         scale=4, elem_id="export-dir")
-                overwrite = gr.Checkbox(label="Overwrite a non-empty folder (its contents are replaced)", value=False,
+                overwrite = gr.Checkbox(label="Replace a previous export (only a folder this app exported)", value=False,
                                         scale=2, elem_id="overwrite")
-                export_btn = gr.Button("Export", variant="primary", interactive=False, scale=1, elem_id="export")
-            export_status = gr.Markdown(elem_id="export-status")
-            report_file = gr.File(label="pruning_report.json", visible=False, elem_id="report-file")
+                c["export_btn"] = gr.Button("Export", variant="primary", interactive=False, scale=1, elem_id="export")
+            c["export_status"] = gr.Markdown(elem_id="export-status")
+            c["report_file"] = gr.File(label="pruning_report.json", visible=False, elem_id="report-file")
 
-        # -- wiring
+        def out(names):
+            return [c[name] for name in names]
+
+        # -- wiring. Heavy work (load, prune, evaluate, export) takes turns in one queue; chat has its own, so it never
+        # waits behind another session's prune. Queue position and wait show on each step's status line.
         demo.load(lambda: gr.update(choices=device_choices()), None, device, queue=False, api_visibility="private")
+        demo.unload(close_session)
+
         def show_source(kind):
             return (gr.update(visible=kind == SOURCES[1]), gr.update(visible=kind == SOURCES[2]),
                     gr.update(visible=kind == SOURCES[2]))
 
         source_kind.change(show_source, source_kind, [folder, hub_row, hub_row2], queue=False, api_visibility="private")
-        pattern.change(lambda p: (gr.update(visible=p == "custom N:M"), gr.update(interactive=p == "unstructured")),
-                       pattern, [custom_nm, sparsity], queue=False, api_visibility="private")
+        pattern.change(lambda p: gr.update(visible=p == "custom N:M"), pattern, custom_nm, queue=False,
+                       api_visibility="private")
+        for component in (pattern, custom_nm):
+            component.change(sparsity_label, [pattern, custom_nm], sparsity, queue=False, api_visibility="private")
         calib_kind.change(lambda k: (gr.update(visible=k == CALIBRATION[1]), gr.update(visible=k == CALIBRATION[2])),
                           calib_kind, [files, dataset], queue=False, api_visibility="private")
 
-        device_bound = dict(concurrency_id="device", concurrency_limit=1)
-        load_event = load_btn.click(load, [ws, source_kind, folder, hub_id, revision, token, trust, device, dtype],
-                                    [load_status, card, start_btn, send_btn, export_btn], api_name="load",
-                                    show_progress="hidden", **device_bound)
-        estimate_inputs = [ws, method, nsamples, seqlen]
+        work = dict(concurrency_id="work", concurrency_limit=1)
+        load_event = c["load_btn"].click(load, [source_kind, folder, hub_id, revision, token, trust, device, dtype],
+                                         out(LOAD_OUTPUTS), api_name="load", show_progress_on=[c["load_status"]], **work)
+        estimate_inputs = [method, nsamples, seqlen]
         load_event.then(estimate_text, estimate_inputs, estimate, api_visibility="private")
         for component in (method, nsamples, seqlen):
             component.change(estimate_text, estimate_inputs, estimate, api_visibility="private")
 
-        prune_event = start_btn.click(
-            prune, [ws, method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
-                    include, exclude, prune_head, batch_size],
-            [prune_status, block_plot, map_plot, layer_pick, results, send_btn, export_btn, eval_btn, stop_btn],
-            api_name="prune", show_progress="hidden", **device_bound)
-        prune_event.then(lambda: gr.update(interactive=False), None, stop_btn, api_visibility="private")
-        stop_btn.click(stop_pruning, ws, stop_btn, api_name="stop", queue=False)
-        layer_pick.change(show_layer, [ws, layer_pick], map_plot, api_name="show_layer")
-        eval_btn.click(evaluate, [ws, nwindows], ppl_md, api_name="evaluate", show_progress_on=[ppl_md], **device_bound)
+        c["start_btn"].click(
+            prune, [method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed, include,
+                    exclude, prune_head, batch_size],
+            out(PRUNE_OUTPUTS), api_name="prune", show_progress_on=[c["prune_status"]], **work)
+        c["stop_btn"].click(stop_pruning, None, c["stop_btn"], api_name="stop", queue=False)
+        c["layer_pick"].change(show_layer, c["layer_pick"], c["map_plot"], api_name="show_layer")
+        c["eval_btn"].click(evaluate, nwindows, out(EVAL_OUTPUTS), api_name="evaluate",
+                            show_progress_on=[c["ppl_md"]], **work)
 
-        chat_inputs = [ws, prompt, dense_chat, pruned_chat, max_new, greedy, temperature, top_p, chat_seed]
-        chat_outputs = [prompt, dense_chat, pruned_chat, dense_stats, pruned_stats]
-        send_event = send_btn.click(chat, chat_inputs, chat_outputs, api_name="chat", show_progress="hidden", **device_bound)
-        submit_event = prompt.submit(chat, chat_inputs, chat_outputs, api_visibility="private", show_progress="hidden",
-                                     **device_bound)
-        chat_stop.click(stop_chat, ws, None, cancels=[send_event, submit_event], api_name="stop_chat", queue=False)
-        clear_btn.click(lambda: ([], [], "", ""), None, [dense_chat, pruned_chat, dense_stats, pruned_stats],
+        chat_inputs = [c["prompt"], c["dense_chat"], c["pruned_chat"], max_new, greedy, temperature, top_p, chat_seed]
+        chatting = dict(concurrency_id="chat", concurrency_limit=2, show_progress_on=[c["chat_status"]])
+        send_event = c["send_btn"].click(chat, chat_inputs, out(CHAT_OUTPUTS), api_name="chat", **chatting)
+        submit_event = c["prompt"].submit(chat, chat_inputs, out(CHAT_OUTPUTS), api_visibility="private", **chatting)
+        chat_stop.click(stop_chat, None, c["chat_status"], cancels=[send_event, submit_event], api_name="stop_chat",
+                        queue=False)
+        clear_btn.click(lambda: ([], [], "", "", ""), None, out(("dense_chat", "pruned_chat", "dense_stats",
+                                                                  "pruned_stats", "chat_status")),
                         api_name="clear", queue=False)
-        export_btn.click(export, [ws, export_dir, overwrite], [export_status, report_file], api_name="export",
-                         **device_bound)
+        c["export_btn"].click(export, [export_dir, overwrite], out(EXPORT_OUTPUTS), api_name="export",
+                              show_progress_on=[c["export_status"]], **work)
     return demo
