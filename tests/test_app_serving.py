@@ -12,20 +12,30 @@ from wanda_gui.app import ui
 
 
 @pytest.fixture(scope="module")
-def url():
+def app():
     from wanda_gui.app.main import launch
     from wanda_gui.app.policy import ServePolicy
 
     port = free_port()
     demo = launch(port=port, prevent_thread_lock=True, quiet=True, policy=ServePolicy(max_sessions=2))
-    yield f"http://127.0.0.1:{port}/"
+    yield demo
     demo.close()
 
 
+@pytest.fixture(scope="module")
+def url(app):
+    return app.local_url
+
+
+@pytest.fixture(scope="module")
+def pool(app):
+    return app.sessions.pool
+
+
 @pytest.fixture(autouse=True)
-def no_session_holds_models(url):
+def no_session_holds_models(pool):
     """Sessions of the previous test are freed as their clients disconnect; start from none."""
-    assert wait_until(lambda: ui.SESSIONS.pool.sessions_holding() == 0)
+    assert wait_until(lambda: pool.sessions_holding() == 0)
 
 
 def named(values, names):
@@ -42,19 +52,19 @@ def wait_until(condition, seconds=20.0):
     return False
 
 
-def test_sessions_share_one_dense_model_are_capped_and_freed_on_close(url, tiny_model_dir):
+def test_sessions_share_one_dense_model_are_capped_and_freed_on_close(url, pool, tiny_model_dir):
     a, b, c = (Client(url, verbose=False) for _ in range(3))
     try:
         load_tiny(a, tiny_model_dir)
         status = load_tiny(b, tiny_model_dir)[0]
         assert "Shared read-only with 1 other session" in status
-        assert ui.SESSIONS.pool.sessions_holding() == 2
+        assert pool.sessions_holding() == 2
         assert "server is busy" in error_of(lambda: load_tiny(c, tiny_model_dir))
     finally:
         a.close()
         b.close()
     # Closing a client ends its heartbeat: the server frees its models at once, not in an hour.
-    assert wait_until(lambda: ui.SESSIONS.pool.sessions_holding() == 0)
+    assert wait_until(lambda: pool.sessions_holding() == 0)
     try:
         assert load_tiny(c, tiny_model_dir)[0].startswith("✓ Loaded")
     finally:

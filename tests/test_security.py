@@ -268,7 +268,7 @@ def test_exposed_server_keeps_visitors_inside_its_folders(tiny_model_dir, tmp_pa
 
 
 def test_exposed_server_reads_no_server_folder_as_a_calibration_dataset(tiny_model_dir, tmp_path):
-    """Needs ui.calibration_source to call POLICY.calibration_dataset (`datasets` reads a local folder's files)."""
+    """ui.calibration_source asks the policy (`datasets` reads a local folder's files)."""
     models, private = tmp_path / "models", tmp_path / "private"
     shutil.copytree(tiny_model_dir, models / "tiny")
     private.mkdir()

@@ -73,17 +73,18 @@ def user_errors(on_error=None):
     return decorate
 
 
-SESSIONS: Sessions | None = None  # this process's sessions and the dense models they share; set by build()
-POLICY: ServePolicy | None = None  # what visitors may do here; set by build()
+def served(request: gr.Request) -> gr.Blocks:
+    """The app a request came to, holding its serving policy and its sessions (tests run several apps per process)."""
+    return request.request.app.get_blocks()
 
 
 def session(request: gr.Request) -> Workspace:
-    return SESSIONS.get(request.session_hash)
+    return served(request).sessions.get(request.session_hash)
 
 
 def close_session(request: gr.Request) -> None:
     """The tab closed (or an API client disconnected): free its models now, not in an hour."""
-    SESSIONS.close(request.session_hash)
+    served(request).sessions.close(request.session_hash)
 
 
 def text_of(content) -> str:
@@ -203,8 +204,9 @@ def load_failed(ws: Workspace, message: str):
 def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype, request: gr.Request):
     """Load on a worker thread so that progress messages stream into the status line."""
     ws = session(request)
-    source = source_of(POLICY, kind, folder, hub_id)
-    trust = POLICY.remote_code(bool(trust_remote_code))
+    policy = served(request).policy
+    source = source_of(policy, kind, folder, hub_id)
+    trust = policy.remote_code(bool(trust_remote_code))
     if ws.busy:
         raise UserError(f"This session is {ws.activity}; wait for it to finish or stop it first.")
     messages: queue.Queue = queue.Queue()
@@ -247,7 +249,7 @@ def prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, 
                        batch_size=check_count(batch_size, "Batch size", 0) or None)
 
 
-def calibration_source(kind, files, dataset):
+def calibration_source(policy: ServePolicy, kind, files, dataset):
     if kind == CALIBRATION[0]:
         return "builtin"
     if kind == CALIBRATION[1]:
@@ -257,7 +259,7 @@ def calibration_source(kind, files, dataset):
         return paths
     if not (dataset or "").strip():
         raise UserError("Type a hub dataset: wikitext2, c4, or NAME[:CONFIG].")
-    return "hf:" + dataset.strip()
+    return "hf:" + policy.calibration_dataset(dataset)
 
 
 def check_count(value, name: str, minimum: int = 1) -> int:
@@ -307,7 +309,7 @@ def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, datase
     ws = session(request)
     ws.require_model()
     config = prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size)
-    source = calibration_source(calib_kind, files, dataset)
+    source = calibration_source(served(request).policy, calib_kind, files, dataset)
     nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
     seed = check_count(seed, "Seed", 0)
     out = functools.partial(updates, PRUNE_OUTPUTS)
@@ -472,10 +474,11 @@ def export(folder, overwrite, request: gr.Request):
     import json
 
     ws = session(request)
-    target = POLICY.export_target(folder or "")
+    policy = served(request).policy
+    target = policy.export_target(folder or "")
     yield updates(EXPORT_OUTPUTS, export_status=f"… Exporting to `{target}`…")
     out = ws.export(target, bool(overwrite), OVERWRITE_CONTROL)
-    report = Path(tempfile.mkdtemp(prefix="report-", dir=POLICY.files_dir)) / "pruning_report.json"
+    report = Path(tempfile.mkdtemp(prefix="report-", dir=policy.files_dir)) / "pruning_report.json"
     report.write_text(json.dumps(ws.report(), indent=2))
     yield updates(EXPORT_OUTPUTS, export_status=f"✓ Exported to `{out}` (safetensors, tokenizer, README, pruning_report.json).",
                   report_file=gr.update(value=str(report), visible=True))
@@ -491,26 +494,25 @@ def header() -> str:
 
 
 def build(policy: ServePolicy | None = None) -> gr.Blocks:
-    global POLICY, SESSIONS
-    POLICY = policy or ServePolicy()
-    SESSIONS = Sessions(ModelPool(POLICY.max_sessions))
-    folders = not POLICY.exposed or POLICY.models_dir is not None
+    policy = policy or ServePolicy()
+    folders = not policy.exposed or policy.models_dir is not None
     with gr.Blocks(title="wanda_gui: prune LLMs with Wanda") as demo:
+        demo.policy, demo.sessions = policy, Sessions(ModelPool(policy.max_sessions))  # read through served(request)
         c: dict[str, gr.components.Component] = {}  # components by the names the callbacks use
         with gr.Row(equal_height=True):
             gr.HTML(header())
         telemetry = gr.Markdown(telemetry_line(), elem_id="telemetry")
         gr.Timer(1.0).tick(telemetry_line, outputs=telemetry, show_progress="hidden", queue=False)
-        gr.Markdown(POLICY.describe(), elem_id="serving")
+        gr.Markdown(policy.describe(), elem_id="serving")
 
         with gr.Row():
             with gr.Column(scale=1, elem_classes="step"):
                 gr.Markdown("### 1 · Model")
                 source_kind = gr.Radio(SOURCES if folders else [SOURCES[0], SOURCES[2]], value=SOURCES[0], label="Source",
                                        elem_id="source")
-                folder = gr.Textbox(label="Local folder" if not POLICY.exposed else f"Model folder (under {POLICY.models_dir.name}/)"
-                                    if POLICY.models_dir else "Local folder",
-                                    placeholder="/path/to/model (config.json + weights + tokenizer)" if not POLICY.exposed
+                folder = gr.Textbox(label="Local folder" if not policy.exposed else f"Model folder (under {policy.models_dir.name}/)"
+                                    if policy.models_dir else "Local folder",
+                                    placeholder="/path/to/model (config.json + weights + tokenizer)" if not policy.exposed
                                     else "a folder name", visible=False, elem_id="folder")
                 with gr.Row(visible=False) as hub_row:
                     hub_id = gr.Textbox(label="Hub id", placeholder="org/name", elem_id="hub-id", scale=3)
@@ -518,7 +520,7 @@ def build(policy: ServePolicy | None = None) -> gr.Blocks:
                 with gr.Row(visible=False) as hub_row2:
                     token = gr.Textbox(label="Token (gated/private models)", type="password", scale=3)
                     trust = gr.Checkbox(label="Trust remote code (runs the model's own Python)", value=False, scale=1,
-                                        visible=POLICY.allow_remote_code)
+                                        visible=policy.allow_remote_code)
                 with gr.Row():
                     choices = device_choices()
                     device = gr.Dropdown(choices, value=choices[0][1], label="Device", elem_id="device", scale=3)
@@ -606,9 +608,9 @@ def build(policy: ServePolicy | None = None) -> gr.Blocks:
         with gr.Column(elem_classes="step"):
             gr.Markdown("### 6 · Export")
             with gr.Row():
-                export_dir = gr.Textbox(label="Export name (under the server's exports folder)" if POLICY.exposed
+                export_dir = gr.Textbox(label="Export name (under the server's exports folder)" if policy.exposed
                                         else "Target folder",
-                                        value="pruned-model" if POLICY.exposed else str(Path("exports") / "pruned-model"),
+                                        value="pruned-model" if policy.exposed else str(Path("exports") / "pruned-model"),
                                         scale=4, elem_id="export-dir")
                 overwrite = gr.Checkbox(label="Replace a previous export (only a folder this app exported)", value=False,
                                         scale=2, elem_id="overwrite")
