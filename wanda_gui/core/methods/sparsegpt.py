@@ -56,6 +56,8 @@ def sparsegpt_prune(weight: torch.Tensor, hinv: InverseHessian, sparsity: float,
                     blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune and update a (C_out, C_in) weight in place; return (w^2/U_jj^2 when each column was selected,
     True where pruned)."""
+    if pattern.structured:  # whole N:M groups per block (the reference's 128 for 2:4 and 4:8)
+        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
     W = weight.float().clone()
     W[:, hinv.dead] = 0
     U = hinv.upper
