@@ -164,13 +164,13 @@ def main() -> int:
             print(result.stderr, file=sys.stderr)
             return result.returncode
         reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        if args.out:  # after every setting: a stopped benchmark keeps what finished
+            with open(args.out, "w") as f:
+                json.dump(reports, f, indent=2)
     print(f"P1 on {reports[0]['device']} {reports[0]['dtype']}: 64 x 512 calibration (seed 0), "
           f"eval {args.nwindows} x 512; matmul best {reports[0]['floor']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s "
           f"(floor = linear FLOPs at the best rate; '(median)' uses the median rate)")
     print(table(reports))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(reports, f, indent=2)
     return 0
 
 
