@@ -172,14 +172,18 @@ def test_bad_input_shows_a_message_in_the_page(browser, url, tmp_path, tiny_mode
     w.wait_text("prune-status", "Pruned")
 
     page.locator("#send").click()
-    expect_message("Type a prompt first")
+    w.wait_text("chat-status", "Type a prompt first")
+    assert page.locator("#dense-chat .error, #pruned-chat .error").count() == 0  # no red badges over the chat
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("precious")
     w.fill("export-dir", full)
+    page.locator("#overwrite input").check()
     page.locator("#export").click()
-    expect_message("is not empty")
-    assert (full / "keep.txt").read_text() == "precious"
+    expect_message("not a previous export")
+    page.wait_for_timeout(11_000)  # longer than a toast lasts: the refusal stays in the export step's status line
+    assert "not a previous export" in w.text("export-status") and "Replace a previous export" in w.text("export-status")
+    assert (full / "keep.txt").read_text() == "precious" and [p.name for p in full.iterdir()] == ["keep.txt"]
     assert "Traceback" not in page.content()
     assert w.outside == [], w.outside
     assert w.errors == [], w.errors
