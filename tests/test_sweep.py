@@ -124,7 +124,9 @@ def test_a_changed_setting_is_refused(loaded, calibration, swept, change):
         settings["eval_nwindows"] += 1
     else:
         info = {**info, change: info[change] + 1}
-    with pytest.raises(UserError, match="other settings.*(calibration|evaluation)"):
+    named = {"seed": "calibration seed: 0 there, 1 now", "nsamples": "calibration nsamples: 4 there, 5 now",
+             "eval_nwindows": "evaluation nwindows: 3 there, 4 now"}[change]
+    with pytest.raises(UserError, match=f"other settings \\({named}\\)"):
         list(run_sweep(loaded, specs, windows, info, out_dir=out, **settings))
 
 
@@ -185,3 +187,18 @@ def test_each_run_prunes_a_copy_sharing_the_untouched_tensors(loaded, calibratio
     list(run_sweep(loaded, plan(["magnitude"], [0.5], ["unstructured"]), *calibration, out_dir=tmp_path, **EVAL))
     [(shared, total, pruned)] = copies
     assert shared == total - pruned
+
+
+def test_a_pattern_the_model_cannot_take_is_refused_before_anything_runs(loaded, calibration, tmp_path):
+    specs = plan(["magnitude"], [0.5], ["unstructured", "3:5"])  # the tiny model's widths are 64 and 128
+    with pytest.raises(UserError, match="3:5"):
+        list(run_sweep(loaded, specs, *calibration, out_dir=tmp_path / "out", **EVAL))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused(loaded, calibration, tmp_path):
+    (tmp_path / "file").write_text("x")
+    specs = plan(["magnitude"], [0.5], ["unstructured"])
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(UserError, match="file"):
+            list(run_sweep(loaded, specs, *calibration, out_dir=out, **EVAL))

@@ -18,7 +18,7 @@ import torch
 from . import events as ev
 from . import methods as methods_module
 from .copies import pruning_copy
-from .engine import PruneConfig, prune, select_linears
+from .engine import PruneConfig, prune, select_linears, validate
 from .errors import UserError
 from .evaluate import perplexity
 from .masks import Pattern, check_sparsity
@@ -116,6 +116,14 @@ def plan(methods: list[str], sparsities: list[float], patterns: list[str | Patte
     return list(specs.values())
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """The results folder is a folder (or not there yet); checked before a model is loaded."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; the sweep's output must be a folder.")
+    if any(parent.exists() and not parent.is_dir() for parent in out_dir.parents):
+        raise UserError(f"{out_dir} lies under a file, not a folder; pick another output folder.")
+
+
 def sweep_header(loaded, calibration_info: dict, eval_seqlen: int, eval_nwindows: int) -> dict:
     """What makes two sweeps' numbers comparable: a rerun must match it to reuse finished runs."""
     return {"model": loaded.name, "dtype": loaded.info.dtype, "calibration": dict(calibration_info),
@@ -132,12 +140,24 @@ def read_results(out_dir: Path, header: dict) -> list[dict]:
         old, rows = data["header"], list(data["rows"])
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path} is not a sweep's results file; pick another output folder.") from None
-    differs = [k for k in header if old.get(k) != json.loads(json.dumps(header[k]))]
+    differs = setting_differences(old, json.loads(json.dumps(header)))
     if differs:
-        detail = "; ".join(f"{k}: {old.get(k)} there, {header[k]} now" for k in differs)
+        detail = "; ".join(differs)
         raise UserError(f"{out_dir} holds a sweep run with other settings ({detail}). Use the same settings to "
                         "resume it, or another output folder.")
     return rows
+
+
+def setting_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'calibration seed: 0 there, 3 now' for every setting that differs, nested settings named by their path."""
+    differs = []
+    for key in dict.fromkeys([*new, *old]):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differs += setting_differences(a, b, f"{prefix}{key} ")
+        elif a != b:
+            differs.append(f"{prefix}{key}: {a} there, {b} now")
+    return differs
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -240,6 +260,9 @@ def run_sweep(loaded, specs: list[RunSpec], windows: torch.Tensor, calibration_i
     are saved after every run, and runs already in out_dir's results.json (same settings) are skipped. A stop
     ends the stream with SweepFinished(cancelled=True), the finished runs saved."""
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    for spec in specs:  # every run must fit this model before the first one starts
+        validate(loaded.model, spec.config())
     out_dir.mkdir(parents=True, exist_ok=True)
     header = sweep_header(loaded, calibration_info, eval_seqlen, eval_nwindows)
     rows = read_results(out_dir, header)
