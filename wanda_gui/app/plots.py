@@ -1,4 +1,7 @@
-"""Plotly figures for the live view: per-block sparsity and time, and a linear's score and mask maps."""
+"""Plotly figures for the live view: per-block sparsity and time, and a linear's score and mask maps.
+
+Gradio's plot component raises a titled figure's top margin to at least 100 px, so every figure here keeps its title,
+subtitle and legend inside a top margin of exactly TOP px, and nothing else in it."""
 
 from __future__ import annotations
 
@@ -6,45 +9,102 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..core.methods import get_method
+
 ACCENT = "#0f766e"
 SECOND = "#f59e0b"
+MUTED = "#64748b"
+TOP = 100
 LAYOUT = dict(margin=dict(l=50, r=50, t=40, b=40), height=320, template="plotly_white",
               font=dict(family="system-ui, sans-serif", size=12))
+
+
+def titled(text: str, subtitle: str) -> dict:
+    """A left-aligned title with a smaller second line, below the corner where Gradio draws the plot's label."""
+    return dict(text=f"{text}<br><span style='font-size:11px;color:{MUTED}'>{subtitle}</span>", x=0, xref="paper",
+                xanchor="left", y=1, yref="container", yanchor="top", pad=dict(t=30), font=dict(size=15))
 
 
 def block_chart(blocks: int, sparsity: dict[int, float], seconds: dict[int, float], target: float | None) -> go.Figure:
     """Achieved sparsity (bars) and seconds (line) per decoder block, filling in as blocks finish."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    done = sorted(sparsity)
+    done, span = sorted(sparsity), [-0.5, max(blocks, 1) - 0.5]
     fig.add_bar(x=done, y=[sparsity[i] for i in done], name="sparsity", marker_color=ACCENT,
                 hovertemplate="block %{x}<br>sparsity %{y:.2%}<extra></extra>")
     fig.add_scatter(x=done, y=[seconds[i] for i in done], name="seconds", mode="lines+markers",
                     line=dict(color=SECOND), secondary_y=True, hovertemplate="block %{x}<br>%{y:.2f} s<extra></extra>")
-    if target is not None:
-        fig.add_hline(y=target, line_dash="dot", line_color="#64748b", annotation_text=f"target {target:.0%}")
-    fig.update_layout(**LAYOUT, title="Per-block sparsity and time", legend=dict(orientation="h", y=-0.2),
+    if target is not None:  # a legend entry, not an annotation: its label can never sit on the bars
+        fig.add_scatter(x=span, y=[target, target], name=f"target {target:.0%}", mode="lines", hoverinfo="skip",
+                        line=dict(color=MUTED, dash="dot", width=1.5))
+    fig.update_layout(**{**LAYOUT, "margin": dict(l=60, r=60, t=TOP, b=45)},
+                      title=titled("Per-block sparsity and time",
+                                   "bars: share of each block's weights set to zero · line: seconds per block"),
+                      legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom", font=dict(size=11)),
                       bargap=0.15)
-    fig.update_xaxes(title="decoder block", range=[-0.5, max(blocks, 1) - 0.5], dtick=max(1, blocks // 15))
+    fig.update_xaxes(title=dict(text="decoder block", standoff=6), range=span, dtick=max(1, blocks // 15))
     fig.update_yaxes(title="sparsity", range=[0, 1], tickformat=".0%", secondary_y=False)
-    fig.update_yaxes(title="seconds", rangemode="tozero", secondary_y=True, showgrid=False)
+    fig.update_yaxes(title="seconds", rangemode="tozero", tickmode="auto", nticks=5, secondary_y=True, showgrid=False)
     return fig
 
 
-def layer_maps(name: str, shape: tuple[int, int], sparsity: float, score_map: np.ndarray, mask_map: np.ndarray) -> go.Figure:
-    """The pooled score map (log scale: scores are heavy-tailed) beside the fraction of weights kept."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("score, log10 (mean-pooled)", "weights kept (fraction per cell)"),
-                        horizontal_spacing=0.2)
+def cell_windows(n: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of the indices each cell of an adaptive average pool of n into `cells` covers."""
+    i = np.arange(cells)
+    return (i * n) // cells, -((-(i + 1) * n) // cells)
+
+
+def cell_centres(n: int, cells: int) -> np.ndarray:
+    """Each pooled cell's centre as an index of the original matrix: the axes read in real rows and inputs."""
+    start, end = cell_windows(n, cells)
+    return ((start + end - 1) / 2).astype(np.float32)
+
+
+def pooling_words(n: int, cells: int, unit: str) -> str:
+    """'each cell averages 12 columns' (or '4–5 rows' where windows differ), 'one cell per row' when not pooled."""
+    start, end = cell_windows(n, cells)
+    low, high = int((end - start).min()), int((end - start).max())
+    if high == 1:
+        return f"one cell per {unit}"
+    return f"each cell averages {low if low == high else f'{low}–{high}'} {unit}s"
+
+
+def caption(method: str) -> str:
+    """What bright columns of the score map mean for this method (magnitude's score has no activations in it)."""
+    m = get_method(method)
+    if not m.needs_activations:
+        return ("The magnitude score |W| ignores activations: bright cells are large weights,<br>"
+                "and no input feature is kept for how strongly it fires.")
+    who = m.description.split(":")[0]
+    return ("Bright columns: input features with large activations (||X_j||),<br>"
+            f"which {who} keeps and magnitude pruning ignores.")
+
+
+def layer_maps(name: str, shape: tuple[int, int], sparsity: float, score_map: np.ndarray, mask_map: np.ndarray,
+               method: str = "wanda") -> go.Figure:
+    """The pooled score map (log scale: scores are heavy-tailed) beside the fraction of weights kept, in real indices."""
+    rows, cols = shape
+    y, x = cell_centres(rows, score_map.shape[0]), cell_centres(cols, score_map.shape[1])
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.2,
+                        subplot_titles=("score, log10", "weights kept (white: all)"))
+    hover = "output row ≈ %{y:.0f}, input j ≈ %{x:.0f}<br>"
     log_score = np.log10(np.maximum(score_map, 1e-12)).astype(np.float32)
-    fig.add_heatmap(z=log_score, colorscale="Viridis", colorbar=dict(x=0.41, len=0.9, thickness=10), row=1, col=1,
-                    hovertemplate="row cell %{y}, input cell %{x}<br>log10 score %{z:.2f}<extra></extra>")
-    fig.add_heatmap(z=mask_map.astype(np.float32), colorscale="Greys", reversescale=True, zmin=0, zmax=1,
-                    colorbar=dict(x=1.0, len=0.9, thickness=10), row=1, col=2,
-                    hovertemplate="row cell %{y}, input cell %{x}<br>kept %{z:.0%}<extra></extra>")
-    fig.update_yaxes(autorange="reversed", title="output rows (pooled)", row=1, col=1)
+    fig.add_heatmap(z=log_score, x=x, y=y, colorscale="Viridis", colorbar=dict(x=0.41, len=1, y=0.5, thickness=10),
+                    row=1, col=1, hovertemplate=hover + "log10 score %{z:.2f}<extra></extra>")
+    fig.add_heatmap(z=mask_map.astype(np.float32), x=x, y=y, colorscale="Greys", reversescale=True, zmin=0, zmax=1,
+                    colorbar=dict(x=1.01, len=1, y=0.5, thickness=10, tickformat=".0%"), row=1, col=2,
+                    hovertemplate=hover + "kept %{z:.0%}<extra></extra>")
+    fig.update_yaxes(autorange="reversed", title=dict(text=f"output row i<br>({pooling_words(rows, len(y), 'row')})",
+                                                      font=dict(size=11)), row=1, col=1)
     fig.update_yaxes(autorange="reversed", row=1, col=2)
-    fig.update_xaxes(title="input features (pooled)")
-    fig.update_layout(**{**LAYOUT, "height": 360},
-                      title=f"{name}  {shape[0]}x{shape[1]}, {sparsity:.1%} zero")
+    fig.update_annotations(font=dict(size=12))
+    fig.add_annotation(text=f"input feature j ({pooling_words(cols, len(x), 'column')})", x=0.5, y=0, yshift=-28,
+                       xref="paper", yref="paper", xanchor="center", yanchor="top", showarrow=False, font=dict(size=11))
+    fig.add_annotation(text=caption(method), x=0.5, y=0, yshift=-50, xref="paper", yref="paper", xanchor="center",
+                       yanchor="top", align="center", showarrow=False, font=dict(size=11, color=MUTED))
+    label = get_method(method).score_label
+    fig.update_layout(**{**LAYOUT, "height": 460, "margin": dict(l=75, r=55, t=TOP, b=95)},
+                      title=titled(f"{name}  {rows}x{cols}, {sparsity:.1%} zero", f"score = {label}; "
+                                   "each cell is the mean over the weights it covers"))
     return fig
 
 
