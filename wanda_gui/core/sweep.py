@@ -106,7 +106,7 @@ def plan(methods: list[str], sparsities: list[float], patterns: list[str | Patte
     if not levels and any(not p.structured for p in parsed):
         raise UserError("An unstructured sweep needs at least one sparsity, e.g. 0.5.")
     if owl:
-        owl_step()
+        owl_step()  # refused here, before anything runs, when the option is missing
     specs: dict[str, RunSpec] = {}
     for name in names:
         for pattern in parsed:
