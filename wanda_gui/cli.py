@@ -28,12 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     from .app.main import add_arguments
+    from .core.methods import METHODS
 
     add_arguments(sub.add_parser("app", help="open the Gradio app (the default)"))
 
     prune = sub.add_parser("prune", help="prune a model and export it")
     _add_model_args(prune)
-    prune.add_argument("--method", default="wanda", choices=["wanda", "magnitude"])
+    prune.add_argument("--method", default="wanda", choices=list(METHODS))
     prune.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row to zero, in [0, 1) (unstructured)")
     prune.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M")
     prune.add_argument("--layerwise", action="store_true", help="magnitude: one threshold per layer instead of per row")
@@ -73,27 +74,69 @@ def _load(args):
     return loaded, time.perf_counter() - started
 
 
+def _at_least(value: int, minimum: int, flag: str) -> None:
+    if value < minimum:
+        raise UserError(f"{flag} must be at least {minimum}; got {value}.")
+
+
+def check_model_args(args) -> None:
+    """Device and dtype are checked before anything is loaded."""
+    from .core.devices import resolve_device, resolve_dtype
+
+    resolve_dtype(args.dtype, resolve_device(args.device))
+
+
+def source_folder(model: str) -> Path | None:
+    """The local model folder --model names, if it is one (the export must stay out of it)."""
+    path = Path(model.strip())
+    return path if model.strip() != "builtin" and path.is_dir() else None
+
+
+def check_prune_args(args):
+    """Everything about a prune that needs no model, before the model is loaded: the parsed PruneConfig."""
+    from .core.calibration import check_text_files, text_file_sources
+    from .core.engine import PruneConfig
+    from .core.export import check_target
+
+    _at_least(args.nsamples, 1, "--nsamples")
+    _at_least(args.seqlen, 2, "--seqlen")
+    _at_least(args.seed, 0, "--seed")
+    _at_least(args.eval_nwindows, 1, "--eval-nwindows")
+    config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
+                         include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
+                         batch_size=args.batch_size, restore_on_abort=False)  # a stopped CLI run saves nothing
+    check_model_args(args)
+    check_text_files(text_file_sources(args.calib), "calibration")
+    check_target(Path(args.out).expanduser().absolute(), args.overwrite, source_folder(args.model))
+    return config
+
+
 def cmd_prune(args) -> dict:
     from tqdm import tqdm
 
     from .core import events as ev
-    from .core.calibration import calibration_windows
-    from .core.engine import PruneConfig, prune, validate
+    from .core.calibration import calibration_text, check_seqlen, windows_from_text
+    from .core.engine import prune, validate
+    from .core.estimate import check_eval_fits, check_fits
     from .core.evaluate import perplexity
-    from .core.export import check_target, export_model, make_report
+    from .core.export import export_model, make_report
     from .core.methods import get_method
 
-    config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
-                         include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
-                         batch_size=args.batch_size)
-    check_target(Path(args.out).expanduser().absolute(), args.overwrite, None)
+    config = check_prune_args(args)
+    needs_activations = get_method(config.method).needs_activations
+    text = calibration_text(args.calib) if needs_activations else None
     loaded, load_seconds = _load(args)
     validate(loaded.model, config)
+    check_seqlen(args.seqlen, loaded.info.context_length)
+    check_fits(loaded.info, config.method, args.nsamples, args.seqlen, batch_size=config.batch_size,
+               hint="lower --nsamples or --seqlen")
+    if args.eval:
+        check_eval_fits(loaded.info, vocab_size(loaded.model), args.seqlen, hint="lower --seqlen")
     timings = {"load": load_seconds}
     windows, calibration = None, None
-    if get_method(config.method).needs_activations:
-        windows, calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
-                                                   loaded.info.context_length)
+    if needs_activations:
+        windows, calibration = windows_from_text(loaded.tokenizer, *text, args.nsamples, args.seqlen, args.seed,
+                                                 loaded.info.context_length)
     ppl = {}
     if args.eval:
         ppl["dense"] = perplexity(loaded.model, loaded.tokenizer, seqlen=args.seqlen, nwindows=args.eval_nwindows)
@@ -114,7 +157,7 @@ def cmd_prune(args) -> dict:
             bar.close()
             if args.debug and isinstance(event, ev.RunFailed):
                 print(event.detail, file=sys.stderr)
-            raise UserError(f"Pruning failed: {event.reason} (the model was restored to dense).")
+            raise UserError(f"Pruning failed: {event.reason}. Nothing was exported.")
     bar.close()
 
     if args.eval:
@@ -134,12 +177,24 @@ def cmd_prune(args) -> dict:
     return report
 
 
+def vocab_size(model) -> int:
+    """Width of the logits, which a perplexity batch holds several times over."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
+
+
 def cmd_eval(args) -> dict:
-    from .core.calibration import read_text_files
+    from .core.calibration import check_seqlen, read_text_files
+    from .core.estimate import check_eval_fits
     from .core.evaluate import perplexity
 
+    _at_least(args.seqlen, 2, "--seqlen")
+    _at_least(args.nwindows, 1, "--nwindows")
+    check_model_args(args)
+    text = read_text_files([args.text], "evaluation") if args.text else None
     loaded, load_seconds = _load(args)
-    text = read_text_files([args.text]) if args.text else None
+    check_seqlen(args.seqlen, loaded.info.context_length)
+    check_eval_fits(loaded.info, vocab_size(loaded.model), args.seqlen, hint="lower --seqlen")
     result = perplexity(loaded.model, loaded.tokenizer, text, args.seqlen, args.nwindows)
     if not args.json:
         print(f"{loaded.name}: perplexity {result}")

@@ -1,4 +1,11 @@
-"""Before a run: about how long pruning will take and how much memory it adds, from a matmul measured here."""
+"""Before a run: about how long pruning will take and how much memory it adds, and a refusal of a run that cannot fit.
+
+The memory model counts what the engine really allocates (see engine.prune): the hidden states of every calibration
+window (twice while they are first gathered), one batch's block activations (linear outputs, attention scores),
+the Wanda score and selection temporaries of the largest linear, and the second copy of the pruned linears that the
+app's pruned model (or the engine's restore copy) holds. The time model is the linears' and attention's FLOPs at
+a matmul rate measured here, scaled by what P1 measured on top of them (element-wise work, masking).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,19 @@ import dataclasses
 import functools
 import time
 
+import psutil
 import torch
 
+from .devices import format_bytes
 from .engine import default_batch_size
+from .errors import UserError
 from .methods import get_method
 
-OVERHEAD = 1.25  # attention, element-wise work and masking on top of the linears' matmuls (measured on P1)
+LINEAR_OVERHEAD = 1.45  # norms, activations, residuals and hooks on top of the linears' matmuls (P1: 55 s at 64 x 512)
+MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
+SELECTION_BYTES_PER_WEIGHT = 4 + 1 + 4 + 8  # fp32 score, bool mask, top-k values and int64 indices
+HEAD_DIM = 64  # attention heads are guessed from the width (ModelInfo has no head count): 576 / 64 = SmolLM2's 9
+EVAL_BATCH = 4  # evaluate.perplexity's default windows per forward
 
 
 @functools.lru_cache(maxsize=8)
@@ -20,7 +34,7 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int = 1024) -> float:
     dev = torch.device(device)
     a = torch.randn(n, n, device=dev, dtype=dtype)
     best = float("inf")
-    for _ in range(4):
+    for _ in range(8):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t = time.perf_counter()
@@ -34,24 +48,113 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int = 1024) -> float:
 @dataclasses.dataclass
 class Estimate:
     seconds: float
-    extra_bytes: int  # on top of the loaded model, including the dense copy the app keeps when it fits
+    parts: dict[str, int]  # bytes on top of the loaded model, by what holds them
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def breakdown(self) -> str:
+        return describe(self.parts)
 
     def __str__(self) -> str:
-        from .devices import format_bytes
-
         return f"about {self.seconds:.0f} s and {format_bytes(self.extra_bytes)} more memory"
 
 
-def estimate(info, method: str, nsamples: int, seqlen: int, dense_copy: bool) -> Estimate:
-    """Two block passes over nsamples x seqlen tokens for activation methods; masking alone otherwise."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[info.dtype]
-    masking = 2e-8 * info.linear_parameters  # ~2 s for SmolLM2's 106M pruned weights on 2 cores
-    extra = info.memory_bytes if dense_copy else info.linear_parameters * torch.finfo(dtype).bits // 8
+def describe(parts: dict[str, int]) -> str:
+    """'calibration activations 75.5 MiB + scoring 16.4 MiB': the non-zero parts."""
+    return " + ".join(f"{name} {format_bytes(n)}" for name, n in parts.items() if n)
+
+
+def _element_bytes(info) -> int:
+    return {"fp32": 4, "bf16": 2, "fp16": 2}.get(info.dtype, 4)
+
+
+def _torch_dtype(info) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(info.dtype, torch.float32)
+
+
+def selection_bytes(info) -> int:
+    """Scoring one linear: an fp32 score, the mask and top-k temporaries, for a linear twice the average size."""
+    largest = 2 * info.linear_parameters // max(1, info.linears)
+    return largest * SELECTION_BYTES_PER_WEIGHT
+
+
+def block_activation_bytes(info, seqlen: int, batch: int) -> int:
+    """One batch through one block: every linear's output (about the block's weights / width per token), the
+    norms, residuals and fp32 statistics (6 x width), and the attention scores (batch x heads x seqlen^2, fp32)."""
+    per_token = info.linear_parameters // max(1, info.blocks) // max(1, info.hidden_size) + 6 * info.hidden_size
+    heads = max(1, info.hidden_size // HEAD_DIM)
+    return batch * seqlen * per_token * 4 + batch * heads * seqlen * seqlen * 4
+
+
+def memory_parts(info, method: str, nsamples: int, seqlen: int, dense_copy: bool,
+                 batch_size: int | None = None) -> dict[str, int]:
+    """Bytes a pruning run adds to the loaded model, by what holds them."""
+    parts = {}
+    if get_method(method).needs_activations:
+        batch = batch_size or default_batch_size(torch.device(info.device), seqlen)
+        hidden = nsamples * seqlen * info.hidden_size * _element_bytes(info)
+        parts["calibration activations"] = hidden
+        # gathered batch by batch, then concatenated (the hidden states twice), or one batch through a block
+        parts["working memory"] = max(hidden, block_activation_bytes(info, seqlen, batch))
+    parts["scoring"] = selection_bytes(info)
+    parts["pruned copy"] = info.linear_parameters * _element_bytes(info) if dense_copy else 0
+    return parts
+
+
+def prune_seconds(info, method: str, nsamples: int, seqlen: int) -> float:
+    """Two block passes over nsamples x seqlen tokens (linears and attention) for activation methods, plus masking."""
+    masking = MASKING_SECONDS_PER_WEIGHT * info.linear_parameters
     if not get_method(method).needs_activations:
-        return Estimate(masking, extra)
+        return masking
     tokens = nsamples * seqlen
-    flops = 2 * 2 * info.linear_parameters * tokens
-    seconds = flops / matmul_rate(info.device, dtype) * OVERHEAD + masking
-    batch = default_batch_size(torch.device(info.device), seqlen)
-    activations = tokens * info.hidden_size * 4 + 8 * batch * seqlen * info.hidden_size * 4
-    return Estimate(seconds, extra + activations)
+    linear_flops = 2 * 2 * info.linear_parameters * tokens
+    attention_flops = 2 * 2 * 2 * info.blocks * info.hidden_size * seqlen * tokens  # QK^T and AV, both passes
+    rate = matmul_rate(info.device, _torch_dtype(info))
+    return (LINEAR_OVERHEAD * linear_flops + attention_flops) / rate + masking
+
+
+def estimate(info, method: str, nsamples: int, seqlen: int, dense_copy: bool, batch_size: int | None = None) -> Estimate:
+    """Time and memory of a pruning run; dense_copy: a second copy of the pruned linears is held (the app's pruned
+    model beside the dense one, or the engine's restore copy)."""
+    return Estimate(prune_seconds(info, method, nsamples, seqlen),
+                    memory_parts(info, method, nsamples, seqlen, dense_copy, batch_size))
+
+
+def free_memory(device: str | torch.device) -> int:
+    """Bytes free now: available RAM on CPU, the GPU's free memory on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def refuse_if_over(parts: dict[str, int], device: str, free_bytes: int | None, hint: str) -> None:
+    """UserError with the numbers when the parts add up to more than is free on the device."""
+    need = sum(parts.values())
+    free = free_memory(device) if free_bytes is None else free_bytes
+    if need > free:
+        raise UserError(f"This run needs about {format_bytes(need)} ({describe(parts)}) but {format_bytes(free)} is free on "
+                        f"{device}; {hint}.")
+
+
+def check_fits(info, method: str, nsamples: int, seqlen: int, dense_copy: bool = False, batch_size: int | None = None,
+               free_bytes: int | None = None, hint: str = "lower the number of samples or the sequence length") -> dict[str, int]:
+    """Refuse up front, with the numbers, a pruning run whose memory exceeds what is free on the model's device;
+    return the bytes it needs, by part."""
+    parts = memory_parts(info, method, nsamples, seqlen, dense_copy, batch_size)  # no matmul timed: instant
+    refuse_if_over(parts, info.device, free_bytes, hint)
+    return parts
+
+
+def evaluation_parts(info, vocab_size: int, seqlen: int, batch_size: int = EVAL_BATCH) -> dict[str, int]:
+    """Perplexity: one batch's logits three times at once (model output, the shifted fp32 copy, log-softmax)."""
+    logits = batch_size * seqlen * vocab_size * 4
+    return {"logits": 3 * logits, "block activations": block_activation_bytes(info, seqlen, batch_size)}
+
+
+def check_eval_fits(info, vocab_size: int, seqlen: int, batch_size: int = EVAL_BATCH, free_bytes: int | None = None,
+                    hint: str = "lower the sequence length") -> None:
+    """Refuse up front, with the numbers, a perplexity measurement whose batch exceeds what is free."""
+    refuse_if_over(evaluation_parts(info, vocab_size, seqlen, batch_size), info.device, free_bytes, hint)
