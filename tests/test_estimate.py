@@ -1,0 +1,108 @@
+"""The time and memory estimate follows its formulas, and a run that cannot fit is refused with the numbers."""
+
+import pytest
+
+from wanda_gui.core import estimate as est
+from wanda_gui.core.errors import UserError
+from wanda_gui.core.models import ModelInfo
+
+GIB = 1024 ** 3
+
+
+def smollm2(dtype="fp32", device="cpu") -> ModelInfo:
+    """The built-in model's figures, without loading it."""
+    return ModelInfo(name="SmolLM2-135M-Instruct", architecture="LlamaForCausalLM", model_type="llama",
+                     parameters=134_515_008, blocks=30, linears=210, linear_parameters=106_168_320, dtype=dtype,
+                     device=device, memory_bytes=538_060_032, hidden_size=576, context_length=8192,
+                     has_chat_template=True)
+
+
+@pytest.fixture
+def fixed_rate(monkeypatch):
+    """A matmul rate that does not depend on this machine's load: 100 GFLOP/s."""
+    monkeypatch.setattr(est, "matmul_rate", lambda device, dtype: 1e11)
+
+
+def test_calibration_activations_are_every_window_hidden_state():
+    info = smollm2()
+    parts = est.memory_parts(info, "wanda", 64, 512, dense_copy=False)
+    assert parts["calibration activations"] == 64 * 512 * 576 * 4
+    assert parts["working memory"] == parts["calibration activations"]  # gathered, then concatenated
+    assert est.memory_parts(smollm2("bf16"), "wanda", 64, 512, False)["calibration activations"] == 64 * 512 * 576 * 2
+
+
+def test_memory_grows_with_samples_and_sequence_length_as_the_formula_says():
+    info = smollm2()
+    base = est.estimate(info, "wanda", 16, 256, False).parts["calibration activations"]
+    assert est.estimate(info, "wanda", 32, 256, False).parts["calibration activations"] == 2 * base
+    assert est.estimate(info, "wanda", 16, 1024, False).parts["calibration activations"] == 4 * base
+
+
+def test_attention_scores_grow_with_the_square_of_the_sequence_length():
+    info = smollm2()
+    linear_part = est.block_activation_bytes(info, 1024, 1) - 9 * 1024 ** 2 * 4
+    assert linear_part == 1024 * (106_168_320 // 30 // 576 + 6 * 576) * 4
+    assert est.block_activation_bytes(info, 2048, 1) - 2 * linear_part == 9 * 2048 ** 2 * 4
+
+
+def test_the_pruned_copy_costs_the_pruned_linears_only():
+    info = smollm2()
+    with_copy = est.estimate(info, "wanda", 8, 128, True)
+    without = est.estimate(info, "wanda", 8, 128, False)
+    assert with_copy.extra_bytes - without.extra_bytes == 106_168_320 * 4 < info.memory_bytes
+
+
+def test_magnitude_needs_no_calibration_memory(fixed_rate):
+    parts = est.memory_parts(smollm2(), "magnitude", 64, 512, False)
+    assert "calibration activations" not in parts and parts["scoring"] < 64 * 1024 ** 2
+    assert est.estimate(smollm2(), "magnitude", 64, 512, False).seconds == pytest.approx(
+        est.MASKING_SECONDS_PER_WEIGHT * 106_168_320)
+
+
+def test_time_follows_the_flops_at_the_measured_rate(fixed_rate):
+    info = smollm2()
+    masking = est.MASKING_SECONDS_PER_WEIGHT * info.linear_parameters
+    one = est.estimate(info, "wanda", 16, 512, False).seconds - masking
+    assert est.estimate(info, "wanda", 32, 512, False).seconds - masking == pytest.approx(2 * one)
+    linear = 4 * info.linear_parameters * 16 * 512 * est.LINEAR_OVERHEAD
+    attention = 8 * 30 * 576 * 512 * 16 * 512
+    assert one == pytest.approx((linear + attention) / 1e11)
+
+
+def test_an_impossible_run_is_refused_with_the_numbers():
+    with pytest.raises(UserError) as e:
+        est.check_fits(smollm2(), "wanda", 100_000, 512, free_bytes=20 * GIB, hint="lower --nsamples or --seqlen")
+    message = str(e.value)
+    assert "needs about 219.7 GiB" in message and "calibration activations 109.9 GiB" in message
+    assert "but 20.0 GiB is free on cpu; lower --nsamples or --seqlen." in message
+
+
+def test_a_small_run_fits_and_returns_what_it_needs():
+    parts = est.check_fits(smollm2(), "wanda", 4, 64, dense_copy=True)
+    assert sum(parts.values()) < est.free_memory("cpu")
+    assert parts["pruned copy"] == 106_168_320 * 4
+
+
+def test_the_pruned_copy_alone_can_be_what_does_not_fit():
+    with pytest.raises(UserError, match=r"pruned copy 405\.0 MiB\) but 300\.0 MiB is free on cuda:0"):
+        est.check_fits(smollm2(device="cuda:0"), "magnitude", 0, 0, True, free_bytes=300 * 1024 ** 2)
+
+
+def test_evaluation_logits_are_refused_when_they_cannot_fit():
+    parts = est.evaluation_parts(smollm2(), 49152, 512)
+    assert parts["logits"] == 3 * 4 * 512 * 49152 * 4
+    with pytest.raises(UserError, match="logits 1.1 GiB .* is free on cpu; lower the sequence length"):
+        est.check_eval_fits(smollm2(), 49152, 512, free_bytes=GIB)
+    est.check_eval_fits(smollm2(), 49152, 512)  # fits here
+
+
+def test_free_memory_is_what_the_system_reports():
+    import psutil
+
+    assert abs(est.free_memory("cpu") - psutil.virtual_memory().available) < 256 * 1024 ** 2
+
+
+def test_the_estimate_reads_as_time_and_memory(fixed_rate):
+    e = est.estimate(smollm2(), "wanda", 64, 512, True)
+    assert str(e).startswith("about ") and " s and " in str(e) and str(e).endswith("more memory")
+    assert "calibration activations 72.0 MiB" in e.breakdown() and "pruned copy 405.0 MiB" in e.breakdown()
