@@ -20,7 +20,7 @@ def smollm2(dtype="fp32", device="cpu") -> ModelInfo:
 @pytest.fixture
 def fixed_rate(monkeypatch):
     """A matmul rate that does not depend on this machine's load: 100 GFLOP/s."""
-    monkeypatch.setattr(est, "matmul_rate", lambda device, dtype: 1e11)
+    monkeypatch.setattr(est, "matmul_rate", lambda device, dtype, tokens, width: 1e11)
 
 
 def test_calibration_activations_are_every_window_hidden_state():
@@ -65,7 +65,7 @@ def test_time_follows_the_flops_at_the_measured_rate(fixed_rate):
     one = est.estimate(info, "wanda", 16, 512, False).seconds - masking
     assert est.estimate(info, "wanda", 32, 512, False).seconds - masking == pytest.approx(2 * one)
     linear = 4 * info.linear_parameters * 16 * 512 * est.LINEAR_OVERHEAD
-    attention = 8 * 30 * 576 * 512 * 16 * 512
+    attention = 8 * 30 * 576 * 512 * 16 * 512 * est.ATTENTION_OVERHEAD
     assert one == pytest.approx((linear + attention) / 1e11)
 
 
@@ -94,6 +94,15 @@ def test_evaluation_logits_are_refused_when_they_cannot_fit():
     with pytest.raises(UserError, match="logits 1.1 GiB .* is free on cpu; lower the sequence length"):
         est.check_eval_fits(smollm2(), 49152, 512, free_bytes=GIB)
     est.check_eval_fits(smollm2(), 49152, 512)  # fits here
+
+
+def test_p1_calibration_gives_55_seconds_at_p1s_matmul_rate(monkeypatch):
+    monkeypatch.setattr(est, "matmul_rate", lambda device, dtype, tokens, width: 406.6e9)  # benchmarks/p1-cpu.json
+    assert est.estimate(smollm2(), "wanda", 64, 512, False).seconds == pytest.approx(55, rel=0.05)
+
+
+def test_the_rate_is_measured_on_a_block_shaped_matmul():
+    assert 1e8 < est.matmul_rate("cpu", __import__("torch").float32, 256, 64) < 1e14
 
 
 def test_free_memory_is_what_the_system_reports():

@@ -21,7 +21,10 @@ from .engine import default_batch_size
 from .errors import UserError
 from .methods import get_method
 
-LINEAR_OVERHEAD = 1.45  # norms, activations, residuals and hooks on top of the linears' matmuls (P1: 55 s at 64 x 512)
+# P1 (SmolLM2, 64 x 512, 2 cores) took 55 s: the linears' matmuls 34.2 s at the measured rate, attention 17% and
+# element-wise work 16% of the run, masking 2.7 s (README). Per FLOP at the matmul rate, that is:
+LINEAR_OVERHEAD = 1.26  # the linears' matmuls plus the norms, activations, residuals and hooks around them
+ATTENTION_OVERHEAD = 1.65  # attention's matmuls run slower than the linears' (smaller, batched per head)
 MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
 SELECTION_BYTES_PER_WEIGHT = 4 + 1 + 4 + 8  # fp32 score, bool mask, top-k values and int64 indices
 HEAD_DIM = 64  # attention heads are guessed from the width (ModelInfo has no head count): 576 / 64 = SmolLM2's 9
@@ -29,20 +32,22 @@ EVAL_BATCH = 4  # evaluate.perplexity's default windows per forward
 
 
 @functools.lru_cache(maxsize=8)
-def matmul_rate(device: str, dtype: torch.dtype, n: int = 1024) -> float:
-    """FLOP/s of a dense n x n matmul on the device, best of a few (cached per process)."""
+def matmul_rate(device: str, dtype: torch.dtype, tokens: int = 1024, width: int = 576) -> float:
+    """FLOP/s of a matmul shaped like a block's (a batch of tokens through a width x 4*width linear), best of a few,
+    measured on the device (cached per process)."""
     dev = torch.device(device)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
+    x = torch.randn(tokens, width, device=dev, dtype=dtype)
+    w = torch.randn(width, 4 * width, device=dev, dtype=dtype)
     best = float("inf")
     for _ in range(8):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t = time.perf_counter()
-        a @ a
+        x @ w
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * tokens * width * 4 * width / best
 
 
 @dataclasses.dataclass
@@ -111,8 +116,9 @@ def prune_seconds(info, method: str, nsamples: int, seqlen: int) -> float:
     tokens = nsamples * seqlen
     linear_flops = 2 * 2 * info.linear_parameters * tokens
     attention_flops = 2 * 2 * 2 * info.blocks * info.hidden_size * seqlen * tokens  # QK^T and AV, both passes
-    rate = matmul_rate(info.device, _torch_dtype(info))
-    return (LINEAR_OVERHEAD * linear_flops + attention_flops) / rate + masking
+    batch_tokens = default_batch_size(torch.device(info.device), seqlen) * seqlen
+    rate = matmul_rate(info.device, _torch_dtype(info), batch_tokens, info.hidden_size)
+    return (LINEAR_OVERHEAD * linear_flops + ATTENTION_OVERHEAD * attention_flops) / rate + masking
 
 
 def estimate(info, method: str, nsamples: int, seqlen: int, dense_copy: bool, batch_size: int | None = None) -> Estimate:
