@@ -81,7 +81,7 @@ def caption(method: str) -> str:
 
 def layer_maps(name: str, shape: tuple[int, int], sparsity: float, score_map: np.ndarray, mask_map: np.ndarray,
                method: str = "wanda") -> go.Figure:
-    """The pooled score map (log scale: scores are heavy-tailed) beside the fraction of weights kept, in real indices."""
+    """The pooled score map (log scale: scores are heavy-tailed) beside the share of weights kept, in real indices."""
     rows, cols = shape
     y, x = cell_centres(rows, score_map.shape[0]), cell_centres(cols, score_map.shape[1])
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.2,
