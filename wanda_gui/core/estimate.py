@@ -2,6 +2,7 @@
 
 The memory model counts what the engine really allocates (see engine.prune): the hidden states of every calibration
 window (twice while they are first gathered), one batch's block activations (linear outputs, attention scores),
+what tokenizing the calibration text leaves allocated,
 the Wanda score and selection temporaries of the largest linear, and the second copy of the pruned linears that the
 app's pruned model (or the engine's restore copy) holds. The time model is the linears' and attention's FLOPs at
 a matmul rate measured here, scaled by what P1 measured on top of them (element-wise work, masking).
@@ -27,6 +28,7 @@ LINEAR_OVERHEAD = 1.26  # the linears' matmuls plus the norms, activations, resi
 ATTENTION_OVERHEAD = 1.65  # attention's matmuls run slower than the linears' (smaller, batched per head)
 MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
 SELECTION_BYTES_PER_WEIGHT = 4 + 1 + 4 + 8  # fp32 score, bool mask, top-k values and int64 indices
+TOKENIZING_BYTES = 96 * 1024 ** 2  # tokenizing in 100k-character pieces: fitted to benchmarks/estimate_check.py
 HEAD_DIM = 64  # attention heads are guessed from the width (ModelInfo has no head count): 576 / 64 = SmolLM2's 9
 EVAL_BATCH = 4  # evaluate.perplexity's default windows per forward
 
@@ -103,6 +105,7 @@ def memory_parts(info, method: str, nsamples: int, seqlen: int, dense_copy: bool
         parts["calibration activations"] = hidden
         # gathered batch by batch, then concatenated (the hidden states twice), or one batch through a block
         parts["working memory"] = max(hidden, block_activation_bytes(info, seqlen, batch))
+        parts["tokenizing"] = TOKENIZING_BYTES  # the tokenizer's threads keep what they allocated
     parts["scoring"] = selection_bytes(info)
     parts["pruned copy"] = info.linear_parameters * _element_bytes(info) if dense_copy else 0
     return parts
