@@ -157,7 +157,7 @@ def cmd_prune(args) -> dict:
             bar.close()
             if args.debug and isinstance(event, ev.RunFailed):
                 print(event.detail, file=sys.stderr)
-            raise UserError(f"Pruning failed: {event.reason}. Nothing was exported.")
+            raise UserError(f"Pruning failed: {event.reason.rstrip('.')}. Nothing was exported.")
     bar.close()
 
     if args.eval:
