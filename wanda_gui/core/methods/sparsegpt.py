@@ -8,6 +8,7 @@ the group is reached), and each pruned column's error is spread over the columns
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -51,6 +52,21 @@ def block_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) -> tuple[torc
     return saliency, saliency <= threshold
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """The column loop is thousands of small ops: on CPU one thread runs it 5-7x faster than a pool that meets
+    at a barrier after every op (576 x 1536 layer, 2 cores: 0.8 s vs 4.6 s)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hinv: InverseHessian, sparsity: float, pattern: Pattern,
                     blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +76,18 @@ def sparsegpt_prune(weight: torch.Tensor, hinv: InverseHessian, sparsity: float,
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
     W = weight.float().clone()
     W[:, hinv.dead] = 0
-    U = hinv.upper
-    rows, cols = W.shape
     score = torch.empty_like(W)
     mask = torch.zeros_like(W, dtype=torch.bool)
+    with one_cpu_thread(W.device):
+        prune_columns(W, hinv.upper, score, mask, sparsity, pattern, blocksize)
+    weight.copy_(W)
+    return score, mask
+
+
+def prune_columns(W: torch.Tensor, U: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, sparsity: float,
+                  pattern: Pattern, blocksize: int) -> None:
+    """The reference's loop over column blocks and their columns, filling W (updated), score and mask in place."""
+    cols = W.shape[1]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -84,8 +108,6 @@ def sparsegpt_prune(weight: torch.Tensor, hinv: InverseHessian, sparsity: float,
             Err1[:, i] = err
         W[:, i1:i2] = W1
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
-    weight.copy_(W)
-    return score, mask
 
 
 class SparseGPT(Method):
