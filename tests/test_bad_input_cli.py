@@ -191,3 +191,17 @@ def test_eval_input_is_checked_before_loading(capsys, files, tiny_model_dir, no_
 def test_eval_seqlen_longer_than_the_context(capsys, tiny_model_dir):
     code, err = run(capsys, ["eval", "--model", str(tiny_model_dir), "--seqlen", "1024"])
     assert code == 2 and "longer than the model's context" in err
+
+
+def test_a_run_that_fails_midway_exports_nothing_and_claims_no_restore(capsys, monkeypatch, files, text_file,
+                                                                       tiny_model_dir):
+    import wanda_gui.core.methods.base as base
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("selection broke")
+    monkeypatch.setattr(base, "select", broken)
+    before = snapshot(tiny_model_dir)
+    code, err = run(capsys, prune_args(tiny_model_dir, files / "o", calib=text_file))
+    assert code == 2 and "Pruning failed: RuntimeError" in err and "selection broke" in err, err
+    assert "Nothing was exported." in err and "restored" not in err
+    assert not (files / "o").exists() and snapshot(tiny_model_dir) == before
