@@ -121,11 +121,22 @@ def test_builtin_model_preselected_stop_restores(browser, url, builtin_dir):
     w.wait_text("estimate", "Estimate on cpu")
     page.locator("#start").click()
     w.wait_text("prune-status", "/210 (")  # any "linear k/210 (p%)" progress line: pruning is under way
+    for button in ("load", "start", "send", "export", "eval"):  # nothing that would disturb the run
+        assert page.locator(f"#{button}").is_disabled(), button
+
+    # A second tab's Load waits behind this prune and says so, with its place in the queue; its chat never waits.
+    other = Watched(w.page.context.browser, w.page.url)
+    other.page.locator("#load").click()
+    other.wait_text("load-status", "Waiting for the server")
+    other.wait_text("load-status", "queue: 1/1")
+    other.shot("06-queued.png")
     page.locator("#stop").click()
     w.wait_text("prune-status", "Stopped")
     assert "dense model was never touched" in w.text("prune-status")
     assert page.locator("#send").is_disabled()
     w.shot("04-stopped.png")
+    other.wait_text("load-status", "Shared read-only with 1 other session")
+    assert other.errors == [], other.errors
     assert w.outside == [], w.outside
     assert w.errors == [], w.errors
 
@@ -187,3 +198,4 @@ def test_bad_input_shows_a_message_in_the_page(browser, url, tmp_path, tiny_mode
     assert "Traceback" not in page.content()
     assert w.outside == [], w.outside
     assert w.errors == [], w.errors
+

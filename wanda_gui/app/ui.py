@@ -329,7 +329,8 @@ def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, datase
             last_drawn = time.perf_counter()
             elapsed = time.perf_counter() - started
             eta = elapsed / event.done * (event.total - event.done)
-            heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, event.score_map, event.mask_map)
+            heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, event.score_map, event.mask_map,
+                                       method=config.method)
             yield out(prune_status=f"… block {event.block + 1}/{blocks} · linear {event.done}/{event.total} "
                                    f"({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · ETA {eta:.0f} s",
                       map_plot=heatmap)
@@ -364,7 +365,7 @@ def show_layer(name, request: gr.Request):
     if not name or name not in ws.maps:
         return plots.empty("Pick a pruned linear")
     m = ws.maps[name]
-    return plots.layer_maps(name, m.shape, m.sparsity, m.score_map, m.mask_map)
+    return plots.layer_maps(name, m.shape, m.sparsity, m.score_map, m.mask_map, method=ws.summary.method)
 
 
 EVAL_OUTPUTS = ("ppl_md", *BUTTONS)
@@ -564,9 +565,10 @@ def build(policy: ServePolicy | None = None) -> gr.Blocks:
             gr.Markdown("### 3 · Live")
             c["prune_status"] = gr.Markdown("Load a model, then start pruning.", elem_id="prune-status")
             with gr.Row():
-                c["block_plot"] = gr.Plot(plots.block_chart(1, {}, {}, None), label="Blocks", elem_id="block-plot")
+                c["block_plot"] = gr.Plot(plots.block_chart(1, {}, {}, None), label="Blocks", elem_id="block-plot",
+                                        min_width=520)
                 c["map_plot"] = gr.Plot(plots.empty("Score and mask maps appear as each linear is pruned"), label="Maps",
-                                        elem_id="map-plot")
+                                        elem_id="map-plot", min_width=520)
             c["layer_pick"] = gr.Dropdown([], label="Look at any pruned linear", interactive=True, elem_id="layer-pick")
 
         with gr.Column(elem_classes="step"):
@@ -639,31 +641,41 @@ def build(policy: ServePolicy | None = None) -> gr.Blocks:
                           calib_kind, [files, dataset], queue=False, api_visibility="private")
 
         work = dict(concurrency_id="work", concurrency_limit=1)
-        load_event = c["load_btn"].click(load, [source_kind, folder, hub_id, revision, token, trust, device, dtype],
-                                         out(LOAD_OUTPUTS), api_name="load", show_progress_on=[c["load_status"]], **work)
+        chatting = dict(concurrency_id="chat", concurrency_limit=2)
+
+        def queued(trigger, status: str, what: str, fn, inputs, outputs, **kwargs):
+            """trigger -> at once, a status line saying the click was taken -> fn in its queue, whose place and wait
+            Gradio shows on that same status line."""
+            note = f"… Waiting for the server to {what}; other sessions' work goes first (your place in the queue shows here)."
+            return trigger(lambda: note, None, c[status], queue=False, api_visibility="private").then(
+                fn, inputs, outputs, show_progress_on=[c[status]], **kwargs)
+
+        load_event = queued(c["load_btn"].click, "load_status", "load the model", load,
+                            [source_kind, folder, hub_id, revision, token, trust, device, dtype], out(LOAD_OUTPUTS),
+                            api_name="load", **work)
         estimate_inputs = [method, nsamples, seqlen]
         load_event.then(estimate_text, estimate_inputs, estimate, api_visibility="private")
         for component in (method, nsamples, seqlen):
             component.change(estimate_text, estimate_inputs, estimate, api_visibility="private")
 
-        c["start_btn"].click(
-            prune, [method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed, include,
-                    exclude, prune_head, batch_size],
-            out(PRUNE_OUTPUTS), api_name="prune", show_progress_on=[c["prune_status"]], **work)
+        queued(c["start_btn"].click, "prune_status", "start pruning", prune,
+               [method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed, include, exclude,
+                prune_head, batch_size], out(PRUNE_OUTPUTS), api_name="prune", **work)
         c["stop_btn"].click(stop_pruning, None, c["stop_btn"], api_name="stop", queue=False)
         c["layer_pick"].change(show_layer, c["layer_pick"], c["map_plot"], api_name="show_layer")
-        c["eval_btn"].click(evaluate, nwindows, out(EVAL_OUTPUTS), api_name="evaluate",
-                            show_progress_on=[c["ppl_md"]], **work)
+        queued(c["eval_btn"].click, "ppl_md", "measure perplexity", evaluate, nwindows, out(EVAL_OUTPUTS),
+               api_name="evaluate", **work)
 
         chat_inputs = [c["prompt"], c["dense_chat"], c["pruned_chat"], max_new, greedy, temperature, top_p, chat_seed]
-        chatting = dict(concurrency_id="chat", concurrency_limit=2, show_progress_on=[c["chat_status"]])
-        send_event = c["send_btn"].click(chat, chat_inputs, out(CHAT_OUTPUTS), api_name="chat", **chatting)
-        submit_event = c["prompt"].submit(chat, chat_inputs, out(CHAT_OUTPUTS), api_visibility="private", **chatting)
+        send_event = queued(c["send_btn"].click, "chat_status", "answer", chat, chat_inputs, out(CHAT_OUTPUTS),
+                            api_name="chat", **chatting)
+        submit_event = queued(c["prompt"].submit, "chat_status", "answer", chat, chat_inputs, out(CHAT_OUTPUTS),
+                              api_visibility="private", **chatting)
         chat_stop.click(stop_chat, None, c["chat_status"], cancels=[send_event, submit_event], api_name="stop_chat",
                         queue=False)
         clear_btn.click(lambda: ([], [], "", "", ""), None, out(("dense_chat", "pruned_chat", "dense_stats",
                                                                   "pruned_stats", "chat_status")),
                         api_name="clear", queue=False)
-        c["export_btn"].click(export, [export_dir, overwrite], out(EXPORT_OUTPUTS), api_name="export",
-                              show_progress_on=[c["export_status"]], **work)
+        queued(c["export_btn"].click, "export_status", "export", export, [export_dir, overwrite], out(EXPORT_OUTPUTS),
+               api_name="export", **work)
     return demo
