@@ -2,9 +2,8 @@
 
 The memory model counts what the engine really allocates (see engine.prune): the hidden states of every calibration
 window (twice while they are first gathered), one batch's block activations (linear outputs, attention scores),
-what tokenizing the calibration text leaves allocated,
-the Wanda score and selection temporaries of the largest linear, and the second copy of the pruned linears that the
-app's pruned model (or the engine's restore copy) holds. The time model is the linears' and attention's FLOPs at
+what tokenizing the calibration text leaves allocated (CPU), the score and selection temporaries of the largest
+linear, and the second copy of the pruned linears that the app's pruned model (or the engine's restore copy) holds. The time model is the linears' and attention's FLOPs at
 a matmul rate measured here, scaled by what P1 measured on top of them (element-wise work, masking).
 """
 
@@ -105,7 +104,8 @@ def memory_parts(info, method: str, nsamples: int, seqlen: int, dense_copy: bool
         parts["calibration activations"] = hidden
         # gathered batch by batch, then concatenated (the hidden states twice), or one batch through a block
         parts["working memory"] = max(hidden, block_activation_bytes(info, seqlen, batch))
-        parts["tokenizing"] = TOKENIZING_BYTES  # the tokenizer's threads keep what they allocated
+        if torch.device(info.device).type == "cpu":  # the tokenizer's threads keep what they allocated
+            parts["tokenizing"] = TOKENIZING_BYTES
     parts["scoring"] = selection_bytes(info)
     parts["pruned copy"] = info.linear_parameters * _element_bytes(info) if dense_copy else 0
     return parts
