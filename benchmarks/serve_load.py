@@ -40,7 +40,7 @@ def rss_gib(process: psutil.Process) -> float:
 
 
 def prune(client: Client, nsamples: int, seqlen: int):
-    return client.submit("Wanda", 0.5, "unstructured", "1:4", CORPUS, [], "", nsamples, seqlen, 0, "", "", False, 0,
+    return client.submit("Wanda", 0.5, "unstructured", "1:4", CORPUS, [], "", nsamples, seqlen, 0, "", "", False, 0, False,
                          api_name="/prune")
 
 

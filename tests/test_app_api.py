@@ -35,7 +35,7 @@ def load_tiny(client, folder):
 def prune_args(files, **overrides):
     args = dict(method="Wanda", sparsity=0.5, pattern="unstructured", custom_nm="1:4", calib_kind=CALIBRATION[1],
                 files=[handle_file(str(f)) for f in files], dataset="", nsamples=4, seqlen=32, seed=0, include="",
-                exclude="", prune_head=False, batch_size=0)
+                exclude="", prune_head=False, batch_size=0, wanda_variant=False)
     args.update(overrides)
     return list(args.values())
 
@@ -121,7 +121,7 @@ def test_builtin_model_flow_with_small_calibration(url, builtin_dir):
     client = Client(url, verbose=False)
     status, card, *_ = client.predict(SOURCES[0], "", "", "", "", False, "cpu", "auto", api_name="/load")
     assert "SmolLM2-135M-Instruct" in status and "| Linears to prune | 210" in card
-    final = client.predict("Wanda", 0.5, "2:4", "1:4", CALIBRATION[0], [], "", 8, 128, 0, "", "", False, 0,
+    final = client.predict("Wanda", 0.5, "2:4", "1:4", CALIBRATION[0], [], "", 8, 128, 0, "", "", False, 0, False,
                            api_name="/prune")
     assert final[0].startswith("✓ Pruned") and "achieved sparsity 50.00%" in final[0]
     _, dense, pruned, *_ = client.predict("What is the capital of France?", [], [], 24, True, 0.7, 0.9, 0,
@@ -146,7 +146,7 @@ def test_builtin_model_flow_with_small_calibration(url, builtin_dir):
     assert "Paris" in text_of(dense[1]["content"])
 
     # Stop during a real run: the pruned copy is discarded, the dense model answers as before.
-    job = client.submit("Wanda", 0.5, "unstructured", "1:4", CALIBRATION[0], [], "", 64, 512, 0, "", "", False, 0,
+    job = client.submit("Wanda", 0.5, "unstructured", "1:4", CALIBRATION[0], [], "", 64, 512, 0, "", "", False, 0, False,
                         api_name="/prune")
     for update in job:
         if isinstance(update[0], str) and "/210 (" in update[0]:
@@ -169,3 +169,18 @@ def test_auth_protects_the_app():
         assert client.predict(api_name="/clear") == ([], [], "", "", "")
     finally:
         demo.close()
+
+
+def test_every_method_and_the_wanda_variant_run_from_the_page(url, tiny_model_dir, text_file):
+    from wanda_gui.app.ui import METHOD_NAMES
+
+    client = Client(url, verbose=False)
+    load_tiny(client, tiny_model_dir)
+    for label, name in METHOD_NAMES.items():
+        final = client.predict(*prune_args([text_file], method=label, sparsity=0.6), api_name="/prune")
+        assert final[0].startswith("✓ Pruned") and f"**{name} · unstructured**" in final[4], (label, final[0])
+    final = client.predict(*prune_args([text_file], wanda_variant=True), api_name="/prune")
+    assert final[0].startswith("✓ Pruned") and "**wanda (α-variant) · unstructured**" in final[4]
+    assert "α-variant is a Wanda option" in error_of(lambda: client.predict(
+        *prune_args([text_file], method="SparseGPT", wanda_variant=True), api_name="/prune"))
+    client.close()
