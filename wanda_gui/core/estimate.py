@@ -3,7 +3,7 @@
 The memory model counts what the engine really allocates (see engine.prune): the hidden states of every calibration
 window (twice while they are first gathered), one batch's block activations (linear outputs, attention scores),
 what tokenizing the calibration text leaves allocated (CPU), the score and selection temporaries of the largest
-linear, and the second copy of the pruned linears that the app's pruned model (or the engine's restore copy) holds. The time model is the linears' and attention's FLOPs at
+linear with the run's bookkeeping, and the second copy of the pruned linears that the app's pruned model (or the engine's restore copy) holds. The time model is the linears' and attention's FLOPs at
 a matmul rate measured here, scaled by what P1 measured on top of them (element-wise work, masking).
 """
 
@@ -28,6 +28,7 @@ ATTENTION_OVERHEAD = 1.65  # attention's matmuls run slower than the linears' (s
 MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
 SELECTION_BYTES_PER_WEIGHT = 4 + 1 + 4 + 8  # fp32 score, bool mask, top-k values and int64 indices
 TOKENIZING_BYTES = 96 * 1024 ** 2  # tokenizing in 100k-character pieces: fitted to benchmarks/estimate_check.py
+RUN_BYTES = 12 * 1024 ** 2  # events, pooled maps and allocator arenas of any run (magnitude measured 21-37 MiB)
 HEAD_DIM = 64  # attention heads are guessed from the width (ModelInfo has no head count): 576 / 64 = SmolLM2's 9
 EVAL_BATCH = 4  # evaluate.perplexity's default windows per forward
 
@@ -106,7 +107,7 @@ def memory_parts(info, method: str, nsamples: int, seqlen: int, dense_copy: bool
         parts["working memory"] = max(hidden, block_activation_bytes(info, seqlen, batch))
         if torch.device(info.device).type == "cpu":  # the tokenizer's threads keep what they allocated
             parts["tokenizing"] = TOKENIZING_BYTES
-    parts["scoring"] = selection_bytes(info)
+    parts["scoring"] = selection_bytes(info) + RUN_BYTES
     parts["pruned copy"] = info.linear_parameters * _element_bytes(info) if dense_copy else 0
     return parts
 
