@@ -106,6 +106,8 @@ def test_bad_input_is_answered_in_words(url, tiny_model_dir, text_file, tmp_path
                                                                                 api_name="/prune"))
     assert "longer than the model's context" in error_of(lambda: client.predict(*prune_args([text_file], seqlen=4096),
                                                                                 api_name="/prune"))
+    too_big = error_of(lambda: client.predict(*prune_args([text_file], nsamples=10**6, seqlen=256), api_name="/prune"))
+    assert "needs about" in too_big and "is free on cpu" in too_big and "lower the samples" in too_big
     client.predict(*prune_args([text_file]), api_name="/prune")
     assert "Type a prompt first" in client.predict("  ", [], [], 8, True, 0.7, 0.9, 0, api_name="/chat")[5]
     full = tmp_path / "full"

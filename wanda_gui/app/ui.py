@@ -286,7 +286,7 @@ def estimate_text(method, nsamples, seqlen, request: gr.Request):
         return "Load a model to see an estimate."
     e = estimate(ws.loaded.info, method.lower(), check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2),
                  True)
-    return f"Estimate on {ws.loaded.info.device}: {e}."
+    return f"Estimate on {ws.loaded.info.device}: {e} ({e.breakdown()})."
 
 
 def sparsity_label(pattern_choice: str, custom_nm: str):

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import psutil
 import torch
 
 from ..core import events as ev
@@ -28,12 +27,6 @@ class LayerMaps:
     sparsity: float
     score_map: np.ndarray
     mask_map: np.ndarray
-
-
-def free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
 
 
 class Workspace:
@@ -134,8 +127,9 @@ class Workspace:
         return sum(m.weight.numel() * m.weight.element_size() for linears in plan for m in linears.values())
 
     def copy_fits(self, config) -> bool:
-        loaded = self.require_model()
-        return free_memory(torch.device(loaded.info.device)) > self.copy_bytes(config) * HEADROOM
+        from ..core.estimate import free_memory
+
+        return free_memory(self.require_model().info.device) > self.copy_bytes(config) * HEADROOM
 
     # -- pruning
     def prune(self, config, calibration_source, nsamples: int, seqlen: int, seed: int) -> Iterator[ev.Event]:
@@ -186,17 +180,10 @@ class Workspace:
 
     def check_memory(self, config, nsamples: int, seqlen: int) -> None:
         """Refuse up front, with the numbers, a run that cannot fit in free memory even when pruning in place."""
-        from ..core.estimate import estimate
+        from ..core.estimate import check_fits
 
-        loaded = self.require_model()
-        need = estimate(loaded.info, config.method, nsamples, seqlen, False).extra_bytes
-        free = free_memory(torch.device(loaded.info.device))
-        if need > free:
-            from ..core.devices import format_bytes
-
-            raise UserError(f"This run needs about {format_bytes(need)} on {loaded.info.device} for its calibration "
-                            f"activations and statistics, but {format_bytes(free)} is free. Lower the samples or the "
-                            "sequence length.")
+        check_fits(self.require_model().info, config.method, nsamples, seqlen, dense_copy=False,
+                   batch_size=config.batch_size, hint="lower the samples or the sequence length")
 
     def stop(self) -> None:
         self.cancel.set()
