@@ -107,7 +107,7 @@ def measure(name: str) -> dict:
 
 def time_checkable(r: dict) -> bool:
     """Wall seconds say something about the estimate only when no other work shared the cores."""
-    return r["load_average"] < r["cpu_count"] + 0.5
+    return r["load_average"] < r.get("cpu_count", os.cpu_count()) + 0.5
 
 
 def reestimate(reports: list[dict]) -> list[dict]:
