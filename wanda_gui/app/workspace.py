@@ -182,7 +182,7 @@ class Workspace:
         """Refuse up front, with the numbers, a run that cannot fit in free memory even when pruning in place."""
         from ..core.estimate import check_fits
 
-        check_fits(self.require_model().info, config.method, nsamples, seqlen, dense_copy=False,
+        check_fits(self.require_model().info, config.method, nsamples, seqlen, dense_copy=True,
                    batch_size=config.batch_size, hint="lower the samples or the sequence length")
 
     def stop(self) -> None:
