@@ -81,3 +81,21 @@ def test_existing_output_is_refused_before_any_work(tmp_path, tiny_model_dir):
 def test_app_auth_needs_user_and_password():
     result = run_cli("app", "--auth", "nopassword")
     assert result.returncode == 2 and "--auth takes USER:PASS" in result.stderr
+
+
+def test_every_method_and_the_wanda_variant_from_the_command_line(tmp_path, tiny_model_dir, text_file, capsys):
+    from wanda_gui.cli import main
+    from wanda_gui.core.methods import METHODS
+
+    for name in (*METHODS, "wanda-variant"):
+        out = tmp_path / name
+        flags = ["--method", "wanda", "--wanda-variant"] if name == "wanda-variant" else ["--method", name]
+        assert main(["prune", "--model", str(tiny_model_dir), *flags, "--sparsity", "0.6", "--calib", str(text_file),
+                     "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--json"]) == 0
+        report = json.loads((out / "pruning_report.json").read_text())
+        assert report["method"] == name.split("-")[0] and report["settings"]["wanda_variant"] == (name == "wanda-variant")
+        assert abs(report["achieved_sparsity"] - 0.6) < 0.01, (name, report["achieved_sparsity"])
+    capsys.readouterr()
+    assert main(["prune", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--wanda-variant",
+                 "--out", str(tmp_path / "refused")]) == 2
+    assert "α-variant is a Wanda option" in capsys.readouterr().err and not (tmp_path / "refused").exists()

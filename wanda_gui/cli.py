@@ -34,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a model and export it")
     _add_model_args(prune)
-    prune.add_argument("--method", default="wanda", choices=list(METHODS))
+    prune.add_argument("--method", default="wanda", choices=list(METHODS),
+                       help="; ".join(m.description for m in METHODS.values()))
+    prune.add_argument("--wanda-variant", action="store_true",
+                       help="Wanda only: the reference's per-layer alpha search (rows differ in sparsity; slightly worse "
+                            "than plain Wanda on the built-in model)")
     prune.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row to zero, in [0, 1) (unstructured)")
     prune.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M")
     prune.add_argument("--layerwise", action="store_true", help="magnitude: one threshold per layer instead of per row")
@@ -50,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=None, help="windows per block forward (default: by device)")
     prune.add_argument("--eval", action="store_true", help="measure dense and pruned perplexity (PROTOCOL windows)")
     prune.add_argument("--eval-nwindows", type=int, default=64)
-    prune.add_argument("--out", required=True, help="export folder (must be empty unless --overwrite)")
-    prune.add_argument("--overwrite", action="store_true")
+    prune.add_argument("--out", required=True, help="export folder: new, empty, or a previous export with --overwrite")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace a previous export of this tool (a folder holding anything else is never replaced)")
 
     ev = sub.add_parser("eval", help="perplexity of a model on the evaluation text")
     _add_model_args(ev)
@@ -69,7 +74,7 @@ def _load(args):
     from .core.models import load_model
 
     started = time.perf_counter()
-    loaded = load_model(args.model, args.device, args.dtype, args.revision, args.token, args.trust_remote_code,
+    loaded = load_model(os.path.expanduser(args.model), args.device, args.dtype, args.revision, args.token, args.trust_remote_code,
                         progress=_progress)
     return loaded, time.perf_counter() - started
 
@@ -104,7 +109,8 @@ def check_prune_args(args):
     _at_least(args.eval_nwindows, 1, "--eval-nwindows")
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
                          include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
-                         batch_size=args.batch_size, restore_on_abort=False)  # a stopped CLI run saves nothing
+                         batch_size=args.batch_size, wanda_variant=args.wanda_variant,
+                         restore_on_abort=False)  # a stopped CLI run saves nothing
     check_model_args(args)
     check_text_files(text_file_sources(args.calib), "calibration")
     check_target(Path(args.out).expanduser().absolute(), args.overwrite, source_folder(args.model))
@@ -166,7 +172,7 @@ def cmd_prune(args) -> dict:
         print(f"pruned perplexity {ppl['pruned']}", file=sys.stderr)
     report = make_report(loaded.info, summary, calibration, timings,
                          {k: v.__dict__ for k, v in ppl.items()} or None)
-    out = export_model(loaded.model, loaded.tokenizer, args.out, report, args.overwrite, source=loaded.path)
+    out = export_model(loaded.model, loaded.tokenizer, Path(args.out).expanduser(), report, args.overwrite, source=loaded.path)
     report["export"] = str(out)
     if not args.json:
         print(f"{summary.method} {summary.pattern}: achieved sparsity {summary.achieved_sparsity:.2%} over "
