@@ -99,3 +99,21 @@ def test_every_method_and_the_wanda_variant_from_the_command_line(tmp_path, tiny
     assert main(["prune", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--wanda-variant",
                  "--out", str(tmp_path / "refused")]) == 2
     assert "α-variant is a Wanda option" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_sweep_writes_results_and_resumes_without_rerunning(tmp_path, tiny_model_dir, text_file, capsys):
+    from wanda_gui.cli import main
+
+    args = ["sweep", "--model", str(tiny_model_dir), "--methods", "wanda,magnitude", "--sparsities", "0.3,0.6",
+            "--patterns", "unstructured,2:4", "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
+            "--eval-seqlen", "32", "--eval-nwindows", "3", "--out", str(tmp_path / "sweep"), "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    keys = sorted(r["key"] for r in first["rows"])
+    assert len(keys) == 1 + 2 * 3 and "wanda|2:4|0.5" in keys and "magnitude|unstructured|0.6" in keys
+    assert {"results.json", "results.csv", "chart.html"} <= {p.name for p in (tmp_path / "sweep").iterdir()}
+    mtime = (tmp_path / "sweep" / "results.json").stat().st_mtime_ns
+    assert main(args) == 0  # resumed: every run is already there
+    assert sorted(r["key"] for r in json.loads(capsys.readouterr().out)["rows"]) == keys
+    assert main([*args[:-3], "--seed", "3", "--out", str(tmp_path / "sweep")]) == 2
+    assert "seed" in capsys.readouterr().err and (tmp_path / "sweep" / "results.json").stat().st_mtime_ns == mtime

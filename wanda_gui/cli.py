@@ -1,4 +1,4 @@
-"""Command line: `wanda-gui prune`, `wanda-gui eval`, and `wanda-gui [app]` for the Gradio app."""
+"""Command line: `wanda-gui prune`, `wanda-gui eval`, `wanda-gui sweep`, and `wanda-gui [app]` for the Gradio app."""
 
 from __future__ import annotations
 
@@ -63,6 +63,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seqlen", type=int, default=512)
     ev.add_argument("--nwindows", type=int, default=64)
     ev.add_argument("--text", default=None, metavar="FILE", help="evaluate on this text file instead of the built-in text")
+
+    sweep = sub.add_parser("sweep", help="compare methods: every method x pattern x sparsity on a fresh copy, resumable")
+    _add_model_args(sweep)
+    sweep.add_argument("--methods", default="wanda,magnitude", help=f"comma-separated, from {','.join(METHODS)}")
+    sweep.add_argument("--sparsities", default="0.3,0.5,0.6,0.7",
+                       help="comma-separated fractions in [0, 1) for the unstructured runs (N:M patterns have their own)")
+    sweep.add_argument("--patterns", default="unstructured", help="comma-separated: unstructured, 2:4, 4:8 or any N:M")
+    sweep.add_argument("--calib", nargs="+", default=["builtin"], metavar="SOURCE",
+                       help="builtin, text FILE(s), or hf:NAME[:CONFIG] (wikitext2, c4 or any dataset)")
+    sweep.add_argument("--nsamples", type=int, default=64)
+    sweep.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--eval-nwindows", type=int, default=64)
+    sweep.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (PROTOCOL: 512)")
+    sweep.add_argument("--out", required=True, help="results folder; rerun with the same folder and settings to resume")
+
     return parser
 
 
@@ -208,6 +224,80 @@ def cmd_eval(args) -> dict:
             "load_seconds": load_seconds, **result.__dict__}
 
 
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _fractions(text: str, flag: str) -> list[float]:
+    try:
+        return [float(part) for part in _split(text)]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated fractions such as 0.3,0.5; got {text!r}.") from None
+
+
+def check_sweep_args(args):
+    """Everything about a sweep that needs no model, before the model is loaded: its runs and output folder."""
+    from .core.calibration import check_text_files, text_file_sources
+    from .core.sweep import check_out_dir, plan
+
+    specs = plan(_split(args.methods), _fractions(args.sparsities, "--sparsities"), _split(args.patterns))
+    _at_least(args.nsamples, 1, "--nsamples")
+    _at_least(args.seqlen, 2, "--seqlen")
+    _at_least(args.seed, 0, "--seed")
+    _at_least(args.eval_nwindows, 1, "--eval-nwindows")
+    _at_least(args.eval_seqlen, 2, "--eval-seqlen")
+    check_model_args(args)
+    check_text_files(text_file_sources(args.calib), "calibration")
+    out = Path(args.out).expanduser().absolute()
+    check_out_dir(out)
+    return specs, out
+
+
+def cmd_sweep(args) -> dict:
+    from tqdm import tqdm
+
+    from .core import sweep as sw
+    from .core.calibration import calibration_text, check_seqlen, windows_from_text
+    from .core.estimate import check_eval_fits, check_fits
+
+    specs, out = check_sweep_args(args)
+    text = calibration_text(args.calib)
+    loaded, _ = _load(args)
+    check_seqlen(args.seqlen, loaded.info.context_length)
+    check_seqlen(args.eval_seqlen, loaded.info.context_length)
+    for method in dict.fromkeys(s.method for s in specs):
+        check_fits(loaded.info, method, args.nsamples, args.seqlen, dense_copy=True, hint="lower --nsamples or --seqlen")
+    check_eval_fits(loaded.info, vocab_size(loaded.model), args.eval_seqlen, hint="lower --eval-seqlen")
+    windows, calibration = windows_from_text(loaded.tokenizer, *text, args.nsamples, args.seqlen, args.seed,
+                                             loaded.info.context_length)
+    bar, finished = None, None
+    try:
+        for event in sw.run_sweep(loaded, specs, windows, calibration, args.eval_nwindows, out,
+                                  eval_seqlen=args.eval_seqlen):
+            if isinstance(event, sw.SweepStarted):
+                bar = tqdm(total=event.total, unit="run", file=sys.stderr, dynamic_ncols=True)
+            elif isinstance(event, sw.RunSkipped):
+                bar.update(1)
+            elif isinstance(event, sw.RunStarting):
+                bar.set_description(event.spec.key)
+            elif isinstance(event, sw.RunProgress):
+                bar.set_postfix_str(f"linear {event.done}/{event.total}")
+            elif isinstance(event, sw.RunDone):
+                bar.update(1)
+                bar.set_postfix_str(f"perplexity {event.row['perplexity']:.2f}")
+            elif isinstance(event, sw.SweepFinished):
+                finished = event
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.json:
+        for row in finished.rows:
+            print(f"{row['key']:<30} sparsity {row['achieved_sparsity']:.4f}  perplexity {row['perplexity']:.3f}")
+        print(f"results in {out}: {sw.RESULTS_CSV}, {sw.RESULTS_JSON}, {sw.CHART_HTML}")
+    return {"out": str(out), "header": sw.sweep_header(loaded, calibration, args.eval_seqlen, args.eval_nwindows),
+            "rows": finished.rows}
+
+
 def cmd_app(args) -> None:
     from .app.main import serve
 
@@ -218,14 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("app", "prune", "eval", "-h", "--help"):
+    if not argv or argv[0] not in ("app", "prune", "eval", "sweep", "-h", "--help"):
         argv = ["app", *argv]  # `wanda-gui` alone, or with app options, opens the app
     args = _parser().parse_args(argv)
     try:
         if args.command == "app":
             cmd_app(args)
             return 0
-        result = cmd_prune(args) if args.command == "prune" else cmd_eval(args)
+        result = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep}[args.command](args)
         if args.json:
             print(json.dumps(result, indent=2))
         return 0
