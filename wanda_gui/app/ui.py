@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import inspect
@@ -11,6 +12,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 import gradio as gr
 
@@ -195,6 +197,35 @@ def source_of(policy: ServePolicy, kind: str, folder: str, hub_id: str) -> str:
                                hub_id or "")
 
 
+@dataclasses.dataclass
+class Finished:
+    result: object
+
+
+def on_a_thread(work) -> Iterator:
+    """Run work(report) on a worker thread; yield whatever it reports as it goes, then Finished(its result). Its
+    error is raised here, on the callback's thread, so that the page shows it."""
+    messages: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = work(messages.put)
+        except Exception as e:  # re-raised below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while thread.is_alive() or not messages.empty():
+        try:
+            yield messages.get(timeout=0.25)
+        except queue.Empty:
+            pass
+    if "error" in outcome:
+        raise outcome["error"]
+    yield Finished(outcome["result"])
+
+
 LOAD_OUTPUTS = ("load_status", "card", *BUTTONS, *RUN_VIEW, *AFTER_RUN)
 
 
@@ -209,31 +240,16 @@ def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype
     policy = served(request).policy
     source = source_of(policy, kind, folder, hub_id)
     trust = policy.remote_code(bool(trust_remote_code))
-    if ws.busy:
-        raise UserError(f"This session is {ws.activity}; wait for it to finish or stop it first.")
-    messages: queue.Queue = queue.Queue()
-    outcome: dict = {}
-
-    def work():
-        try:
-            outcome["loaded"] = ws.load(source, device, None if dtype == "auto" else dtype, revision, token, trust,
-                                        progress=lambda m, f: messages.put(m + (f" {f:.0%}" if f else "")))
-        except Exception as e:  # re-raised on the callback's thread below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
+    ws.check_idle()
     yield updates(LOAD_OUTPUTS, load_status="… Loading…", card="", **buttons(ws, running=True),
                   **cleared(RUN_VIEW, AFTER_RUN))
-    while thread.is_alive() or not messages.empty():
-        try:
-            yield updates(LOAD_OUTPUTS, load_status=f"… {messages.get(timeout=0.25)}")
-        except queue.Empty:
-            pass
-    if "error" in outcome:
-        raise outcome["error"]
-    info = outcome["loaded"].info
-    shared = ws.pool.holders(outcome["loaded"]) - 1
+    work = functools.partial(ws.load, source, device, None if dtype == "auto" else dtype, revision, token, trust)
+    for message in on_a_thread(lambda report: work(progress=lambda m, f: report(m + (f" {f:.0%}" if f else "")))):
+        if isinstance(message, str):
+            yield updates(LOAD_OUTPUTS, load_status=f"… {message}")
+    loaded = message.result
+    info = loaded.info
+    shared = ws.pool.holders(loaded) - 1
     note = f" Shared read-only with {shared} other session(s)." if shared > 0 else ""
     yield updates(LOAD_OUTPUTS, load_status=f"✓ Loaded {info.name} on {info.device} in {ws.timings['load']:.1f} s.{note}",
                   card=model_card(info), **buttons(ws))
@@ -391,27 +407,11 @@ def evaluate(nwindows, request: gr.Request):
     ws = session(request)
     nwindows = check_count(nwindows, "Windows")
     ws.require_pruned()
-    progress: queue.Queue = queue.Queue()
-    outcome: dict = {}
-
-    def work():
-        try:
-            outcome["ppl"] = ws.evaluate(nwindows, progress=lambda done, total: progress.put((done, total)))
-        except Exception as e:  # re-raised on the callback's thread below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
     yield updates(EVAL_OUTPUTS, ppl_md="… Measuring perplexity…", **buttons(ws, running=True))
-    while thread.is_alive() or not progress.empty():
-        try:
-            done, total = progress.get(timeout=0.25)
-            yield updates(EVAL_OUTPUTS, ppl_md=f"… Measuring perplexity: window {done}/{total}")
-        except queue.Empty:
-            pass
-    if "error" in outcome:
-        raise outcome["error"]
-    yield updates(EVAL_OUTPUTS, ppl_md=perplexity_markdown(outcome["ppl"]), **buttons(ws))
+    for message in on_a_thread(lambda report: ws.evaluate(nwindows, progress=lambda done, total: report((done, total)))):
+        if isinstance(message, tuple):
+            yield updates(EVAL_OUTPUTS, ppl_md=f"… Measuring perplexity: window {message[0]}/{message[1]}")
+    yield updates(EVAL_OUTPUTS, ppl_md=perplexity_markdown(message.result), **buttons(ws))
 
 
 CHAT_OUTPUTS = ("prompt", "dense_chat", "pruned_chat", "dense_stats", "pruned_stats", "chat_status")

@@ -65,11 +65,17 @@ class Workspace:
     def busy(self) -> bool:
         return self.activity is not None
 
+    def check_idle(self) -> None:
+        activity = self.activity
+        if activity is not None:
+            raise UserError(f"This session is {activity}; wait for it to finish or stop it first.")
+
     @contextlib.contextmanager
     def doing(self, activity: str):
         """Mark the session busy with one activity; a second one is refused in words instead of queued silently."""
         if not self._work.acquire(blocking=False):
-            raise UserError(f"This session is {self.activity}; wait for it to finish or stop it first.")
+            self.check_idle()
+            raise UserError("This session is busy with another step; try again in a moment.")  # it just ended
         self.activity = activity
         try:
             yield
