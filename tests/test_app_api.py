@@ -50,6 +50,8 @@ def test_whole_flow_load_prune_results_chat_export_reload(url, tiny_model_dir, t
     final = job.result()
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
     assert any("linear 1/14" in s for s in statuses), statuses  # live per-linear progress
+    # The ETA counts blocks (they cost alike), never single linears: none before the first block is done.
+    assert all("ETA after the first block" in s for s in statuses if "block 1/2" in s and "linear" in s)
     assert final[0].startswith("✓ Pruned") and "50.00%" in final[0]
     heatmap = json.loads(final[2]["plot"])
     assert heatmap["data"][0]["type"] == "heatmap" and "model.layers.1" in heatmap["layout"]["title"]["text"]

@@ -165,13 +165,15 @@ def cmd_prune(args) -> dict:
         print(f"dense perplexity {ppl['dense']}", file=sys.stderr)
 
     summary = None
-    bar = tqdm(total=None, unit="linear", file=sys.stderr, dynamic_ncols=True)
+    # The bar counts blocks (two passes each: they cost alike), so its rate and ETA hold; linears do not.
+    bar = tqdm(total=None, unit="block", file=sys.stderr, dynamic_ncols=True)
     for event in prune(loaded.model, config, windows, model_name=loaded.name):
         if isinstance(event, ev.RunStarted):
-            bar.reset(total=event.total_linears)
+            bar.reset(total=len(event.blocks))
             bar.set_description(f"{event.method} {event.pattern}")
         elif isinstance(event, ev.LinearPruned):
-            bar.set_postfix_str(f"block {event.block} {event.name.rsplit('.', 1)[-1]} {event.sparsity:.1%}")
+            bar.set_postfix_str(f"linear {event.done}/{event.total} {event.name.rsplit('.', 1)[-1]} {event.sparsity:.1%}")
+        elif isinstance(event, ev.BlockFinished):
             bar.update(1)
         elif isinstance(event, ev.RunFinished):
             summary = event.summary

@@ -354,11 +354,13 @@ def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, datase
                 continue  # drawing every linear would slow a fast run down; the picker shows them all afterwards
             last_drawn = time.perf_counter()
             elapsed = time.perf_counter() - started
-            eta = elapsed / event.done * (event.total - event.done)
+            finished = len(seconds_by_block)  # blocks cost alike (two passes each); linears do not (1 s to 7 s)
+            eta = (f"ETA {elapsed / finished * (blocks - finished):.0f} s" if finished else
+                   "ETA after the first block")
             heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, event.score_map, event.mask_map,
                                        method=config.method)
             yield out(prune_status=f"… block {event.block + 1}/{blocks} · linear {event.done}/{event.total} "
-                                   f"({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · ETA {eta:.0f} s",
+                                   f"({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · {eta}",
                       map_plot=heatmap)
         elif isinstance(event, ev.BlockFinished):
             sparsity_by_block[event.index] = event.sparsity
