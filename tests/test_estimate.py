@@ -115,3 +115,13 @@ def test_the_estimate_reads_as_time_and_memory(fixed_rate):
     e = est.estimate(smollm2(), "wanda", 64, 512, True)
     assert str(e).startswith("about ") and " s and " in str(e) and str(e).endswith("more memory")
     assert "calibration activations 72.0 MiB" in e.breakdown() and "pruned copy 405.0 MiB" in e.breakdown()
+
+
+def test_sparsegpt_is_estimated_slower_than_wanda_for_its_hessians(tiny_model_dir):
+    from wanda_gui.core.estimate import estimate
+    from wanda_gui.core.models import load_model
+
+    info = load_model(str(tiny_model_dir)).info
+    wanda, sparsegpt = estimate(info, "wanda", 64, 128, True), estimate(info, "sparsegpt", 64, 128, True)
+    masking = estimate(info, "magnitude", 64, 128, True).seconds
+    assert (sparsegpt.seconds - masking) / (wanda.seconds - masking) > 1.5

@@ -25,6 +25,9 @@ from .methods import get_method
 # element-wise work 16% of the run, masking 2.7 s (README). Per FLOP at the matmul rate, that is:
 LINEAR_OVERHEAD = 1.26  # the linears' matmuls plus the norms, activations, residuals and hooks around them
 ATTENTION_OVERHEAD = 1.65  # attention's matmuls run slower than the linears' (smaller, batched per head)
+# SparseGPT builds Hessians (about half the linears' FLOPs again) and updates column by column: P1 took 105 s for
+# it against Wanda's 63 s on the same machine (benchmarks/p1-cpu.json).
+METHOD_TIME_FACTOR = {"sparsegpt": 1.65}
 MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
 SELECTION_BYTES_PER_WEIGHT = 4 + 1 + 4 + 8  # fp32 score, bool mask, top-k values and int64 indices
 TOKENIZING_BYTES = 96 * 1024 ** 2  # tokenizing in 100k-character pieces: fitted to benchmarks/estimate_check.py
@@ -122,7 +125,8 @@ def prune_seconds(info, method: str, nsamples: int, seqlen: int) -> float:
     attention_flops = 2 * 2 * 2 * info.blocks * info.hidden_size * seqlen * tokens  # QK^T and AV, both passes
     batch_tokens = default_batch_size(torch.device(info.device), seqlen) * seqlen
     rate = matmul_rate(info.device, _torch_dtype(info), batch_tokens, info.hidden_size)
-    return (LINEAR_OVERHEAD * linear_flops + ATTENTION_OVERHEAD * attention_flops) / rate + masking
+    factor = METHOD_TIME_FACTOR.get(get_method(method).name, 1.0)
+    return factor * (LINEAR_OVERHEAD * linear_flops + ATTENTION_OVERHEAD * attention_flops) / rate + masking
 
 
 def estimate(info, method: str, nsamples: int, seqlen: int, dense_copy: bool, batch_size: int | None = None) -> Estimate:
