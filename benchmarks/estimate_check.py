@@ -21,9 +21,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from p1 import PeakRss  # benchmarks/ is on sys.path when a script here runs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,32 +37,6 @@ SETTINGS = {
     "magnitude": ("magnitude", 0, 0, False),
     "magnitude-app-copy": ("magnitude", 0, 0, True),
 }
-
-
-class PeakRss:
-    """The process's highest RSS while the block runs, sampled every 10 ms in a thread."""
-
-    def __init__(self):
-        import psutil
-
-        self.process = psutil.Process()
-        self.peak = 0
-        self._done = threading.Event()
-
-    def __enter__(self):
-        self.peak = self.process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._done.wait(0.01):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
 
 
 def measure(name: str) -> dict:
