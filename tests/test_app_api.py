@@ -1,5 +1,6 @@
 """The app through its API (gradio_client): the whole flow on a tiny model, bad input answered in words."""
 
+import contextlib
 import json
 import socket
 import time
@@ -18,14 +19,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def url():
+@contextlib.contextmanager
+def serving(**options):
+    """The app on a free loopback port for the length of a with-block; yields the running demo."""
     from wanda_gui.app.main import launch
 
-    port = free_port()
-    demo = launch(port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    demo = launch(port=free_port(), prevent_thread_lock=True, quiet=True, **options)
+    try:
+        yield demo
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def url():
+    with serving() as demo:
+        yield demo.local_url
 
 
 def load_tiny(client, folder):
@@ -162,17 +171,11 @@ def test_builtin_model_flow_with_small_calibration(url, builtin_dir):
 
 
 def test_auth_protects_the_app():
-    from wanda_gui.app.main import launch
-
-    port = free_port()
-    demo = launch(port=port, auth="alice:secret", prevent_thread_lock=True, quiet=True)
-    try:
+    with serving(auth="alice:secret") as demo:
         with pytest.raises(Exception):
-            Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/clear")
-        client = Client(f"http://127.0.0.1:{port}/", auth=("alice", "secret"), verbose=False)
+            Client(demo.local_url, verbose=False).predict(api_name="/clear")
+        client = Client(demo.local_url, auth=("alice", "secret"), verbose=False)
         assert client.predict(api_name="/clear") == ([], [], "", "", "")
-    finally:
-        demo.close()
 
 
 def test_every_method_and_the_wanda_variant_run_from_the_page(url, tiny_model_dir, text_file):

@@ -1,11 +1,12 @@
 """The app in a real headless browser (Debian's chromium + playwright): offline page, live pruning, chat, stop."""
 
 import shutil
-import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+
+from test_app_api import serving
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -15,14 +16,8 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
 @pytest.fixture(scope="module")
 def url():
-    from wanda_gui.app.main import launch
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = launch(port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serving() as demo:
+        yield demo.local_url
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,16 @@ import time
 import pytest
 from gradio_client import Client
 
-from test_app_api import error_of, free_port, load_tiny, prune_args
+from test_app_api import error_of, load_tiny, prune_args, serving
 from wanda_gui.app import ui
 
 
 @pytest.fixture(scope="module")
 def app():
-    from wanda_gui.app.main import launch
     from wanda_gui.app.policy import ServePolicy
 
-    port = free_port()
-    demo = launch(port=port, prevent_thread_lock=True, quiet=True, policy=ServePolicy(max_sessions=2))
-    yield demo
-    demo.close()
+    with serving(policy=ServePolicy(max_sessions=2)) as demo:
+        yield demo
 
 
 @pytest.fixture(scope="module")

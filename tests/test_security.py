@@ -15,7 +15,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from test_app_api import error_of, free_port, prune_args
+from test_app_api import error_of, free_port, prune_args, serving
 from wanda_gui.app.main import launch
 from wanda_gui.app.policy import ServePolicy, app_files_dir, policy_from_args
 from wanda_gui.app.ui import CALIBRATION, SOURCES
@@ -41,10 +41,8 @@ def http_get(url: str) -> tuple[int, bytes]:
 
 @pytest.fixture(scope="module")
 def local_url():
-    port = free_port()
-    demo = launch(port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serving() as demo:
+        yield demo.local_url
 
 
 # -- files --------------------------------------------------------------------------------------------------------
@@ -212,7 +210,10 @@ def remote_code_folder(tiny_model_dir, root: Path) -> tuple[Path, Path]:
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "evil.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n")
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        # Subclasses, not aliases: transformers marks a remote class for auto-saving, which must not touch Llama's own.
+        "class EvilConfig(LlamaConfig):\n    pass\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
     return folder, marker
 
 
@@ -232,29 +233,24 @@ def test_remote_code_does_not_run_through_the_api_unless_allowed(local_url, tiny
 
 def test_with_allow_remote_code_the_models_code_runs(tiny_model_dir, tmp_path):
     folder, marker = remote_code_folder(tiny_model_dir, tmp_path)
-    port = free_port()
-    demo = launch(port=port, prevent_thread_lock=True, quiet=True, policy=ServePolicy(allow_remote_code=True))
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-    try:
+    with serving(policy=ServePolicy(allow_remote_code=True)) as demo:
+        client = Client(demo.local_url, verbose=False)
         try:
             client.predict(*load_args(SOURCES[1], folder, trust=True), api_name="/load")
         except Exception:
             pass  # whether the model then loads does not matter: its code was allowed to run
-        assert marker.read_text() == "ran"  # the fixture is real: the test above would see it
-    finally:
-        client.close()
-        demo.close()
+        finally:
+            client.close()
+    assert marker.read_text() == "ran"  # the fixture is real: the test above would see it
 
 
 def test_exposed_server_keeps_visitors_inside_its_folders(tiny_model_dir, tmp_path):
     models, exports = tmp_path / "models", tmp_path / "exports"
     models.mkdir()
     shutil.copytree(tiny_model_dir, models / "tiny")
-    port = free_port()
     policy = ServePolicy(exposed=True, models_dir=models, exports_dir=exports)
-    demo = launch(port=port, prevent_thread_lock=True, quiet=True, policy=policy, auth=":".join(AUTH))
-    client = Client(f"http://127.0.0.1:{port}/", auth=AUTH, verbose=False)
-    try:
+    with serving(policy=policy, auth=":".join(AUTH)) as demo:
+        client = Client(demo.local_url, auth=AUTH, verbose=False)
         for outside in (str(tiny_model_dir), "../../", "/etc"):
             message = error_of(lambda: client.predict(*load_args(SOURCES[1], outside), api_name="/load"))
             assert "no model folder" in message and str(tmp_path) not in message
@@ -262,9 +258,7 @@ def test_exposed_server_keeps_visitors_inside_its_folders(tiny_model_dir, tmp_pa
         assert status.startswith("✓ Loaded")
         assert "plain name" in error_of(lambda: client.predict(str(tmp_path / "stolen"), False, api_name="/export"))
         assert not (tmp_path / "stolen").exists()
-    finally:
         client.close()
-        demo.close()
 
 
 def test_exposed_server_reads_no_server_folder_as_a_calibration_dataset(tiny_model_dir, tmp_path):
@@ -273,15 +267,11 @@ def test_exposed_server_reads_no_server_folder_as_a_calibration_dataset(tiny_mod
     shutil.copytree(tiny_model_dir, models / "tiny")
     private.mkdir()
     (private / "table.csv").write_text("secret_column,other\n1,2\n")
-    port = free_port()
     policy = ServePolicy(exposed=True, models_dir=models, exports_dir=tmp_path / "exports")
-    demo = launch(port=port, prevent_thread_lock=True, quiet=True, policy=policy, auth=":".join(AUTH))
-    client = Client(f"http://127.0.0.1:{port}/", auth=AUTH, verbose=False)
-    try:
+    with serving(policy=policy, auth=":".join(AUTH)) as demo:
+        client = Client(demo.local_url, auth=AUTH, verbose=False)
         client.predict(*load_args(SOURCES[1], "tiny"), api_name="/load")
         message = error_of(lambda: client.predict(*prune_args([], calib_kind=CALIBRATION[2], dataset=str(private)),
                                                   api_name="/prune"))
         assert "not a hub dataset name" in message and "secret_column" not in message
-    finally:
         client.close()
-        demo.close()
