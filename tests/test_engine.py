@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from conftest import ARCHITECTURES, tiny_model
 from wanda_gui.core import events as ev
 from wanda_gui.core import engine
-from wanda_gui.core.architecture import capture_block_inputs, find_blocks, find_linears, weight_out_in
+from wanda_gui.core.architecture import BlockCall, capture_block_inputs, find_blocks, find_linears, weight_out_in
 from wanda_gui.core.engine import PruneConfig, collect_input_stats, prune, run_to_end
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.masks import Pattern, select
@@ -88,7 +88,7 @@ def test_wanda_metric_matches_the_direct_formula():
     block = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
     hidden = torch.randn(5, 7, 16) * torch.linspace(0.1, 10, 16)  # uneven feature scales
     linears = {"0": block[0], "2": block[2]}
-    call = engine.BlockCall((), {}, False)
+    call = BlockCall((), {}, False)
     stats = collect_input_stats(block, linears, hidden, call, 2, None)
     x = hidden.reshape(-1, 16)
     assert torch.allclose(stats["0"], (x ** 2).mean(0), rtol=1e-5)

@@ -12,19 +12,21 @@ import traceback
 from collections import defaultdict
 from typing import Iterator
 
+import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import (BlockCall, StopForward, capture_block_inputs, find_blocks, find_head, find_linears, head_input_stat,
-                           weight_out_in)
+from .architecture import capture_block_inputs, find_blocks, find_head, find_linears, head_input_stat, weight_out_in
 from .errors import UserError
 from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPruned, PruneSummary, RunCancelled,
-                     RunFailed, RunFinished, RunStarted)
+                     RunFailed, RunFinished, RunStarted, TargetsChosen)
+from .explain import explain
 from .masks import Pattern, check_sparsity
 from .methods import BlockMasked, Method, RunContext, Step, get_method
-from .statistics import SquaredMean
+from .passes import Cancelled, collect_input_stats, run_block
+from .statistics import Several, SquaredMean
 
 MAP_SIZE = 128
 
@@ -41,6 +43,7 @@ class PruneConfig:
     batch_size: int | None = None  # None: about 1k tokens a batch on CPU, 32k on CUDA
     restore_on_abort: bool = True  # keep a dense copy of each pruned weight until the run ends
     wanda_variant: bool = False  # Wanda only: the reference's α-variant (per-layer target, rows differ)
+    explain: bool = False  # attach to each LinearPruned its input norms and how Wanda's mask differs from magnitude's
 
     def __post_init__(self):
         """Parse and check what needs no model, so the CLI and the app fail before loading anything."""
@@ -58,10 +61,6 @@ class PruneConfig:
                             "pattern unstructured, or turn the variant off.")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {self.batch_size}.")
-
-
-class Cancelled(Exception):
-    pass
 
 
 def keep_freed_memory_mapped() -> None:
@@ -121,7 +120,7 @@ def validate(model: nn.Module, config: PruneConfig) -> None:
                                     f"{config.pattern.m}; {name} has {width}. Exclude it or pick another M.")
 
 
-def pooled(x: torch.Tensor) -> "np.ndarray":
+def pooled(x: torch.Tensor) -> np.ndarray:
     """Mean-pool a (C_out, C_in) map to at most 128 x 128 float32 for plotting."""
     size = (min(MAP_SIZE, x.shape[0]), min(MAP_SIZE, x.shape[1]))
     return F.adaptive_avg_pool2d(x.float()[None, None], size)[0, 0].cpu().numpy()
@@ -131,61 +130,6 @@ def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return psutil.Process().memory_info().rss
-
-
-@torch.inference_mode()
-def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall,
-                        batch_size: int, cancel: threading.Event | None, statistic: type = SquaredMean) -> dict[str, torch.Tensor]:
-    """A statistic of every linear's input (mean x_j^2 by default) over all calibration tokens, from one pass.
-
-    Linears fed the same tensor (q/k/v, gate/up) share one statistic object, so one accumulation and one result
-    tensor, and the pass stops at the last linear's input: nothing after it is read.
-    """
-    stats: dict[str, object] = {}
-    order: list[str] = []
-    last_input: list = [None, None]  # (tensor, its statistic); the reference keeps the tensor alive
-
-    def hook(name: str, width: int):
-        def pre(module, args):
-            x = args[0]
-            if last_input[0] is not x:
-                stat = stats[name] if name in stats else statistic(width, hidden.device)
-                stat.add(x)
-                last_input[:] = [x, stat]
-            stats.setdefault(name, last_input[1])
-            if len(order) < len(linears):
-                order.append(name)
-            elif name == order[-1]:
-                raise StopForward
-        return pre
-
-    handles = [m.register_forward_pre_hook(hook(name, weight_out_in(m).shape[1])) for name, m in linears.items()]
-    try:
-        for start in range(0, len(hidden), batch_size):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled
-            try:
-                call(block, hidden[start:start + batch_size])
-            except StopForward:
-                pass
-            last_input[:] = [None, None]
-    finally:
-        for h in handles:
-            h.remove()
-    for name, m in linears.items():  # a linear the forward never reached: no data, as an all-zero statistic
-        stats.setdefault(name, statistic(weight_out_in(m).shape[1], hidden.device))
-    results = {id(stat): stat.result() for stat in stats.values()}
-    return {name: results[id(stats[name])] for name in linears}
-
-
-@torch.inference_mode()
-def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, batch_size: int,
-              cancel: threading.Event | None) -> None:
-    """Replace the hidden states by the block's outputs, batch by batch, in place."""
-    for start in range(0, len(hidden), batch_size):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled
-        hidden[start:start + batch_size] = call(block, hidden[start:start + batch_size])
 
 
 def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None,
@@ -235,14 +179,21 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
             ctx.hidden, ctx.calls = capture_block_inputs(model, blocks, calibration, batch_size, device)
         for hook in hooks:
             hook.before_pruning(ctx)
+        if ctx.target_note or any(s != config.sparsity for s in ctx.sparsities):
+            yield TargetsChosen(list(ctx.sparsities), ctx.target_note, ctx.target_basis)
+        kinds = statistic_kinds(method, hooks, config)
         for i, linears in enumerate(plan):
             if cancel is not None and cancel.is_set():
                 raise Cancelled
             is_head = i == len(blocks)
             block_started = time.perf_counter()
-            yield BlockStarted(i, next(iter(linears), "head") if is_head else f"block {i}", len(linears))
+            yield BlockStarted(i, next(iter(linears), "head") if is_head else f"block {i}", len(linears),
+                               None if config.pattern.structured else ctx.sparsities[i])
+            for hook in hooks:
+                hook.before_stage(ctx, i)
             t = time.perf_counter()
-            stats = stage_statistics(ctx, method, i, linears)
+            statistics = stage_statistics(ctx, kinds, i, linears)
+            stats = statistics.get(method.statistic, {})
             calibration_seconds += time.perf_counter() - t
             prepared: dict[int, object] = {}  # per shared statistic
             dense: dict[str, torch.Tensor] = {}
@@ -260,21 +211,25 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
                 stat = stats.get(name)
                 if id(stat) not in prepared:
                     prepared[id(stat)] = method.prepare(stat)
+                why = (explain(weight_out_in(linear), statistics[SquaredMean][name], ctx.sparsities[i], config.pattern,
+                               pooled) if SquaredMean in statistics and config.explain else None)
                 score, mask, nz = prune_linear(linear, method, prepared[id(stat)], ctx.sparsities[i], config)
                 masks[name] = mask
                 numel = mask.numel()
                 zeros, elements = zeros + nz, elements + numel
                 layers.append(LayerSparsity(name, i, tuple(mask.shape), nz / numel))
                 yield LinearPruned(i, name, tuple(mask.shape), nz / numel, pooled(score), pooled(~mask),
-                                   time.perf_counter() - t, len(layers), total)
+                                   time.perf_counter() - t, len(layers), total, why)
             current_layer = None
             for hook in hooks:
-                hook.after_masking(ctx, BlockMasked(i, linears, masks, dense))
-            del dense, masks, prepared, stats
+                hook.after_masking(ctx, BlockMasked(i, linears, masks, dense, statistics))
+            del dense, masks, prepared, stats, statistics
             if method.needs_activations and not is_head and (i < len(blocks) - 1 or has_head):
                 t = time.perf_counter()
                 run_block(blocks[i], ctx.hidden, ctx.calls[i], batch_size, cancel)
                 calibration_seconds += time.perf_counter() - t
+            for hook in hooks:
+                hook.after_stage(ctx, i)
             yield BlockFinished(i, time.perf_counter() - block_started, zeros / max(1, elements), peak_memory(device))
         finished = True
         backup.clear()
@@ -295,17 +250,34 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
             restore()
 
 
-def stage_statistics(ctx: RunContext, method: Method, index: int, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """The method's statistic for every linear of a stage (a block, or the LM head), from the current inputs."""
-    if not method.needs_activations or not linears:
+def statistic_kinds(method: Method, hooks: tuple[Step, ...], config: PruneConfig) -> tuple[type, ...]:
+    """Every statistic the run reads of each linear's input (the method's, the hooks', the explanation's),
+    in one pass; none without calibration."""
+    if not method.needs_activations:
+        return ()
+    wanted = [method.statistic, *(h.statistic for h in hooks), SquaredMean if config.explain else None]
+    return tuple(dict.fromkeys(k for k in wanted if k is not None))
+
+
+def stage_statistics(ctx: RunContext, kinds: tuple[type, ...], index: int,
+                     linears: dict[str, nn.Module]) -> dict[type, dict[str, torch.Tensor]]:
+    """Each statistic kind for every linear of a stage (a block, or the LM head), from the current inputs, in
+    one pass."""
+    if not kinds or not linears:
         return {}
+    statistic = kinds[0] if len(kinds) == 1 else Several.of(kinds)
     if index == len(ctx.blocks):
         name, head = next(iter(linears.items()))
-        stat = method.statistic(weight_out_in(head).shape[1], ctx.hidden.device)
-        return {name: head_input_stat(ctx.model, ctx.blocks, head, ctx.calibration, ctx.hidden, ctx.batch_size,
-                                      ctx.device, stat)}
-    return collect_input_stats(ctx.blocks[index], linears, ctx.hidden, ctx.calls[index], ctx.batch_size, ctx.cancel,
-                               method.statistic)
+        stat = statistic(weight_out_in(head).shape[1], ctx.hidden.device)
+        found = {name: head_input_stat(ctx.model, ctx.blocks, head, ctx.calibration, ctx.hidden, ctx.batch_size,
+                                       ctx.device, stat)}
+    else:
+        found = collect_input_stats(ctx.blocks[index], linears, ctx.hidden, ctx.calls[index], ctx.batch_size,
+                                    ctx.cancel, statistic)
+    if len(kinds) == 1:
+        return {kinds[0]: found}
+    # linears sharing an input share one result dict, so still one tensor per kind (SparseGPT's prepare runs once)
+    return {kind: {name: found[name][kind] for name in linears} for kind in kinds}
 
 
 @torch.no_grad()

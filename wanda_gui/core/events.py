@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from .explain import Explanation
+
 
 @dataclasses.dataclass
 class RunStarted:
@@ -22,10 +24,20 @@ class RunStarted:
 
 
 @dataclasses.dataclass
+class TargetsChosen:
+    """Per-stage targets that differ from the run's one (OWL), and how they were chosen."""
+
+    sparsities: list[float]  # per stage: the blocks, then the LM head if pruned
+    note: str
+    basis: list[float] | None  # per stage, the measure they were chosen from (OWL: outlier ratio)
+
+
+@dataclasses.dataclass
 class BlockStarted:
     index: int
     name: str
     linears: int
+    target: float | None = None  # this stage's target sparsity (unstructured; N:M fixes its own)
 
 
 @dataclasses.dataclass
@@ -39,6 +51,7 @@ class LinearPruned:
     seconds: float
     done: int  # linears pruned so far in this run
     total: int
+    explanation: Explanation | None = None  # with PruneConfig.explain and calibration: why Wanda differs from magnitude
 
 
 @dataclasses.dataclass
@@ -91,4 +104,4 @@ class RunFailed:
     detail: str = ""  # the traceback, for --debug
 
 
-Event = RunStarted | BlockStarted | LinearPruned | BlockFinished | RunFinished | RunCancelled | RunFailed
+Event = RunStarted | TargetsChosen | BlockStarted | LinearPruned | BlockFinished | RunFinished | RunCancelled | RunFailed

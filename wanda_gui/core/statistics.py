@@ -40,3 +40,23 @@ class Hessian:
 
     def result(self) -> torch.Tensor:
         return self.H
+
+
+class Several:
+    """Several statistics of the same inputs from one pass: make(kinds) gives a class the passes can use."""
+
+    kinds: tuple[type, ...] = ()
+
+    def __init__(self, width: int, device: torch.device):
+        self.parts = [kind(width, device) for kind in self.kinds]
+
+    @classmethod
+    def of(cls, kinds: tuple[type, ...]) -> type:
+        return type("Several", (cls,), {"kinds": tuple(kinds)})
+
+    def add(self, x: torch.Tensor) -> None:
+        for part in self.parts:
+            part.add(x)
+
+    def result(self) -> dict[type, torch.Tensor]:
+        return {kind: part.result() for kind, part in zip(self.kinds, self.parts)}

@@ -32,6 +32,8 @@ class RunContext:
     device: torch.device
     sparsities: list[float]
     cancel: threading.Event | None = None
+    target_note: str = ""  # a hook that sets `sparsities` says here how it chose them (shown with the targets)
+    target_basis: list[float] | None = None  # and, per stage, the measure it chose them from (OWL: outlier ratio)
 
 
 @dataclasses.dataclass
@@ -44,16 +46,28 @@ class BlockMasked:
     masks: dict[str, torch.Tensor]  # True where pruned, (C_out, C_in)
     dense_weights: dict[str, torch.Tensor]  # each linear's weight before this stage was pruned, on the host (kept when
     # restore_on_abort is on or a hook overrides after_masking)
+    statistics: dict[type, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)  # per statistic class
+    # (the method's and each hook's `statistic`), per linear: collected from the stage's inputs before pruning
 
 
 class Step:
-    """Whole-model hook points around the block loop; an option (OWL, DSnoT, reconstruction) overrides them."""
+    """Whole-model hook points around the block loop; an option (OWL, DSnoT, reconstruction, offload) overrides
+    them. `statistic`: a class from core.statistics (or alike: add(x), result()) this hook needs of every pruned
+    linear's input, collected in the same pass as the method's own and handed over in BlockMasked.statistics."""
+
+    statistic: type | None = None
 
     def before_pruning(self, ctx: RunContext) -> None:
         """Called once, the model still dense, after the first block's inputs are captured."""
 
+    def before_stage(self, ctx: RunContext, index: int) -> None:
+        """Called as stage `index` begins, before its statistics are read (offload brings its weights in here)."""
+
     def after_masking(self, ctx: RunContext, block: BlockMasked) -> None:
         """Called after each stage's linears are masked, before the stage is re-run to feed the next one."""
+
+    def after_stage(self, ctx: RunContext, index: int) -> None:
+        """Called once stage `index` is pruned and its outputs computed: nothing reads its weights again."""
 
 
 class Method(Step):

@@ -1,0 +1,72 @@
+"""The two kinds of pass over a decoder block that every method and option builds on: read a statistic of each
+linear's inputs, and replace the hidden states by the block's outputs."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from .architecture import BlockCall, StopForward, weight_out_in
+from .statistics import SquaredMean
+
+
+class Cancelled(Exception):
+    pass
+
+
+
+@torch.inference_mode()
+def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall,
+                        batch_size: int, cancel: threading.Event | None, statistic: type = SquaredMean) -> dict[str, torch.Tensor]:
+    """A statistic of every linear's input (mean x_j^2 by default) over all calibration tokens, from one pass.
+
+    Linears fed the same tensor (q/k/v, gate/up) share one statistic object, so one accumulation and one result
+    tensor, and the pass stops at the last linear's input: nothing after it is read.
+    """
+    stats: dict[str, object] = {}
+    order: list[str] = []
+    last_input: list = [None, None]  # (tensor, its statistic); the reference keeps the tensor alive
+
+    def hook(name: str, width: int):
+        def pre(module, args):
+            x = args[0]
+            if last_input[0] is not x:
+                stat = stats[name] if name in stats else statistic(width, hidden.device)
+                stat.add(x)
+                last_input[:] = [x, stat]
+            stats.setdefault(name, last_input[1])
+            if len(order) < len(linears):
+                order.append(name)
+            elif name == order[-1]:
+                raise StopForward
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(name, weight_out_in(m).shape[1])) for name, m in linears.items()]
+    try:
+        for start in range(0, len(hidden), batch_size):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled
+            try:
+                call(block, hidden[start:start + batch_size])
+            except StopForward:
+                pass
+            last_input[:] = [None, None]
+    finally:
+        for h in handles:
+            h.remove()
+    for name, m in linears.items():  # a linear the forward never reached: no data, as an all-zero statistic
+        stats.setdefault(name, statistic(weight_out_in(m).shape[1], hidden.device))
+    results = {id(stat): stat.result() for stat in stats.values()}
+    return {name: results[id(stats[name])] for name in linears}
+
+
+@torch.inference_mode()
+def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, batch_size: int,
+              cancel: threading.Event | None) -> None:
+    """Replace the hidden states by the block's outputs, batch by batch, in place."""
+    for start in range(0, len(hidden), batch_size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        hidden[start:start + batch_size] = call(block, hidden[start:start + batch_size])
