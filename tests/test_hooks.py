@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import tiny_model
 from wanda_gui.core.engine import PruneConfig, prune, run_to_end
-from wanda_gui.core.events import BlockStarted, LinearPruned, TargetsChosen
+from wanda_gui.core.events import BlockStarted, LinearPruned, Progress, TargetsChosen
 from wanda_gui.core.explain import OUTLIER_FACTOR
 from wanda_gui.core.masks import Pattern, select
 from wanda_gui.core.methods import Step
@@ -28,6 +28,7 @@ class Recorder(Step):
         self.calls.append("before_pruning")
         ctx.sparsities = [0.3, 0.7]
         ctx.target_note, ctx.target_basis = "planted", [1.0, 2.0]
+        yield Progress("planting", 1, 1)
 
     def before_stage(self, ctx, index):
         self.calls.append(f"before_stage {index}")
@@ -45,6 +46,7 @@ def test_hooks_run_in_order_and_set_per_stage_targets():
     events = list(prune(model, PruneConfig("sparsegpt", 0.5), calibration(), steps=(recorder,)))
     assert recorder.calls == ["before_pruning", "before_stage 0", "after_masking 0", "after_stage 0",
                               "before_stage 1", "after_masking 1", "after_stage 1"]
+    assert [e.what for e in events if isinstance(e, Progress)] == ["planting"]
     chosen = [e for e in events if isinstance(e, TargetsChosen)]
     assert len(chosen) == 1 and chosen[0].sparsities == [0.3, 0.7] and chosen[0].basis == [1.0, 2.0]
     assert [e.target for e in events if isinstance(e, BlockStarted)] == [0.3, 0.7]

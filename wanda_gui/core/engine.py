@@ -178,7 +178,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
         if method.needs_activations:
             ctx.hidden, ctx.calls = capture_block_inputs(model, blocks, calibration, batch_size, device)
         for hook in hooks:
-            hook.before_pruning(ctx)
+            yield from hook.before_pruning(ctx) or ()
         if ctx.target_note or any(s != config.sparsity for s in ctx.sparsities):
             yield TargetsChosen(list(ctx.sparsities), ctx.target_note, ctx.target_basis)
         kinds = statistic_kinds(method, hooks, config)

@@ -24,6 +24,15 @@ class RunStarted:
 
 
 @dataclasses.dataclass
+class Progress:
+    """Work a hook does outside the block loop (OWL's pass over the dense model), counted in its own steps."""
+
+    what: str
+    done: int
+    total: int
+
+
+@dataclasses.dataclass
 class TargetsChosen:
     """Per-stage targets that differ from the run's one (OWL), and how they were chosen."""
 
@@ -104,4 +113,4 @@ class RunFailed:
     detail: str = ""  # the traceback, for --debug
 
 
-Event = RunStarted | TargetsChosen | BlockStarted | LinearPruned | BlockFinished | RunFinished | RunCancelled | RunFailed
+Event = RunStarted | Progress | TargetsChosen | BlockStarted | LinearPruned | BlockFinished | RunFinished | RunCancelled | RunFailed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from ..masks import select
 if TYPE_CHECKING:
     from ..architecture import BlockCall
     from ..engine import PruneConfig
+    from ..events import Event
 
 
 @dataclasses.dataclass
@@ -57,8 +58,9 @@ class Step:
 
     statistic: type | None = None
 
-    def before_pruning(self, ctx: RunContext) -> None:
-        """Called once, the model still dense, after the first block's inputs are captured."""
+    def before_pruning(self, ctx: RunContext) -> Iterator[Event] | None:
+        """Called once, the model still dense, after the first block's inputs are captured. A hook with work of its
+        own may be a generator of events.Progress, passed on to the run's listeners."""
 
     def before_stage(self, ctx: RunContext, index: int) -> None:
         """Called as stage `index` begins, before its statistics are read (offload brings its weights in here)."""
