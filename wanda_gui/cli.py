@@ -136,6 +136,7 @@ def check_prune_args(args):
 def cmd_prune(args) -> dict:
     from tqdm import tqdm
 
+    from .core import distributed
     from .core import events as ev
     from .core.calibration import calibration_text, check_seqlen, windows_from_text
     from .core.engine import prune, validate
@@ -147,6 +148,12 @@ def cmd_prune(args) -> dict:
     config = check_prune_args(args)
     needs_activations = get_method(config.method).needs_activations
     text = calibration_text(args.calib) if needs_activations else None
+    if distributed.launched_by_torchrun():  # each rank calibrates on its share; rank 0 evaluates and exports
+        if not needs_activations:
+            raise UserError(f"{config.method} reads no calibration data: there is nothing to share among torchrun "
+                            "processes; run it in one process.")
+        args.device = distributed.start(args.device)
+    lead = distributed.rank() == 0
     loaded, load_seconds = _load(args)
     validate(loaded.model, config)
     check_seqlen(args.seqlen, loaded.info.context_length)
@@ -160,14 +167,16 @@ def cmd_prune(args) -> dict:
         windows, calibration = windows_from_text(loaded.tokenizer, *text, args.nsamples, args.seqlen, args.seed,
                                                  loaded.info.context_length)
     ppl = {}
-    if args.eval:
+    if args.eval and lead:
         ppl["dense"] = perplexity(loaded.model, loaded.tokenizer, seqlen=args.seqlen, nwindows=args.eval_nwindows)
         print(f"dense perplexity {ppl['dense']}", file=sys.stderr)
 
     summary = None
     # The bar counts blocks (two passes each: they cost alike), so its rate and ETA hold; linears do not.
-    bar = tqdm(total=None, unit="block", file=sys.stderr, dynamic_ncols=True)
-    for event in prune(loaded.model, config, windows, model_name=loaded.name):
+    bar = tqdm(total=None, unit="block", file=sys.stderr, dynamic_ncols=True, disable=not lead)
+    share = windows if windows is None else distributed.shard(windows)
+    shares = distributed.gather(0 if share is None else len(share))
+    for event in prune(loaded.model, config, share, model_name=loaded.name):
         if isinstance(event, ev.RunStarted):
             bar.reset(total=len(event.blocks))
             bar.set_description(f"{event.method} {event.pattern}")
@@ -183,11 +192,15 @@ def cmd_prune(args) -> dict:
                 print(event.detail, file=sys.stderr)
             raise UserError(f"Pruning failed: {event.reason.rstrip('.')}. Nothing was exported.")
     bar.close()
+    if not lead:
+        return {}
 
     if args.eval:
         ppl["pruned"] = perplexity(loaded.model, loaded.tokenizer, seqlen=args.seqlen, nwindows=args.eval_nwindows)
         timings["evaluation"] = ppl["dense"].seconds + ppl["pruned"].seconds
         print(f"pruned perplexity {ppl['pruned']}", file=sys.stderr)
+    if distributed.active():
+        calibration = {**calibration, "processes": distributed.world_size(), "samples_per_process": shares}
     report = make_report(loaded.info, summary, calibration, timings,
                          {k: v.__dict__ for k, v in ppl.items()} or None)
     out = export_model(loaded.model, loaded.tokenizer, Path(args.out).expanduser(), report, args.overwrite, source=loaded.path)
@@ -318,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_app(args)
             return 0
         result = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep}[args.command](args)
-        if args.json:
+        if args.json and result:
             print(json.dumps(result, indent=2))
         return 0
     except UserError as e:
@@ -332,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        from .core.distributed import stop
+
+        stop()
 
 
 if __name__ == "__main__":

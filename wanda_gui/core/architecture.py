@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .distributed import merge
 from .errors import UserError
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -156,4 +157,5 @@ def head_input_stat(model: nn.Module, blocks: nn.ModuleList, head: nn.Module, in
                 _forward_until_stop(model, input_ids[start:start + batch_size], device)
     finally:
         handle.remove()
+    merge(stat)
     return stat.result()

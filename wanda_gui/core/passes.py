@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .architecture import BlockCall, StopForward, weight_out_in
+from .distributed import merge
 from .statistics import SquaredMean
 
 
@@ -58,7 +59,10 @@ def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden:
             h.remove()
     for name, m in linears.items():  # a linear the forward never reached: no data, as an all-zero statistic
         stats.setdefault(name, statistic(weight_out_in(m).shape[1], hidden.device))
-    results = {id(stat): stat.result() for stat in stats.values()}
+    unique = {id(stats[name]): stats[name] for name in linears}  # the same order on every torchrun rank
+    for stat in unique.values():
+        merge(stat)
+    results = {key: stat.result() for key, stat in unique.items()}
     return {name: results[id(stats[name])] for name in linears}
 
 

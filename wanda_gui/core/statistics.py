@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .distributed import merge, sum_across_ranks
+
 
 class SquaredMean:
     """mean(x_j^2) over every token, per input feature (Wanda's ||X_j||^2 / tokens)."""
@@ -21,6 +23,12 @@ class SquaredMean:
 
     def result(self) -> torch.Tensor:
         return self.sums / max(1, self.tokens)
+
+    def all_reduce(self) -> None:
+        """Sum over torchrun ranks (core.distributed)."""
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.sums.device)
+        sum_across_ranks(self.sums)
+        self.tokens = int(sum_across_ranks(tokens).item())
 
 
 class Hessian:
@@ -41,6 +49,14 @@ class Hessian:
     def result(self) -> torch.Tensor:
         return self.H
 
+    def all_reduce(self) -> None:
+        """The average over every rank's samples, each rank's H weighed by its sample count."""
+        samples = torch.tensor([float(self.nsamples)], dtype=torch.float64, device=self.H.device)
+        self.H *= self.nsamples
+        sum_across_ranks(self.H)
+        self.nsamples = int(sum_across_ranks(samples).item())
+        self.H /= max(1, self.nsamples)
+
 
 class Several:
     """Several statistics of the same inputs from one pass: make(kinds) gives a class the passes can use."""
@@ -60,3 +76,7 @@ class Several:
 
     def result(self) -> dict[type, torch.Tensor]:
         return {kind: part.result() for kind, part in zip(self.kinds, self.parts)}
+
+    def all_reduce(self) -> None:
+        for part in self.parts:
+            merge(part)
