@@ -2,7 +2,9 @@
 64 x 512 calibration, evaluation on 64 windows.
 
 Each setting runs in a fresh process so that its memory figures are its own. Prints a table and writes JSON.
-Usage: python benchmarks/p1.py [--out benchmarks/p1.json] [--runs wanda:unstructured sparsegpt:2:4] [--device cpu]
+Usage: python benchmarks/p1.py [--out benchmarks/p1.json] [--runs wanda:unstructured sparsegpt+owl:unstructured
+       sparsegpt+reconstruct:2:4 wanda-variant:unstructured] [--device cpu]
+A run is METHOD[+OPTION...]:PATTERN, the options being PruneConfig's boolean fields (owl, dsnot, reconstruct).
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     from wanda_gui.core.masks import Pattern
     from wanda_gui.core.models import load_model
 
-    method, pattern = run.split(":", 1)
+    name, pattern = run.split(":", 1)
+    method, *options = name.split("+")
     variant = method == "wanda-variant"  # Wanda with the reference's α-variant
     t = time.perf_counter()
     loaded = load_model("builtin", device_name, dtype_name)
@@ -93,8 +96,9 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     gc.collect()
     with PeakRss() as rss:
         before = rss.peak
-        summary = run_to_end(prune(loaded.model, PruneConfig(method="wanda" if variant else method,
-                                                             pattern=Pattern.parse(pattern), wanda_variant=variant), windows))
+        config = PruneConfig(method="wanda" if variant else method, pattern=Pattern.parse(pattern), wanda_variant=variant,
+                             restore_on_abort=False, **{option: True for option in options})
+        summary = run_to_end(prune(loaded.model, config, windows))
     rates += matmul_times(device, dtype)  # measured on both sides of the prune phase
     rate, median_rate = max(rates), statistics.median(rates)  # the best is the floor: the stricter ratio
     pruned = perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=nwindows)
@@ -109,6 +113,7 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
                          {"dense": dense.__dict__, "pruned": pruned.__dict__},
                          {"dense": dense_speed, "pruned": pruned_speed})
     report.pop("layers")
+    report["run"] = run
     report["peak_rss_bytes"] = rss.peak
     report["rss_added_by_pruning_bytes"] = rss.peak - before
     if device.type == "cuda":
@@ -131,7 +136,7 @@ def table(reports: list[dict]) -> str:
              "ppl pruned", "tok/s dense", "tok/s pruned")]
     for r in reports:
         f = r["floor"]
-        rows.append((r["method"] + ("-variant" if r["settings"].get("wanda_variant") else ""), r["pattern"], f"{r['achieved_sparsity']:.4f}", f"{r['seconds']['calibration_and_pruning']:.1f}",
+        rows.append((r.get("run", r["method"]).split(":")[0], r["pattern"], f"{r['achieved_sparsity']:.4f}", f"{r['seconds']['calibration_and_pruning']:.1f}",
                      f"{f['linear_flops'] / f['matmul_flops_per_second']:.1f}", f"{f['ratio']:.2f}",
                      f"{f['ratio_to_median_matmul']:.2f}",
                      f"{r['rss_added_by_pruning_bytes'] / gib:.2f}", f"{r['peak_rss_bytes'] / gib:.2f}",
