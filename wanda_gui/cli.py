@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--wanda-variant", action="store_true",
                        help="Wanda only: the reference's per-layer alpha search (rows differ in sparsity; slightly worse "
                             "than plain Wanda on the built-in model)")
+    prune.add_argument("--owl", action="store_true",
+                       help="OWL (Yin et al. 2024): per-block sparsities from each block's share of outlier scores "
+                            "(lambda 0.08, M 5), averaging to --sparsity; unstructured only")
     prune.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row to zero, in [0, 1) (unstructured)")
     prune.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M")
     prune.add_argument("--layerwise", action="store_true", help="magnitude: one threshold per layer instead of per row")
@@ -70,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--sparsities", default="0.3,0.5,0.6,0.7",
                        help="comma-separated fractions in [0, 1) for the unstructured runs (N:M patterns have their own)")
     sweep.add_argument("--patterns", default="unstructured", help="comma-separated: unstructured, 2:4, 4:8 or any N:M")
+    sweep.add_argument("--owl", action="store_true", help="OWL's per-block sparsities on every unstructured run")
     sweep.add_argument("--calib", nargs="+", default=["builtin"], metavar="SOURCE",
                        help="builtin, text FILE(s), or hf:NAME[:CONFIG] (wikitext2, c4 or any dataset)")
     sweep.add_argument("--nsamples", type=int, default=64)
@@ -125,7 +129,7 @@ def check_prune_args(args):
     _at_least(args.eval_nwindows, 1, "--eval-nwindows")
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
                          include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
-                         batch_size=args.batch_size, wanda_variant=args.wanda_variant,
+                         batch_size=args.batch_size, wanda_variant=args.wanda_variant, owl=args.owl,
                          restore_on_abort=False)  # a stopped CLI run saves nothing
     check_model_args(args)
     check_text_files(text_file_sources(args.calib), "calibration")
@@ -255,7 +259,7 @@ def check_sweep_args(args):
     from .core.calibration import check_text_files, text_file_sources
     from .core.sweep import check_out_dir, plan
 
-    specs = plan(_split(args.methods), _fractions(args.sparsities, "--sparsities"), _split(args.patterns))
+    specs = plan(_split(args.methods), _fractions(args.sparsities, "--sparsities"), _split(args.patterns), args.owl)
     _at_least(args.nsamples, 1, "--nsamples")
     _at_least(args.seqlen, 2, "--seqlen")
     _at_least(args.seed, 0, "--seed")

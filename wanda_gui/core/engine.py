@@ -24,7 +24,8 @@ from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPr
                      RunFailed, RunFinished, RunStarted, TargetsChosen)
 from .explain import explain
 from .masks import Pattern, check_sparsity
-from .methods import BlockMasked, Method, RunContext, Step, get_method
+from .methods import BlockMasked, Method, RunContext, Step, get_method, option_steps
+from .methods.owl import check_owl
 from .passes import Cancelled, collect_input_stats, run_block
 from .statistics import Several, SquaredMean
 
@@ -44,6 +45,7 @@ class PruneConfig:
     restore_on_abort: bool = True  # keep a dense copy of each pruned weight until the run ends
     wanda_variant: bool = False  # Wanda only: the reference's α-variant (per-layer target, rows differ)
     explain: bool = False  # attach to each LinearPruned its input norms and how Wanda's mask differs from magnitude's
+    owl: bool = False  # OWL: per-block sparsities from the blocks' outlier ratios (methods/owl.py)
 
     def __post_init__(self):
         """Parse and check what needs no model, so the CLI and the app fail before loading anything."""
@@ -59,6 +61,8 @@ class PruneConfig:
         if self.wanda_variant and (self.method != "wanda" or self.pattern.structured):
             raise UserError("The α-variant is a Wanda option for unstructured sparsity; choose method wanda and "
                             "pattern unstructured, or turn the variant off.")
+        if self.owl:
+            check_owl(self.pattern, get_method(self.method).needs_activations)
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {self.batch_size}.")
 
@@ -150,7 +154,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
     nsamples, seqlen = (calibration.shape if method.needs_activations else (0, 0))
     batch_size = config.batch_size or default_batch_size(device, seqlen)
     total = sum(len(p) for p in plan)
-    hooks = (method, *steps)
+    hooks = (method, *option_steps(config), *steps)
     keep_dense = config.restore_on_abort or any(type(h).after_masking is not Step.after_masking for h in hooks)
     backup: dict[nn.Module, torch.Tensor] = {}
     finished = False

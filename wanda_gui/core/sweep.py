@@ -16,13 +16,12 @@ from typing import Iterator
 import torch
 
 from . import events as ev
-from . import methods as methods_module
 from .copies import pruning_copy
 from .engine import PruneConfig, prune, select_linears, validate
 from .errors import UserError
 from .evaluate import perplexity
 from .masks import Pattern, check_sparsity
-from .methods import Step, get_method
+from .methods import get_method
 
 DENSE = "dense"
 RESULTS_JSON, RESULTS_CSV, CHART_HTML = "results.json", "results.csv", "chart.html"
@@ -45,7 +44,8 @@ class RunSpec:
         return f"{self.method}{'+owl' if self.owl else ''}|{self.pattern}|{self.sparsity:g}"
 
     def config(self) -> PruneConfig:
-        return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, restore_on_abort=False)
+        return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, owl=self.owl,
+                           restore_on_abort=False)
 
 
 @dataclasses.dataclass
@@ -88,14 +88,6 @@ class SweepFinished:
 SweepEvent = SweepStarted | RunStarting | RunProgress | RunSkipped | RunDone | SweepFinished
 
 
-def owl_step() -> Step:
-    """The OWL option's whole-model step, once the methods package provides it."""
-    step = getattr(methods_module, "OWL", None)
-    if step is None:
-        raise UserError("OWL is not available in this version; run the sweep without --owl.")
-    return step
-
-
 def plan(methods: list[str], sparsities: list[float], patterns: list[str | Pattern], owl: bool = False) -> list[RunSpec]:
     """Every method x pattern x sparsity; an N:M pattern has one sparsity of its own, so it ignores the sparsity axis."""
     names = [get_method(m).name for m in methods]
@@ -105,13 +97,12 @@ def plan(methods: list[str], sparsities: list[float], patterns: list[str | Patte
         raise UserError("A sweep needs at least one method and one pattern.")
     if not levels and any(not p.structured for p in parsed):
         raise UserError("An unstructured sweep needs at least one sparsity, e.g. 0.5.")
-    if owl:
-        owl_step()  # refused here, before anything runs, when the option is missing
     specs: dict[str, RunSpec] = {}
     for name in names:
         for pattern in parsed:
             for sparsity in ([pattern.sparsity(0.0)] if pattern.structured else levels):
-                spec = RunSpec(name, pattern, sparsity, owl)
+                spec = RunSpec(name, pattern, sparsity, owl and not pattern.structured)  # N:M fixes its sparsity
+                spec.config()  # refused here, before anything runs, when the combination is invalid
                 specs.setdefault(spec.key, spec)
     return list(specs.values())
 
@@ -223,11 +214,10 @@ def run_one(loaded, spec: RunSpec, windows: torch.Tensor, eval_seqlen: int, eval
     config = spec.config()
     _, stages = select_linears(loaded.model, config)
     copy = pruning_copy(loaded.model, [linear for linears in stages for linear in linears.values()])
-    steps = (owl_step(),) if spec.owl else ()
     started = time.perf_counter()
     try:
         summary = None
-        for event in prune(copy, config, windows, cancel=cancel, model_name=loaded.name, steps=steps):
+        for event in prune(copy, config, windows, cancel=cancel, model_name=loaded.name):
             if isinstance(event, ev.LinearPruned):
                 yield RunProgress(spec.key, event.done, event.total)
             elif isinstance(event, ev.RunFinished):
@@ -297,9 +287,9 @@ def trace_name(row: dict) -> str:
     return method if row["pattern"] == "unstructured" else f"{method} {row['pattern']}"
 
 
-def chart_figure(rows: list[dict], dense_ppl: float | None) -> "go.Figure":
-    """Perplexity against sparsity, log scale: a line per method, markers for N:M runs, the dense model as a line
-    (the app shows this figure live; chart_html saves it)."""
+def chart_figure(rows: list[dict], dense_ppl: float | None):
+    """Perplexity against sparsity, log scale, as a plotly Figure: a line per method, markers for N:M runs, the
+    dense model as a line (the app shows this figure live; chart_html saves it)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
