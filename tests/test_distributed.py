@@ -62,3 +62,9 @@ def test_fewer_windows_than_processes_is_refused(tmp_path, tiny_model_dir, text_
     result = prune_cli("--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "1", "--seqlen", "32",
                        "--out", str(tmp_path / "o"), processes=2)
     assert result.returncode != 0 and "--nsamples 2" in result.stderr
+
+
+def test_reconstruction_is_refused_under_torchrun(tmp_path, tiny_model_dir, text_file):
+    result = prune_cli("--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                       "--reconstruct", "--out", str(tmp_path / "o"), processes=2)
+    assert result.returncode != 0 and "run it in one process" in result.stderr

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--owl", action="store_true",
                        help="OWL (Yin et al. 2024): per-block sparsities from each block's share of outlier scores "
                             "(lambda 0.08, M 5), averaging to --sparsity; unstructured only")
+    prune.add_argument("--reconstruct", action="store_true",
+                       help="after each block is masked, fit its kept weights to the dense block's outputs with a few "
+                            "epochs of Adam (Wanda++'s regional optimisation, Yang et al. 2025); masks held")
     prune.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row to zero, in [0, 1) (unstructured)")
     prune.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M")
     prune.add_argument("--layerwise", action="store_true", help="magnitude: one threshold per layer instead of per row")
@@ -130,6 +133,7 @@ def check_prune_args(args):
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
                          include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
                          batch_size=args.batch_size, wanda_variant=args.wanda_variant, owl=args.owl,
+                         reconstruct=args.reconstruct,
                          restore_on_abort=False)  # a stopped CLI run saves nothing
     check_model_args(args)
     check_text_files(text_file_sources(args.calib), "calibration")
@@ -156,6 +160,9 @@ def cmd_prune(args) -> dict:
         if not needs_activations:
             raise UserError(f"{config.method} reads no calibration data: there is nothing to share among torchrun "
                             "processes; run it in one process.")
+        if config.reconstruct:
+            raise UserError("--reconstruct fits weights on each process's own windows, so the processes would end "
+                            "with different models: run it in one process.")
         args.device = distributed.start(args.device)
     lead = distributed.rank() == 0
     loaded, load_seconds = _load(args)

@@ -46,6 +46,7 @@ class PruneConfig:
     wanda_variant: bool = False  # Wanda only: the reference's α-variant (per-layer target, rows differ)
     explain: bool = False  # attach to each LinearPruned its input norms and how Wanda's mask differs from magnitude's
     owl: bool = False  # OWL: per-block sparsities from the blocks' outlier ratios (methods/owl.py)
+    reconstruct: bool = False  # after masking, fit each block's kept weights to the dense block's outputs
 
     def __post_init__(self):
         """Parse and check what needs no model, so the CLI and the app fail before loading anything."""
@@ -63,6 +64,9 @@ class PruneConfig:
                             "pattern unstructured, or turn the variant off.")
         if self.owl:
             check_owl(self.pattern, get_method(self.method).needs_activations)
+        if self.reconstruct and not get_method(self.method).needs_activations:
+            raise UserError("Block reconstruction fits each pruned block to the dense block's outputs on calibration "
+                            "inputs: choose a method that reads them (wanda, sparsegpt, ria), or turn it off.")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {self.batch_size}.")
 
