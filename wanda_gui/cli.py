@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--owl", action="store_true",
                        help="OWL (Yin et al. 2024): per-block sparsities from each block's share of outlier scores "
                             "(lambda 0.08, M 5), averaging to --sparsity; unstructured only")
+    prune.add_argument("--dsnot", action="store_true",
+                       help="DSnoT (Zhang et al. 2024): after masking, swap pruned and kept weights of each row while "
+                            "that lowers its expected reconstruction error; counts per row or N:M group kept")
     prune.add_argument("--reconstruct", action="store_true",
                        help="after each block is masked, fit its kept weights to the dense block's outputs with a few "
                             "epochs of Adam (Wanda++'s regional optimisation, Yang et al. 2025); masks held")
@@ -133,7 +136,7 @@ def check_prune_args(args):
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
                          include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
                          batch_size=args.batch_size, wanda_variant=args.wanda_variant, owl=args.owl,
-                         reconstruct=args.reconstruct,
+                         dsnot=args.dsnot, reconstruct=args.reconstruct,
                          restore_on_abort=False)  # a stopped CLI run saves nothing
     check_model_args(args)
     check_text_files(text_file_sources(args.calib), "calibration")

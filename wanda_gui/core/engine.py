@@ -25,6 +25,7 @@ from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPr
 from .explain import explain
 from .masks import Pattern, check_sparsity
 from .methods import BlockMasked, Method, RunContext, Step, get_method, option_steps
+from .methods.dsnot import check_dsnot
 from .methods.owl import check_owl
 from .passes import Cancelled, collect_input_stats, run_block
 from .statistics import Several, SquaredMean
@@ -46,6 +47,7 @@ class PruneConfig:
     wanda_variant: bool = False  # Wanda only: the reference's α-variant (per-layer target, rows differ)
     explain: bool = False  # attach to each LinearPruned its input norms and how Wanda's mask differs from magnitude's
     owl: bool = False  # OWL: per-block sparsities from the blocks' outlier ratios (methods/owl.py)
+    dsnot: bool = False  # DSnoT: after masking, swap pruned and kept weights to cut each row's expected error
     reconstruct: bool = False  # after masking, fit each block's kept weights to the dense block's outputs
 
     def __post_init__(self):
@@ -64,6 +66,8 @@ class PruneConfig:
                             "pattern unstructured, or turn the variant off.")
         if self.owl:
             check_owl(self.pattern, get_method(self.method).needs_activations)
+        if self.dsnot:
+            check_dsnot(get_method(self.method).needs_activations)
         if self.reconstruct and not get_method(self.method).needs_activations:
             raise UserError("Block reconstruction fits each pruned block to the dense block's outputs on calibration "
                             "inputs: choose a method that reads them (wanda, sparsegpt, ria), or turn it off.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .base import BlockMasked, Method, RunContext, ScoreMethod, Step
+from .dsnot import DSnoT
 from .owl import OWL
 from .reconstruct import Reconstruct
 from .ria import RIA, ria_score
@@ -11,7 +12,7 @@ from .sparsegpt import SPARSEGPT
 from .wanda import MAGNITUDE, WANDA, magnitude_score, wanda_score
 
 METHODS: dict[str, Method] = {m.name: m for m in (WANDA, MAGNITUDE, SPARSEGPT, RIA)}
-OPTIONS: dict[str, type[Step]] = {"owl": OWL, "reconstruct": Reconstruct}  # PruneConfig's boolean field -> its step, in the order they act
+OPTIONS: dict[str, type[Step]] = {"owl": OWL, "dsnot": DSnoT, "reconstruct": Reconstruct}  # PruneConfig's boolean field -> its step, in the order they act
 
 
 def option_steps(config) -> tuple[Step, ...]:
@@ -26,5 +27,5 @@ def get_method(name: str) -> Method:
         raise UserError(f"Unknown method {name!r}: use one of {', '.join(METHODS)}.") from None
 
 
-__all__ = ["METHODS", "OPTIONS", "OWL", "Reconstruct", "BlockMasked", "Method", "RunContext", "ScoreMethod", "Step", "get_method",
+__all__ = ["METHODS", "OPTIONS", "OWL", "DSnoT", "Reconstruct", "BlockMasked", "Method", "RunContext", "ScoreMethod", "Step", "get_method",
            "magnitude_score", "option_steps", "ria_score", "wanda_score"]
