@@ -13,10 +13,21 @@ from wanda_gui.core.engine import PruneConfig, prune, run_to_end
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.events import RunCancelled
 from wanda_gui.core.methods import Reconstruct, Step
+from wanda_gui.core.methods.reconstruct import refit
 
 
 def calibration():
     return torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(2))
+
+
+class Masks(Step):
+    """Runs after the reconstruction: records the masks it had to hold."""
+
+    def __init__(self):
+        self.masks = {}
+
+    def after_masking(self, ctx, block):
+        self.masks.update(block.masks)
 
 
 @pytest.mark.parametrize("arch,method,pattern", [("llama", "wanda", "unstructured"), ("llama", "sparsegpt", "2:4"),
@@ -25,24 +36,45 @@ def test_reconstruction_lowers_each_blocks_error_and_holds_the_masks(arch, metho
     plain, fitted = tiny_model(arch), tiny_model(arch)
     dense = {n: p.detach().clone() for n, p in fitted.named_parameters()}
     run_to_end(prune(plain, PruneConfig(method, 0.5, pattern), calibration()))
-    step, masks = Reconstruct(epochs=4, lr=1e-3), {}
-
-    class Masks(Step):  # runs after the reconstruction: sees the masks it had to hold
-        def after_masking(self, ctx, block):
-            masks.update(block.masks)
-
-    run_to_end(prune(fitted, PruneConfig(method, 0.5, pattern), calibration(), steps=(step, Masks())))
-    assert len(step.errors) == 2 and all(after < 0.9 * before for before, after in step.errors)
-    for name, linear in zip(masks, [m for n, m in fitted.named_modules() if n in masks]):
-        assert torch.equal(weight_out_in(linear) == 0, masks[name]), name  # pruned stay 0, kept stay non-zero
-    block0 = {n for n in masks if ".0." in n or ".h.0." in n}
+    step, seen = Reconstruct(epochs=4, lr=3e-4), Masks()
+    run_to_end(prune(fitted, PruneConfig(method, 0.5, pattern), calibration(), steps=(step, seen)))
+    assert len(step.errors) == 2
+    for masked, refitted, final in step.errors:
+        assert refitted < masked and final < 0.9 * refitted
+    modules = dict(fitted.named_modules())
+    assert len(seen.masks) == sum(len(find_linears(b)) for b in find_blocks(fitted)[1])
+    for name, mask in seen.masks.items():  # pruned exactly 0, kept non-zero
+        assert torch.equal(weight_out_in(modules[name]) == 0, mask), name
+    block0 = {n for n in seen.masks if ".0." in n}
     for (name, a), b in zip(plain.named_parameters(), fitted.parameters()):
-        if name.removesuffix(".weight") in block0:  # the same inputs and masks as without: only the kept values moved
+        linear = name.removesuffix(".weight")
+        if linear in block0:  # same inputs and masks as without reconstruction: only the kept values moved
             assert torch.equal(a == 0, b == 0) and not torch.equal(a, b), name
-        elif name.removesuffix(".weight") not in masks:
+        elif linear not in seen.masks:
             assert torch.equal(b, dense[name]), name  # norms, embeddings, biases untouched
         assert not b.requires_grad
-    assert len(masks) == sum(len(find_linears(b)) for b in find_blocks(fitted)[1])
+
+
+def test_each_stage_alone_lowers_the_error():
+    """The closed-form refit and Adam each help on their own (so neither is dead weight)."""
+    for step in (Reconstruct(epochs=0), Reconstruct(epochs=4, lr=1e-3, refit_iterations=0)):
+        run_to_end(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration(), steps=(step,)))
+        assert all(final < 0.9 * masked for masked, _, final in step.errors)
+
+
+def test_refit_reaches_each_rows_least_squares_optimum():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 12, generator=g) @ torch.randn(12, 12, generator=g)
+    H = X.t() @ X
+    dense = torch.randn(5, 12, generator=g)
+    keep = torch.rand(5, 12, generator=g) > 0.5
+    fitted = refit(dense * keep, dense, keep, H, iterations=12)
+    damped = H + 0.01 * H.diagonal().mean() * torch.eye(12)
+    for row in range(5):
+        k = keep[row]
+        best = dense[row, k] + torch.linalg.solve(damped[k][:, k], damped[k][:, ~k] @ dense[row, ~k])
+        torch.testing.assert_close(fitted[row, k], best, rtol=1e-4, atol=1e-4)
+        assert torch.all(fitted[row, ~k] == 0)
 
 
 def test_the_option_is_in_the_config_and_refused_without_calibration():
@@ -59,9 +91,9 @@ def test_cancel_during_reconstruction_restores_the_dense_model():
     cancel = threading.Event()
 
     class CancelOnFit(Reconstruct):
-        def fit(self, *args):
+        def adam(self, *args):
             cancel.set()
-            return super().fit(*args)
+            return super().adam(*args)
 
     events = list(prune(model, PruneConfig("wanda", 0.5), calibration(), cancel=cancel, steps=(CancelOnFit(),)))
     assert isinstance(events[-1], RunCancelled) and events[-1].restored
@@ -69,15 +101,22 @@ def test_cancel_during_reconstruction_restores_the_dense_model():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_grad_flags_are_left_as_found():
+    """A model being trained elsewhere keeps its trainable parameters trainable."""
+    model = tiny_model("llama")
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" in name or "q_proj" in name)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    run_to_end(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(Reconstruct(epochs=1),)))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_bf16_block_is_fitted_and_returned_in_bf16():
     model = tiny_model("qwen2").to(torch.bfloat16)
     step = Reconstruct(epochs=3, lr=1e-3)
     run_to_end(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(step,)))
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert all(after < before for before, after in step.errors)
+    assert all(final < masked for masked, _, final in step.errors)
     q = weight_out_in(model.model.layers[0].self_attn.q_proj)
     assert (q == 0).float().mean() == pytest.approx(0.5)
-
-
-def test_step_base_class_leaves_after_masking_alone():
-    assert Reconstruct.after_masking is not Step.after_masking
