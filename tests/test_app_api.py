@@ -44,7 +44,7 @@ def load_tiny(client, folder):
 def prune_args(files, **overrides):
     args = dict(method="Wanda", sparsity=0.5, pattern="unstructured", custom_nm="1:4", calib_kind=CALIBRATION[1],
                 files=[handle_file(str(f)) for f in files], dataset="", nsamples=4, seqlen=32, seed=0, include="",
-                exclude="", prune_head=False, batch_size=0, wanda_variant=False)
+                exclude="", prune_head=False, batch_size=0, wanda_variant=False, options=[])
     args.update(overrides)
     return list(args.values())
 
@@ -69,8 +69,9 @@ def test_whole_flow_load_prune_results_chat_export_reload(url, tiny_model_dir, t
     assert "| layer type | down_proj | gate_proj | k_proj | o_proj | q_proj | up_proj | v_proj |" in final[4]
     assert "| sparsity | " + " | ".join(["50.00%"] * 7) + " |" in final[4] and "do not shrink the files" in final[4]
 
-    layer = client.predict("model.layers.0.self_attn.q_proj", api_name="/show_layer")
+    layer, why = client.predict("model.layers.0.self_attn.q_proj", api_name="/show_layer")
     assert "model.layers.0.self_attn.q_proj" in json.loads(layer["plot"])["layout"]["title"]["text"]
+    assert "Why it works: model.layers.0.self_attn.q_proj" in json.loads(why["plot"])["layout"]["title"]["text"]
 
     ppl = client.predict(2, api_name="/evaluate")
     assert "| dense |" in ppl and "| pruned |" in ppl and "2 x 256 tokens" in ppl  # the tiny model's context
@@ -190,4 +191,42 @@ def test_every_method_and_the_wanda_variant_run_from_the_page(url, tiny_model_di
     assert final[0].startswith("✓ Pruned") and "**wanda (α-variant) · unstructured**" in final[4]
     assert "α-variant is a Wanda option" in error_of(lambda: client.predict(
         *prune_args([text_file], method="SparseGPT", wanda_variant=True), api_name="/prune"))
+    final = client.predict(*prune_args([text_file], method="SparseGPT", options=["OWL", "DSnoT", "Block reconstruction"]),
+                           api_name="/prune")
+    assert final[0].startswith("✓ Pruned") and "**sparsegpt + OWL + DSnoT + Block reconstruction · unstructured**" in final[4]
+    owl = [t for t in json.loads(final[1]["plot"])["data"] if t.get("name") == "OWL target"]
+    assert len(owl) == 1  # the per-block targets OWL chose, on the block chart
+    assert "unstructured pattern with OWL" in error_of(lambda: client.predict(
+        *prune_args([text_file], pattern="2:4", options=["OWL"]), api_name="/prune"))
+    client.close()
+
+
+def test_the_why_view_marks_the_planted_outlier_of_the_layer_being_pruned(url, tmp_path, tiny_tokenizer, text_file):
+    """A tiny model whose block-1 attention inputs have one huge feature: the live view marks exactly it."""
+    import torch
+
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[7] = 300.0
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    client = Client(url, verbose=False)
+    load_tiny(client, tmp_path / "m")
+    job = client.submit(*prune_args([text_file]), api_name="/prune")
+    live = [json.loads(u[5]["plot"]) for u in job if isinstance(u[5], dict) and u[5].get("plot")]
+    assert live, "the why view updates while the run goes"
+    picked, why = client.predict("model.layers.1.self_attn.q_proj", api_name="/show_layer")
+    figure = json.loads(why["plot"])
+    outliers = next(t for t in figure["data"] if t.get("name", "").startswith("outliers"))
+    xs = outliers["x"]["bdata"] if isinstance(outliers["x"], dict) else outliers["x"]
+    if isinstance(xs, str):
+        import base64
+
+        import numpy as np
+
+        xs = np.frombuffer(base64.b64decode(xs), dtype=outliers["x"]["dtype"]).tolist()
+    assert list(xs) == [7] and figure["layout"]["yaxis"]["type"] == "log"
+    assert "of positions differ" in json.dumps(figure["layout"]["annotations"])
     client.close()

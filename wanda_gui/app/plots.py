@@ -112,3 +112,49 @@ def empty(title: str) -> go.Figure:
     fig = go.Figure()
     fig.update_layout(**{**LAYOUT, "height": 260}, title=title, xaxis=dict(visible=False), yaxis=dict(visible=False))
     return fig
+
+
+def why_chart(name: str, explanation, differing: dict[str, float]) -> go.Figure:
+    """Why Wanda works, for one linear: its input features' norms (log scale, outliers marked), where Wanda's and
+    magnitude's masks part on its weights, and that share for every linear pruned so far."""
+    norms = np.asarray(explanation.input_norms, dtype=np.float32)
+    outliers = np.asarray(explanation.outliers, dtype=np.int64)
+    diff = np.asarray(explanation.difference_map, dtype=np.float32)
+    fig = make_subplots(rows=2, cols=2, column_widths=[0.58, 0.42], row_heights=[0.62, 0.38], vertical_spacing=0.2,
+                        horizontal_spacing=0.14, specs=[[{}, {}], [{"colspan": 2}, None]],
+                        subplot_titles=("input-feature norm ||X_j|| (log)",
+                                        f"Wanda vs magnitude: {explanation.differing:.1%} of positions differ",
+                                        "share of positions that differ, per pruned linear"))
+    fig.add_scatter(x=np.arange(len(norms)), y=np.maximum(norms, 1e-12), mode="lines", name="||X_j||",
+                    line=dict(color=ACCENT, width=1), row=1, col=1,
+                    hovertemplate="input j %{x}<br>||X_j|| %{y:.3g}<extra></extra>")
+    fig.add_scatter(x=outliers, y=np.maximum(norms[outliers], 1e-12), mode="markers", name=f"outliers ({len(outliers)})",
+                    marker=dict(color="#dc2626", size=7, symbol="diamond"), row=1, col=1,
+                    hovertemplate="outlier j %{x}<br>||X_j|| %{y:.3g}<extra></extra>")
+    rows, cols = diff.shape
+    fig.add_heatmap(z=diff, colorscale="Reds", zmin=0, zmax=max(float(diff.max()), 1e-6), row=1, col=2,
+                    colorbar=dict(x=1.01, y=0.8, len=0.55, thickness=10, tickformat=".0%"),
+                    hovertemplate="cell row %{y}, col %{x}<br>%{z:.0%} differ<extra></extra>")
+    names = list(differing)
+    fig.add_bar(x=[n.split(".", 2)[-1] if n.count(".") > 2 else n for n in names], y=[differing[n] for n in names],
+                marker_color=[SECOND if n == name else MUTED for n in names], name="differ", showlegend=False,
+                row=2, col=1, customdata=names, hovertemplate="%{customdata}<br>%{y:.1%} differ<extra></extra>")
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=2)
+    fig.update_xaxes(showticklabels=False, row=1, col=2)
+    fig.update_xaxes(title=dict(text="input feature j", standoff=2), row=1, col=1)
+    fig.update_xaxes(showticklabels=False, row=2, col=1)
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=2, col=1)
+    fig.update_annotations(font=dict(size=12))
+    fig.update_layout(**{**LAYOUT, "height": 560, "margin": dict(l=60, r=55, t=TOP, b=30)},
+                      title=titled(f"Why it works: {name}", "a few input features fire far harder than the rest "
+                                   "(red: above 5x the median); Wanda keeps their weights, magnitude does not"),
+                      legend=dict(orientation="h", x=0, y=1.02, yanchor="bottom", font=dict(size=11)))
+    return fig
+
+
+def targets_trace(fig: go.Figure, targets: list[float]) -> go.Figure:
+    """Add OWL's per-block targets to the block chart as a stepped line."""
+    fig.add_scatter(x=list(range(len(targets))), y=targets, name="OWL target", mode="lines", line_shape="hvh",
+                    line=dict(color="#7c3aed", width=2), hovertemplate="block %{x}<br>target %{y:.1%}<extra></extra>")
+    return fig

@@ -25,11 +25,18 @@ from .workspace import Workspace
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 METHOD_NAMES = {"Wanda": "wanda", "Magnitude": "magnitude", "SparseGPT": "sparsegpt", "RIA": "ria"}
+OPTION_NAMES = {"OWL": "owl", "DSnoT": "dsnot", "Block reconstruction": "reconstruct"}  # PruneConfig's fields
+OPTIONS_NOTE = ("**OWL** (Yin et al. 2024): blocks whose scores hold more outliers keep more weights, the mean staying "
+                "at the target (unstructured only). **DSnoT** (Zhang et al. 2024): swaps pruned and kept weights of "
+                "each row while that lowers its expected reconstruction error. **Block reconstruction** (the regional "
+                "optimisation of Wanda++, Yang et al. 2025): a few epochs of Adam fit each pruned block's kept weights "
+                "to the dense block's outputs; several times slower on a CPU.")
 SOURCES = ["Built-in (SmolLM2-135M-Instruct)", "Local folder", "Hugging Face hub"]
 PATTERNS = ["unstructured", "2:4", "4:8", "custom N:M"]
 CALIBRATION = ["Built-in corpus (State of the Union, 1900-1999)", "Text files", "Hub dataset"]
 EXAMPLES = ["What is the capital of France?", "Write a haiku about autumn leaves.",
             "Explain in two sentences why the sky is blue.", "List three uses of a paperclip."]
+WHY_EMPTY = "Why it works: input-feature norms and Wanda vs magnitude, as each linear is pruned"
 DRAW_INTERVAL = 0.25  # seconds between live heatmap updates
 HONEST_NOTE = ("Zeros stored densely do not shrink the files or make a dense runtime faster. 2:4 can be accelerated on "
                "NVIDIA Ampere or newer GPUs with semi-structured sparse kernels (modest, shape-dependent gains); on a "
@@ -142,6 +149,7 @@ def results_markdown(ws: Workspace) -> str:
     dense = "kept for side-by-side chat" if ws.dense_kept else \
         "**not kept** (no memory for a copy: the model was pruned in place; reload it to chat with the dense model)"
     variant = " (α-variant)" if s.settings.get("wanda_variant") else ""
+    variant += "".join(f" + {label}" for label, field in OPTION_NAMES.items() if s.settings.get(field))
     return (f"**{s.method}{variant} · {s.pattern}** · target {s.target_sparsity:.1%} · achieved **{s.achieved_sparsity:.2%}** "
             f"over {s.pruned_parameters:,} weights in {s.seconds:.1f} s. Dense model: {dense}.{shared}\n\n{table}\n\n"
             f"{HONEST_NOTE}")
@@ -165,7 +173,7 @@ def perplexity_markdown(ppl: dict) -> str:
 BUTTONS = ("load_btn", "start_btn", "send_btn", "export_btn", "eval_btn", "stop_btn")
 AFTER_RUN = ("ppl_md", "dense_chat", "pruned_chat", "dense_stats", "pruned_stats", "chat_status", "export_status",
              "report_file")  # what a run produces after pruning: cleared when a new model or run starts
-RUN_VIEW = ("block_plot", "map_plot", "layer_pick", "results")
+RUN_VIEW = ("block_plot", "map_plot", "layer_pick", "results", "why_plot")
 
 
 def updates(names: tuple[str, ...], **values) -> tuple:
@@ -186,6 +194,7 @@ def cleared(*groups: tuple[str, ...]) -> dict:
     """Empty values for everything a previous model or run left on the page."""
     empty = dict(block_plot=plots.block_chart(1, {}, {}, None),
                  map_plot=plots.empty("Score and mask maps appear as each linear is pruned"),
+                 why_plot=plots.empty(WHY_EMPTY),
                  layer_pick=gr.update(choices=[], value=None), results="", ppl_md="", dense_chat=[], pruned_chat=[],
                  dense_stats="", pruned_stats="", chat_status="", export_status="",
                  report_file=gr.update(value=None, visible=False))
@@ -259,12 +268,17 @@ def globs(text: str) -> tuple[str, ...]:
     return tuple(g.strip() for g in (text or "").replace(",", " ").split() if g.strip())
 
 
-def prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size, wanda_variant):
+def prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size, wanda_variant,
+                 options=()):
     from ..core.engine import PruneConfig
 
+    unknown = [o for o in options or () if o not in OPTION_NAMES]
+    if unknown:
+        raise UserError(f"Unknown option {unknown[0]!r}: choose from {', '.join(OPTION_NAMES)}.")
     return PruneConfig(method=method, sparsity=sparsity, pattern=custom_nm if pattern_choice == "custom N:M" else pattern_choice,
                        include=globs(include), exclude=globs(exclude), prune_head=bool(prune_head),
-                       batch_size=check_count(batch_size, "Batch size", 0) or None, wanda_variant=bool(wanda_variant))
+                       batch_size=check_count(batch_size, "Batch size", 0) or None, wanda_variant=bool(wanda_variant),
+                       explain=True, **{OPTION_NAMES[o]: True for o in options or ()})
 
 
 def method_description(name: str) -> str:
@@ -328,13 +342,13 @@ def prune_failed(ws: Workspace, message: str):
 
 @user_errors(prune_failed)
 def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
-          include, exclude, prune_head, batch_size, wanda_variant, request: gr.Request):
+          include, exclude, prune_head, batch_size, wanda_variant, options, request: gr.Request):
     from ..core import events as ev
 
     ws = session(request)
     ws.require_model()
     config = prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size,
-                          wanda_variant)
+                          wanda_variant, options)
     source = calibration_source(served(request).policy, calib_kind, files, dataset)
     nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
     seed = check_count(seed, "Seed", 0)
@@ -342,14 +356,27 @@ def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, datase
     # The previous run's results go at once; Stop opens with the run itself, once it can take effect.
     yield out(prune_status="… Drawing calibration windows…", **buttons(ws, running=True),
               **cleared(RUN_VIEW, AFTER_RUN))
-    sparsity_by_block, seconds_by_block = {}, {}
-    blocks, target, started, heatmap, last_drawn = 1, None, time.perf_counter(), gr.update(), 0.0
+    sparsity_by_block, seconds_by_block, targets, differing = {}, {}, None, {}
+    blocks, target, started, heatmap, why, last_drawn = 1, None, time.perf_counter(), gr.update(), gr.update(), 0.0
+
+    def block_plot():
+        fig = plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target)
+        return plots.targets_trace(fig, targets[:blocks]) if targets else fig
+
     for event in ws.prune(config, source, nsamples, seqlen, seed):
         if isinstance(event, ev.RunStarted):
             blocks, target, started = len(event.blocks), event.target_sparsity, time.perf_counter()
             yield out(prune_status=f"… {event.method} · {event.pattern} · {event.total_linears} linears in {blocks} blocks",
-                      block_plot=plots.block_chart(blocks, {}, {}, target), **buttons(ws, running=True, can_stop=True))
+                      block_plot=block_plot(), **buttons(ws, running=True, can_stop=True))
+        elif isinstance(event, ev.Progress):
+            yield out(prune_status=f"… {event.what}: block {event.done}/{event.total} · "
+                                   f"{time.perf_counter() - started:.0f} s elapsed")
+        elif isinstance(event, ev.TargetsChosen):
+            targets = event.sparsities
+            yield out(prune_status=f"… {event.note}", block_plot=block_plot())
         elif isinstance(event, ev.LinearPruned):
+            if event.explanation is not None:
+                differing[event.name] = event.explanation.differing
             if time.perf_counter() - last_drawn < DRAW_INTERVAL and event.done < event.total:
                 continue  # drawing every linear would slow a fast run down; the picker shows them all afterwards
             last_drawn = time.perf_counter()
@@ -359,18 +386,20 @@ def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, datase
                    "ETA after the first block")
             heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, event.score_map, event.mask_map,
                                        method=config.method)
+            if event.explanation is not None:
+                why = plots.why_chart(event.name, event.explanation, differing)
             yield out(prune_status=f"… block {event.block + 1}/{blocks} · linear {event.done}/{event.total} "
                                    f"({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · {eta}",
-                      map_plot=heatmap)
+                      map_plot=heatmap, why_plot=why)
         elif isinstance(event, ev.BlockFinished):
             sparsity_by_block[event.index] = event.sparsity
             seconds_by_block[event.index] = event.seconds
-            yield out(block_plot=plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target))
+            yield out(block_plot=block_plot())
         elif isinstance(event, ev.RunFinished):
             names = list(ws.maps)
             yield out(prune_status=f"✓ Pruned in {event.summary.seconds:.1f} s: achieved sparsity "
                                    f"{event.summary.achieved_sparsity:.2%}.",
-                      block_plot=plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target), map_plot=heatmap,
+                      block_plot=block_plot(), map_plot=heatmap, why_plot=why,
                       layer_pick=gr.update(choices=names, value=names[-1]), results=results_markdown(ws), **buttons(ws))
         elif isinstance(event, ev.RunCancelled):
             yield out(prune_status="■ Stopped. " + ("The dense weights were restored." if event.restored else
@@ -391,9 +420,12 @@ def stop_pruning(request: gr.Request):
 def show_layer(name, request: gr.Request):
     ws = session(request)
     if not name or name not in ws.maps:
-        return plots.empty("Pick a pruned linear")
+        return plots.empty("Pick a pruned linear"), plots.empty(WHY_EMPTY)
     m = ws.maps[name]
-    return plots.layer_maps(name, m.shape, m.sparsity, m.score_map, m.mask_map, method=ws.summary.method)
+    differing = {n: v.explanation.differing for n, v in ws.maps.items() if v.explanation is not None}
+    return (plots.layer_maps(name, m.shape, m.sparsity, m.score_map, m.mask_map, method=ws.summary.method),
+            plots.why_chart(name, m.explanation, differing) if m.explanation is not None else
+            plots.empty("No explanation for this linear (its method reads no activations)"))
 
 
 EVAL_OUTPUTS = ("ppl_md", *BUTTONS)
@@ -573,6 +605,9 @@ def build(policy: ServePolicy | None = None) -> gr.Blocks:
                                                 "differ in sparsity; slightly worse than plain Wanda on the built-in "
                                                 "model: 51.6 vs 50.6 perplexity on P1)", value=False,
                                                 elem_id="wanda-variant")
+                options = gr.CheckboxGroup(list(OPTION_NAMES), value=[], label="Options (on top of the method)",
+                                           elem_id="options")
+                gr.Markdown(OPTIONS_NOTE, elem_id="options-note")
                 estimate = gr.Markdown("Load a model to see an estimate.", elem_id="estimate")
                 with gr.Row():
                     c["start_btn"] = gr.Button("Start pruning", variant="primary", interactive=False, elem_id="start")
@@ -587,6 +622,7 @@ def build(policy: ServePolicy | None = None) -> gr.Blocks:
                 c["map_plot"] = gr.Plot(plots.empty("Score and mask maps appear as each linear is pruned"), label="Maps",
                                         elem_id="map-plot", min_width=520)
             c["layer_pick"] = gr.Dropdown([], label="Look at any pruned linear", interactive=True, elem_id="layer-pick")
+            c["why_plot"] = gr.Plot(plots.empty(WHY_EMPTY), label="Why it works", elem_id="why-plot")
 
         with gr.Column(elem_classes="step"):
             gr.Markdown("### 4 · Results")
@@ -678,9 +714,9 @@ def build(policy: ServePolicy | None = None) -> gr.Blocks:
 
         queued(c["start_btn"].click, "prune_status", "start pruning", prune,
                [method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed, include, exclude,
-                prune_head, batch_size, wanda_variant], out(PRUNE_OUTPUTS), api_name="prune", **work)
+                prune_head, batch_size, wanda_variant, options], out(PRUNE_OUTPUTS), api_name="prune", **work)
         c["stop_btn"].click(stop_pruning, None, c["stop_btn"], api_name="stop", queue=False)
-        c["layer_pick"].change(show_layer, c["layer_pick"], c["map_plot"], api_name="show_layer")
+        c["layer_pick"].change(show_layer, c["layer_pick"], [c["map_plot"], c["why_plot"]], api_name="show_layer")
         queued(c["eval_btn"].click, "ppl_md", "measure perplexity", evaluate, nwindows, out(EVAL_OUTPUTS),
                api_name="evaluate", **work)
 

@@ -16,6 +16,7 @@ import torch
 
 from ..core import events as ev
 from ..core.errors import UserError
+from ..core.explain import Explanation
 
 HEADROOM = 1.15  # the pruned linears' copy must fit with this margin (allocator slack, activations)
 
@@ -27,6 +28,7 @@ class LayerMaps:
     sparsity: float
     score_map: np.ndarray
     mask_map: np.ndarray
+    explanation: Explanation | None = None  # input norms and Wanda vs magnitude, when the run read activations
 
 
 class Workspace:
@@ -175,7 +177,8 @@ class Workspace:
                     "calibration": calibration, "in_place": in_place}
         for event in prune(model, config, windows, self.cancel, loaded.name):
             if isinstance(event, ev.LinearPruned):
-                self.maps[event.name] = LayerMaps(event.block, event.shape, event.sparsity, event.score_map, event.mask_map)
+                self.maps[event.name] = LayerMaps(event.block, event.shape, event.sparsity, event.score_map, event.mask_map,
+                                                  event.explanation)
             elif isinstance(event, ev.RunFinished):
                 self.summary = event.summary
                 self.pruned = model
