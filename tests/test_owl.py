@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import transformers as tf
@@ -9,8 +11,9 @@ import transformers as tf
 from tests.conftest import SMALL
 from wanda_gui.core.engine import PruneConfig, prune, run_to_end
 from wanda_gui.core.errors import UserError
-from wanda_gui.core.events import LinearPruned, Progress, TargetsChosen
-from wanda_gui.core.methods.owl import LAMBDA, outlier_ratio, owl_sparsities
+from wanda_gui.core.events import LinearPruned, Progress, RunCancelled, RunFailed, TargetsChosen
+from wanda_gui.core.methods.base import Step
+from wanda_gui.core.methods.owl import LAMBDA, OWL, outlier_ratio, owl_sparsities
 
 
 def test_weighted_mean_is_the_target_and_every_block_stays_within_lambda():
@@ -19,6 +22,20 @@ def test_weighted_mean_is_the_target_and_every_block_stays_within_lambda():
     assert sum(s * w for s, w in zip(chosen, sizes)) / sum(sizes) == pytest.approx(0.6, abs=1e-9)
     assert all(0.52 - 1e-12 <= s <= 0.68 + 1e-12 for s in chosen)
     assert chosen[1] == min(chosen) and chosen[0] == max(chosen)  # more outliers, fewer pruned
+
+
+def test_random_allocations_keep_the_mean_and_the_range():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        blocks = int(torch.randint(2, 40, (1,), generator=generator))
+        ratios = (torch.rand(blocks, generator=generator) ** 4 * 10).tolist()  # skewed, as real ratios are
+        sizes = torch.randint(1, 10_000, (blocks,), generator=generator).tolist()
+        target, lam = float(torch.rand(1, generator=generator)) * 0.95, float(torch.rand(1, generator=generator)) * 0.2
+        chosen = owl_sparsities(ratios, sizes, target, lam)
+        assert sum(s * n for s, n in zip(chosen, sizes)) / sum(sizes) == pytest.approx(target, abs=1e-9)
+        assert all(max(0.0, target - lam) - 1e-12 <= s <= target + lam + 1e-12 and s < 1 for s in chosen)
+        order = sorted(range(blocks), key=ratios.__getitem__)
+        assert all(chosen[a] >= chosen[b] for a, b in zip(order, order[1:]))  # more outliers, never more pruned
 
 
 def test_equal_sizes_follow_the_reference_formula():
@@ -30,10 +47,31 @@ def test_equal_sizes_follow_the_reference_formula():
     assert owl_sparsities([3.0] * 4, [7] * 4, target, lam) == [target] * 4
 
 
-def test_outlier_ratio_pools_a_blocks_scores():
-    scores = [torch.ones(10, 10), torch.ones(5, 4)]
-    scores[1][0, 0] = 1000.0  # one score far above 5 x the pooled mean (~9.3)
-    assert outlier_ratio(scores, 5.0) == pytest.approx(100 / 120)
+def test_skewed_ratios_are_held_within_lambda_where_the_reference_would_leave_it():
+    """The reference puts a lone outlier-heavy block 1.5 lambda below the target; the paper's range is +-lambda."""
+    ratios, target, lam = [1.0, 1.0, 1.0, 10.0], 0.5, 0.08
+    r = torch.tensor(ratios, dtype=torch.float64)
+    scaled = (r - r.min()) * (1 / (r.max() - r.min()) * lam * 2)
+    assert float(1 - (scaled - scaled.mean() + (1 - target))[3]) == pytest.approx(target - 1.5 * lam)
+    chosen = owl_sparsities(ratios, [1, 1, 1, 1], target, lam)
+    assert chosen[3] == pytest.approx(target - lam, abs=1e-12)
+    assert chosen[:3] == pytest.approx([target + lam / 3] * 3, abs=1e-12) and sum(chosen) / 4 == pytest.approx(target)
+
+
+def test_targets_near_zero_stay_non_negative():
+    chosen = owl_sparsities([5.0, 1.0, 2.0], [3, 1, 2], 0.05, 0.08)
+    assert min(chosen) >= 0 and (3 * chosen[0] + chosen[1] + 2 * chosen[2]) / 6 == pytest.approx(0.05, abs=1e-9)
+
+
+def test_outlier_ratio_pools_a_blocks_scores_against_one_mean():
+    """Per-linear means would find no outlier in the first linear; the pooled mean (~9.3 x 5) finds only the big one."""
+    weights = [torch.ones(10, 10), torch.ones(5, 4)]
+    weights[1][0, 0] = 1000.0
+    weights[0][0, :3] = 30.0  # above 5 x its own linear's mean (1.87) but not above 5 x the pooled mean
+    stats = [torch.ones(10), torch.full((4,), 4.0)]  # input RMS 1 and 2: the second linear's scores double
+    mean = (97 + 90 + 2 * (19 + 1000)) / 120
+    assert 2000 > 5 * mean > 30
+    assert outlier_ratio(weights, stats, 5.0) == pytest.approx(100 / 120)
 
 
 def four_blocks(outlier_block: int):
@@ -83,6 +121,63 @@ def test_owl_leaves_the_runs_hidden_states_alone():
     run_to_end(prune(plain, PruneConfig("wanda", 0.5), calibration(), steps=(Fixed(),)))
     for a, b in zip(with_owl.parameters(), plain.parameters()):
         assert torch.equal(a, b)
+
+
+def test_owl_reads_a_copy_of_the_calibration_inputs():
+    """The run's hidden states after OWL's pass (which runs every block on its copy) are the captured ones."""
+    seen = []
+
+    class Snapshot(Step):
+        def before_pruning(self, ctx):
+            seen.append(ctx.hidden.clone())
+
+    model = four_blocks(0)
+    run_to_end(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(Snapshot(), OWL(), Snapshot())))
+    assert torch.equal(seen[0], seen[1])
+
+
+def test_the_lm_head_keeps_the_runs_target():
+    model = four_blocks(3)
+    events = list(prune(model, PruneConfig("wanda", 0.6, owl=True, prune_head=True), calibration()))
+    chosen = next(e for e in events if isinstance(e, TargetsChosen))
+    assert len(chosen.sparsities) == 5 and chosen.sparsities[4] == 0.6 and chosen.basis[4] == 0.0
+    assert chosen.sparsities.index(min(chosen.sparsities[:4])) == 3
+    assert sum(chosen.sparsities[:4]) / 4 == pytest.approx(0.6, abs=1e-9)  # equal blocks: the plain mean
+
+
+def test_a_block_with_nothing_to_prune_is_left_out_of_the_allocation():
+    model = four_blocks(2)
+    events = list(prune(model, PruneConfig("wanda", 0.5, owl=True, exclude=("model.layers.0.*",)), calibration()))
+    chosen = next(e for e in events if isinstance(e, TargetsChosen))
+    assert chosen.sparsities[0] == 0.5 and chosen.basis[0] == 0.0
+    assert sum(chosen.sparsities[1:]) / 3 == pytest.approx(0.5, abs=1e-9) and len(set(chosen.sparsities[1:])) == 3
+    assert [e.done for e in events if isinstance(e, Progress)] == [1, 2, 3, 4]
+
+
+def test_stopping_during_owls_pass_restores_the_model():
+    model = four_blocks(1)
+    dense = [p.clone() for p in model.parameters()]
+    cancel = threading.Event()
+    events = []
+    for event in prune(model, PruneConfig("wanda", 0.5, owl=True), calibration(), cancel=cancel):
+        events.append(event)
+        if isinstance(event, Progress):
+            cancel.set()
+    assert isinstance(events[-1], RunCancelled)
+    assert [e.done for e in events if isinstance(e, Progress)] == [1]
+    assert not any(isinstance(e, TargetsChosen) for e in events)
+    assert all(torch.equal(a, b) for a, b in zip(dense, model.parameters()))
+
+
+def test_owl_as_a_step_on_a_method_without_calibration_fails_clearly():
+    events = list(prune(four_blocks(0), PruneConfig("magnitude", 0.5), steps=(OWL(),)))
+    assert isinstance(events[-1], RunFailed) and "calibration activations" in events[-1].reason
+
+
+@pytest.mark.parametrize("kwargs", [dict(lam=-0.1), dict(lam=1.0), dict(m=0.0)])
+def test_owl_refuses_settings_out_of_range(kwargs):
+    with pytest.raises(UserError, match="OWL's"):
+        OWL(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs,message", [
