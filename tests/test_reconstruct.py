@@ -30,13 +30,14 @@ class Masks(Step):
         self.masks.update(block.masks)
 
 
-@pytest.mark.parametrize("arch,method,pattern", [("llama", "wanda", "unstructured"), ("llama", "sparsegpt", "2:4"),
-                                                 ("gpt2", "wanda", "2:4"), ("opt", "ria", "unstructured")])
-def test_reconstruction_lowers_each_blocks_error_and_holds_the_masks(arch, method, pattern):
+@pytest.mark.parametrize("arch,method,pattern,dense_stream", [
+    ("llama", "wanda", "unstructured", True), ("llama", "sparsegpt", "2:4", False), ("gpt2", "wanda", "2:4", True),
+    ("opt", "ria", "unstructured", True)])
+def test_reconstruction_lowers_each_blocks_error_and_holds_the_masks(arch, method, pattern, dense_stream):
     plain, fitted = tiny_model(arch), tiny_model(arch)
     dense = {n: p.detach().clone() for n, p in fitted.named_parameters()}
     run_to_end(prune(plain, PruneConfig(method, 0.5, pattern), calibration()))
-    step, seen = Reconstruct(epochs=4, lr=3e-4), Masks()
+    step, seen = Reconstruct(epochs=4, lr=3e-4, dense_stream=dense_stream), Masks()
     run_to_end(prune(fitted, PruneConfig(method, 0.5, pattern), calibration(), steps=(step, seen)))
     assert len(step.errors) == 2
     for masked, refitted, final in step.errors:
@@ -62,6 +63,28 @@ def test_each_stage_alone_lowers_the_error():
         assert all(final < 0.9 * masked for masked, _, final in step.errors)
 
 
+@pytest.mark.parametrize("exclude", [(), ("model.layers.0.*",)])
+def test_targets_are_the_dense_models_own_hidden_states(exclude):
+    """Block 1 is fitted to what the dense model computes after block 0, even when block 0 is left dense."""
+    model = tiny_model("llama")
+    outputs = []
+    hook = model.model.layers[1].register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        model(calibration())
+    hook.remove()
+    expected = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+    targets = []
+
+    class Recorded(Reconstruct):
+        def dense_targets(self, *args):
+            targets.append(super().dense_targets(*args))
+            return targets[-1]
+
+    run_to_end(prune(model, PruneConfig("wanda", 0.5, exclude=exclude), calibration(), steps=(Recorded(epochs=1),)))
+    torch.testing.assert_close(targets[-1], expected, rtol=1e-4, atol=1e-4)
+    assert len(targets) == 2 - len(exclude)
+
+
 def test_refit_reaches_each_rows_least_squares_optimum():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(256, 12, generator=g) @ torch.randn(12, 12, generator=g)
@@ -83,6 +106,12 @@ def test_the_option_is_in_the_config_and_refused_without_calibration():
     assert summary.settings["reconstruct"] and summary.achieved_sparsity == pytest.approx(0.5)
     with pytest.raises(UserError, match="reconstruction"):
         PruneConfig("magnitude", 0.5, reconstruct=True)
+
+
+@pytest.mark.parametrize("settings", [dict(epochs=-1), dict(lr=0.0), dict(batch_size=0), dict(refit_iterations=-2)])
+def test_bad_settings_are_refused(settings):
+    with pytest.raises(UserError, match="Reconstruction needs"):
+        Reconstruct(**settings)
 
 
 def test_cancel_during_reconstruction_restores_the_dense_model():
