@@ -149,3 +149,20 @@ def test_a_bf16_block_is_fitted_and_returned_in_bf16():
     assert all(final < masked for masked, _, final in step.errors)
     q = weight_out_in(model.model.layers[0].self_attn.q_proj)
     assert (q == 0).float().mean() == pytest.approx(0.5)
+
+
+def test_an_apps_pruning_copy_of_inference_tensors_is_fitted_and_the_dense_model_untouched():
+    """The app prunes a copy whose untouched tensors are the dense model's own (and may be inference tensors)."""
+    from wanda_gui.core.copies import pruning_copy
+    from wanda_gui.core.engine import select_linears
+
+    with torch.inference_mode():
+        dense = tiny_model("llama")
+    before = {n: p.clone() for n, p in dense.named_parameters()}
+    config = PruneConfig("wanda", 0.5, reconstruct=True)
+    _, plan = select_linears(dense, config)
+    copy = pruning_copy(dense, [linear for stage in plan for linear in stage.values()])
+    summary = run_to_end(prune(copy, config, torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))))
+    assert summary.achieved_sparsity == pytest.approx(0.5)
+    assert copy.model.layers[0].input_layernorm.weight is dense.model.layers[0].input_layernorm.weight  # still shared
+    assert all(torch.equal(p, before[n]) for n, p in dense.named_parameters())
