@@ -1,0 +1,140 @@
+"""Step 3 · Live: the run under way (per-block chart, the linear's score and mask maps, the why-it-works view), and
+any pruned linear picked afterwards. Its callback, `prune`, is what the method step's Start button runs."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import gradio as gr
+
+from ...core.errors import UserError
+from .. import plots
+from ..common import (AFTER_RUN, BUTTONS, DRAW_INTERVAL, MAPS_EMPTY, RUN_VIEW, WHY_EMPTY, WORK, Page, buttons,
+                      check_count, cleared, served, session, updates, user_errors)
+from ..workspace import Workspace
+from .method import calibration_source, prune_config
+from .results import results_markdown
+
+PRUNE_OUTPUTS = ("prune_status", *RUN_VIEW, *BUTTONS, *AFTER_RUN)
+
+
+def prune_failed(ws: Workspace, message: str):
+    return updates(PRUNE_OUTPUTS, prune_status=f"✗ {message}", **buttons(ws))
+
+
+def prune_stream(ws: Workspace, config, source, nsamples: int, seqlen: int, seed: int) -> Iterator[dict]:
+    """Run one prune into the session's pruned model; yield, by output name, what the page shows as it goes."""
+    from ...core import events as ev
+
+    # The previous run's results go at once; Stop opens with the run itself, once it can take effect.
+    yield dict(prune_status="… Drawing calibration windows…", **buttons(ws, running=True),
+               **cleared(RUN_VIEW, AFTER_RUN))
+    sparsity_by_block, seconds_by_block, targets, differing = {}, {}, None, {}
+    blocks, target, started, heatmap, why, last_drawn = 1, None, time.perf_counter(), gr.update(), gr.update(), 0.0
+
+    def block_plot():
+        fig = plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target)
+        return plots.targets_trace(fig, targets[:blocks]) if targets else fig
+
+    for event in ws.prune(config, source, nsamples, seqlen, seed):
+        if isinstance(event, ev.RunStarted):
+            blocks, target, started = len(event.blocks), event.target_sparsity, time.perf_counter()
+            yield dict(prune_status=f"… {event.method} · {event.pattern} · {event.total_linears} linears in {blocks} blocks",
+                       block_plot=block_plot(), **buttons(ws, running=True, stop="stop_btn"))
+        elif isinstance(event, ev.Progress):
+            yield dict(prune_status=f"… {event.what}: block {event.done}/{event.total} · "
+                                    f"{time.perf_counter() - started:.0f} s elapsed")
+        elif isinstance(event, ev.TargetsChosen):
+            targets = event.sparsities
+            yield dict(prune_status=f"… {event.note}", block_plot=block_plot())
+        elif isinstance(event, ev.LinearPruned):
+            if event.explanation is not None:
+                differing[event.name] = event.explanation.differing
+            if time.perf_counter() - last_drawn < DRAW_INTERVAL and event.done < event.total:
+                continue  # drawing every linear would slow a fast run down; the picker shows them all afterwards
+            last_drawn = time.perf_counter()
+            elapsed = time.perf_counter() - started
+            finished = len(seconds_by_block)  # blocks cost alike (two passes each); linears do not (1 s to 7 s)
+            eta = (f"ETA {elapsed / finished * (blocks - finished):.0f} s" if finished else
+                   "ETA after the first block")
+            heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, event.score_map, event.mask_map,
+                                       method=config.method)
+            if event.explanation is not None:
+                why = plots.why_chart(event.name, event.explanation, differing)
+            yield dict(prune_status=f"… block {event.block + 1}/{blocks} · linear {event.done}/{event.total} "
+                                    f"({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · {eta}",
+                       map_plot=heatmap, why_plot=why)
+        elif isinstance(event, ev.BlockFinished):
+            sparsity_by_block[event.index] = event.sparsity
+            seconds_by_block[event.index] = event.seconds
+            yield dict(block_plot=block_plot())
+        elif isinstance(event, ev.RunFinished):
+            names = list(ws.maps)
+            yield dict(prune_status=f"✓ Pruned in {event.summary.seconds:.1f} s: achieved sparsity "
+                                    f"{event.summary.achieved_sparsity:.2%}.",
+                       block_plot=block_plot(), map_plot=heatmap, why_plot=why,
+                       layer_pick=gr.update(choices=names, value=names[-1]), results=results_markdown(ws),
+                       **buttons(ws))
+        elif isinstance(event, ev.RunCancelled):
+            yield dict(prune_status="■ Stopped. " + ("The dense weights were restored." if event.restored else
+                                                     "The dense model was never touched (the pruned copy was discarded)."),
+                       **buttons(ws))
+        elif isinstance(event, ev.RunFailed):
+            raise UserError(f"Pruning failed{f' at {event.layer}' if event.layer else ''}: {event.reason}. "
+                            "The dense model is intact.")
+
+
+@user_errors(prune_failed)
+def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
+          include, exclude, prune_head, batch_size, wanda_variant, options, request: gr.Request):
+    ws = session(request)
+    ws.require_model()
+    config = prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size,
+                          wanda_variant, options)
+    source = calibration_source(served(request).policy, calib_kind, files, dataset)
+    nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
+    seed = check_count(seed, "Seed", 0)
+    for shown in prune_stream(ws, config, source, nsamples, seqlen, seed):
+        yield updates(PRUNE_OUTPUTS, **shown)
+
+
+def stop_pruning(request: gr.Request):
+    """Ask the run to stop; its own stream then says what became of the model (no race with that message)."""
+    session(request).cancel.set()
+    return gr.update(interactive=False)
+
+
+@user_errors()
+def show_layer(name, request: gr.Request):
+    ws = session(request)
+    if not name or name not in ws.maps:
+        return plots.empty("Pick a pruned linear"), plots.empty(WHY_EMPTY)
+    m = ws.maps[name]
+    differing = {n: v.explanation.differing for n, v in ws.maps.items() if v.explanation is not None}
+    return (plots.layer_maps(name, m.shape, m.sparsity, m.score_map, m.mask_map, method=ws.summary.method),
+            plots.why_chart(name, m.explanation, differing) if m.explanation is not None else
+            plots.empty("No explanation for this linear (its method reads no activations)"))
+
+
+def layout(page: Page) -> None:
+    with gr.Column(elem_classes="step"):
+        gr.Markdown("### 3 · Live")
+        page.add("prune_status", gr.Markdown("Load a model, then start pruning.", elem_id="prune-status"))
+        with gr.Row():
+            page.add("block_plot", gr.Plot(plots.block_chart(1, {}, {}, None), label="Blocks", elem_id="block-plot",
+                                           min_width=520))
+            page.add("map_plot", gr.Plot(plots.empty(MAPS_EMPTY), label="Maps", elem_id="map-plot", min_width=520))
+        page.add("layer_pick", gr.Dropdown([], label="Look at any pruned linear", interactive=True,
+                                           elem_id="layer-pick"))
+        page.add("why_plot", gr.Plot(plots.empty(WHY_EMPTY), label="Why it works", elem_id="why-plot"))
+
+
+def wire(page: Page) -> None:
+    page.queued(page["start_btn"].click, "prune_status", "start pruning", prune,
+                page.out(("method", "sparsity", "pattern", "custom_nm", "calib_kind", "files", "dataset", "nsamples",
+                          "seqlen", "seed", "include", "exclude", "prune_head", "batch_size", "wanda_variant",
+                          "options")),
+                page.out(PRUNE_OUTPUTS), api_name="prune", **WORK)
+    page["stop_btn"].click(stop_pruning, None, page["stop_btn"], api_name="stop", queue=False)
+    page["layer_pick"].change(show_layer, page["layer_pick"], page.out(("map_plot", "why_plot")), api_name="show_layer")

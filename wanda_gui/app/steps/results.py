@@ -1,0 +1,84 @@
+"""Step 4 · Results: what the run achieved per layer type, and perplexity of the dense and pruned models."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ...core.devices import format_bytes
+from ..common import BUTTONS, WORK, Page, buttons, check_count, on_a_thread, session, updates, user_errors
+from ..workspace import Workspace
+from .method import OPTION_NAMES
+
+HONEST_NOTE = ("Zeros stored densely do not shrink the files or make a dense runtime faster. 2:4 can be accelerated on "
+               "NVIDIA Ampere or newer GPUs with semi-structured sparse kernels (modest, shape-dependent gains); on a "
+               "CPU, sparse matmul at 50% is slower than dense. What pruning shows here is how much of the model "
+               "can be removed and what that costs in quality.")
+
+
+def results_markdown(ws: Workspace) -> str:
+    s = ws.summary
+    kinds = sorted(s.by_type)
+    table = ("| layer type | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds) + "\n| sparsity | " +
+             " | ".join(f"{s.by_type[k]:.2%}" for k in kinds) + " |")
+    shared = ""
+    if ws.dense_kept and ws.pruned is not None:
+        from ...core.copies import shared_bytes, tensor_bytes
+
+        own = tensor_bytes(ws.pruned) - shared_bytes(ws.pruned, ws.dense_model)
+        shared = (f" The pruned copy adds {format_bytes(own)}: it shares the embeddings, norms and every untouched "
+                  "tensor with the dense model.")
+    dense = "kept for side-by-side chat" if ws.dense_kept else \
+        "**not kept** (no memory for a copy: the model was pruned in place; reload it to chat with the dense model)"
+    variant = " (α-variant)" if s.settings.get("wanda_variant") else ""
+    variant += "".join(f" + {label}" for label, field in OPTION_NAMES.items() if s.settings.get(field))
+    return (f"**{s.method}{variant} · {s.pattern}** · target {s.target_sparsity:.1%} · achieved **{s.achieved_sparsity:.2%}** "
+            f"over {s.pruned_parameters:,} weights in {s.seconds:.1f} s. Dense model: {dense}.{shared}\n\n{table}\n\n"
+            f"{HONEST_NOTE}")
+
+
+def perplexity_markdown(ppl: dict) -> str:
+    lines = ["| model | perplexity | windows |", "|---|---|---|"]
+    for key in ("dense", "pruned"):
+        if key in ppl:
+            p = ppl[key]
+            lines.append(f"| {key} | **{p.perplexity:.3f}** | {p.nwindows} x {p.seqlen} tokens, stride {p.stride} |")
+    if "dense" in ppl:
+        lines.append(f"\nPruned / dense: **{ppl['pruned'].perplexity / ppl['dense'].perplexity:.2f}x**. "
+                     "Evaluation text: State of the Union speeches 2000-2026 (never used for calibration).")
+    return "\n".join(lines)
+
+
+EVAL_OUTPUTS = ("ppl_md", *BUTTONS)
+
+
+def evaluate_failed(ws: Workspace, message: str):
+    return updates(EVAL_OUTPUTS, ppl_md=f"✗ {message}", **buttons(ws))
+
+
+@user_errors(evaluate_failed)
+def evaluate(nwindows, request: gr.Request):
+    """Measure on a worker thread, streaming windows done / total."""
+    ws = session(request)
+    nwindows = check_count(nwindows, "Windows")
+    ws.require_pruned()
+    yield updates(EVAL_OUTPUTS, ppl_md="… Measuring perplexity…", **buttons(ws, running=True))
+    for message in on_a_thread(lambda report: ws.evaluate(nwindows, progress=lambda done, total: report((done, total)))):
+        if isinstance(message, tuple):
+            yield updates(EVAL_OUTPUTS, ppl_md=f"… Measuring perplexity: window {message[0]}/{message[1]}")
+    yield updates(EVAL_OUTPUTS, ppl_md=perplexity_markdown(message.result), **buttons(ws))
+
+
+def layout(page: Page) -> None:
+    with gr.Column(elem_classes="step"):
+        gr.Markdown("### 4 · Results")
+        page.add("results", gr.Markdown(elem_id="results"))
+        with gr.Row():
+            page.add("nwindows", gr.Number(16, label="Evaluation windows (512 tokens each; P1 uses 64)", precision=0,
+                                           minimum=1, elem_id="nwindows"))
+            page.add("eval_btn", gr.Button("Measure perplexity: dense vs pruned", interactive=False, elem_id="eval"))
+        page.add("ppl_md", gr.Markdown(elem_id="perplexity"))
+
+
+def wire(page: Page) -> None:
+    page.queued(page["eval_btn"].click, "ppl_md", "measure perplexity", evaluate, page["nwindows"],
+                page.out(EVAL_OUTPUTS), api_name="evaluate", **WORK)
