@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     from .app.main import add_arguments
-    from .core.methods import METHODS
+    from .core.methods import METHODS, OPTIONS
 
     add_arguments(sub.add_parser("app", help="open the Gradio app (the default)"))
 
@@ -39,15 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--wanda-variant", action="store_true",
                        help="Wanda only: the reference's per-layer alpha search (rows differ in sparsity; slightly worse "
                             "than plain Wanda on the built-in model)")
-    prune.add_argument("--owl", action="store_true",
-                       help="OWL (Yin et al. 2024): per-block sparsities from each block's share of outlier scores "
-                            "(lambda 0.08, M 5), averaging to --sparsity; unstructured only")
-    prune.add_argument("--dsnot", action="store_true",
-                       help="DSnoT (Zhang et al. 2024): after masking, swap pruned and kept weights of each row while "
-                            "that lowers its expected reconstruction error; counts per row or N:M group kept")
-    prune.add_argument("--reconstruct", action="store_true",
-                       help="after each block is masked, fit its kept weights to the dense block's outputs with a few "
-                            "epochs of Adam (Wanda++'s regional optimisation, Yang et al. 2025); masks held")
+    for name, step in OPTIONS.items():
+        prune.add_argument(f"--{name}", action="store_true", help=step.description)
     prune.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row to zero, in [0, 1) (unstructured)")
     prune.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M")
     prune.add_argument("--layerwise", action="store_true", help="magnitude: one threshold per layer instead of per row")
@@ -128,6 +121,7 @@ def check_prune_args(args):
     from .core.calibration import check_text_files, text_file_sources
     from .core.engine import PruneConfig
     from .core.export import check_target
+    from .core.methods import OPTIONS
 
     _at_least(args.nsamples, 1, "--nsamples")
     _at_least(args.seqlen, 2, "--seqlen")
@@ -135,8 +129,8 @@ def check_prune_args(args):
     _at_least(args.eval_nwindows, 1, "--eval-nwindows")
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
                          include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
-                         batch_size=args.batch_size, wanda_variant=args.wanda_variant, owl=args.owl,
-                         dsnot=args.dsnot, reconstruct=args.reconstruct,
+                         batch_size=args.batch_size, wanda_variant=args.wanda_variant,
+                         **{name: getattr(args, name) for name in OPTIONS},
                          restore_on_abort=False)  # a stopped CLI run saves nothing
     check_model_args(args)
     check_text_files(text_file_sources(args.calib), "calibration")

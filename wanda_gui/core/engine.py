@@ -24,9 +24,7 @@ from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPr
                      RunFailed, RunFinished, RunStarted, TargetsChosen)
 from .explain import explain
 from .masks import Pattern, check_sparsity
-from .methods import BlockMasked, Method, RunContext, Step, get_method, option_steps
-from .methods.dsnot import check_dsnot
-from .methods.owl import check_owl
+from .methods import OPTIONS, BlockMasked, Method, RunContext, Step, get_method, option_steps
 from .passes import Cancelled, collect_input_stats, run_block
 from .statistics import Several, SquaredMean
 
@@ -64,13 +62,9 @@ class PruneConfig:
         if self.wanda_variant and (self.method != "wanda" or self.pattern.structured):
             raise UserError("The α-variant is a Wanda option for unstructured sparsity; choose method wanda and "
                             "pattern unstructured, or turn the variant off.")
-        if self.owl:
-            check_owl(self.pattern, get_method(self.method).needs_activations)
-        if self.dsnot:
-            check_dsnot(get_method(self.method).needs_activations)
-        if self.reconstruct and not get_method(self.method).needs_activations:
-            raise UserError("Block reconstruction fits each pruned block to the dense block's outputs on calibration "
-                            "inputs: choose a method that reads them (wanda, sparsegpt, ria), or turn it off.")
+        for name, option in OPTIONS.items():
+            if getattr(self, name):
+                option.check(self.pattern, get_method(self.method).needs_activations)
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {self.batch_size}.")
 

@@ -57,6 +57,11 @@ class Step:
     linear's input, collected in the same pass as the method's own and handed over in BlockMasked.statistics."""
 
     statistic: type | None = None
+    description: str = ""  # an option's one line for the app and --help, citing its paper
+
+    @classmethod
+    def check(cls, pattern, needs_activations: bool) -> None:
+        """Refuse, before a model is loaded, a run this option cannot serve (PruneConfig calls it when it is on)."""
 
     def before_pruning(self, ctx: RunContext) -> Iterator[Event] | None:
         """Called once, the model still dense, after the first block's inputs are captured. A hook with work of its

@@ -22,15 +22,6 @@ NEEDS_ACTIVATIONS = ("OWL measures outliers in calibration activations (Wanda's 
                      "that reads them (wanda, sparsegpt, ria), or turn OWL off.")
 
 
-def check_owl(pattern: Pattern, needs_activations: bool) -> None:
-    """Refuse what OWL cannot do, before a model is loaded: PruneConfig calls this when its `owl` is on."""
-    if pattern.structured:
-        raise UserError(f"OWL chooses a sparsity per block, but {pattern} fixes every row's sparsity: use the "
-                        "unstructured pattern with OWL, or turn OWL off.")
-    if not needs_activations:
-        raise UserError(NEEDS_ACTIVATIONS)
-
-
 def owl_sparsities(outlier_ratios: list[float], sizes: list[int], target: float, lam: float = LAMBDA) -> list[float]:
     """Per-block sparsities: the reference's allocation, then one shift so that the size-weighted mean is the target.
 
@@ -84,6 +75,17 @@ def outlier_ratio(weights: list[torch.Tensor], input_sq_means: list[torch.Tensor
 
 class OWL(Step):
     """Sets ctx.sparsities per block from a pass over the dense model on a copy of the calibration inputs."""
+
+    @classmethod
+    def check(cls, pattern: Pattern, needs_activations: bool) -> None:
+        if pattern.structured:
+            raise UserError(f"OWL chooses a sparsity per block, but {pattern} fixes every row's sparsity: use the "
+                            "unstructured pattern with OWL, or turn OWL off.")
+        if not needs_activations:
+            raise UserError(NEEDS_ACTIVATIONS)
+
+    description = ("OWL (Yin et al. 2024): per-block sparsities from each block's share of outlier scores (lambda "
+                   "0.08, M 5), their size-weighted mean the target; unstructured only")
 
     def __init__(self, lam: float = LAMBDA, m: float = M):
         if not 0 <= lam < 1:

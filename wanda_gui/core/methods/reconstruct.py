@@ -118,6 +118,16 @@ class Reconstruct(Step):
     the pruned inputs). `errors` records per block that MSE on the first batch of samples: after masking, after the
     refit, after Adam."""
 
+    @classmethod
+    def check(cls, pattern, needs_activations: bool) -> None:
+        if not needs_activations:
+            raise UserError("Block reconstruction fits each pruned block to the dense model's outputs on calibration "
+                            "inputs: choose a method that reads them (wanda, sparsegpt, ria), or turn it off.")
+
+    description = ("Block reconstruction: after each block is masked, refit its kept weights (least squares on the "
+                   "inputs, then a few epochs of Adam) to the dense model's outputs, masks held; the regional "
+                   "optimisation of Wanda++, Yang et al. 2025")
+
     def __init__(self, epochs: int = 2, lr: float = 1e-4, batch_size: int = 4, refit_iterations: int = 30,
                  dense_stream: bool = True):
         if epochs < 0 or refit_iterations < 0 or batch_size < 1 or not lr > 0:
