@@ -10,7 +10,9 @@ import torch
 from gradio_client import Client, handle_file
 from transformers import AutoModelForCausalLM
 
-from wanda_gui.app.ui import CALIBRATION, SOURCES, text_of
+from wanda_gui.app.steps.chat import text_of
+from wanda_gui.app.steps.method import CALIBRATION
+from wanda_gui.app.steps.model import SOURCES
 
 
 def free_port() -> int:
@@ -180,7 +182,7 @@ def test_auth_protects_the_app():
 
 
 def test_every_method_and_the_wanda_variant_run_from_the_page(url, tiny_model_dir, text_file):
-    from wanda_gui.app.ui import METHOD_NAMES
+    from wanda_gui.app.steps.method import METHOD_NAMES
 
     client = Client(url, verbose=False)
     load_tiny(client, tiny_model_dir)
@@ -196,6 +198,9 @@ def test_every_method_and_the_wanda_variant_run_from_the_page(url, tiny_model_di
     assert final[0].startswith("✓ Pruned") and "**sparsegpt + OWL + DSnoT + Block reconstruction · unstructured**" in final[4]
     owl = [t for t in json.loads(final[1]["plot"])["data"] if t.get("name") == "OWL target"]
     assert len(owl) == 1  # the per-block targets OWL chose, on the block chart
+    chart = final[6]  # and OWL's own chart: the sparsity chosen per block from its outlier ratio
+    assert chart["visible"] and [t["name"] for t in json.loads(chart["value"]["plot"])["data"]] == [
+        "chosen sparsity", "outlier ratio (%)", "run target 50%"]
     assert "unstructured pattern with OWL" in error_of(lambda: client.predict(
         *prune_args([text_file], pattern="2:4", options=["OWL"]), api_name="/prune"))
     client.close()

@@ -8,7 +8,9 @@ import pytest
 from gradio_client import Client
 
 from test_app_api import error_of, load_tiny, prune_args, serving
-from wanda_gui.app import ui
+from wanda_gui.app.common import BUTTONS
+from wanda_gui.app.steps.chat import CHAT_OUTPUTS
+from wanda_gui.app.steps.live import PRUNE_OUTPUTS
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def no_session_holds_models(pool):
 
 def named(values, names):
     """An API result by output name (buttons are not part of the API's outputs)."""
-    return dict(zip([n for n in names if n not in ui.BUTTONS], values))
+    return dict(zip([n for n in names if n not in BUTTONS], values))
 
 
 def wait_until(condition, seconds=20.0):
@@ -83,7 +85,7 @@ def test_a_new_run_clears_the_previous_runs_results_and_locks_the_controls(url, 
 
         job = client.submit(*prune_args([text_file], pattern="2:4", nsamples=400, seqlen=128, batch_size=1),
                             api_name="/prune")
-        first = named(next(iter(job)), ui.PRUNE_OUTPUTS)
+        first = named(next(iter(job)), PRUNE_OUTPUTS)
         # Everything measured on the previous model is gone the moment the new run starts...
         assert first["ppl_md"] == "" and first["dense_chat"] == [] and first["pruned_chat"] == []
         assert first["export_status"] == "" and first["report_file"]["visible"] is False and first["results"] == ""
@@ -91,7 +93,7 @@ def test_a_new_run_clears_the_previous_runs_results_and_locks_the_controls(url, 
         assert wait_until(lambda: any("linear" in str(u[0]) for u in job.outputs()))
         assert "is pruning" in error_of(lambda: client.predict("Hi", [], [], 4, True, 0.7, 0.9, 0, api_name="/chat"))
         client.predict(api_name="/stop")
-        final = named(job.result(), ui.PRUNE_OUTPUTS)
+        final = named(job.result(), PRUNE_OUTPUTS)
         assert final["prune_status"].startswith("■ Stopped")
         assert "Prune the model first" in error_of(lambda: client.predict(2, api_name="/evaluate"))
     finally:
@@ -108,7 +110,7 @@ def test_perplexity_streams_windows_and_chat_says_waiting_stopped_and_empty(url,
         assert any("window 1/6" in s or "window 3/6" in s for s in statuses), statuses
         assert "| dense |" in job.result()
 
-        empty = named(client.predict("   ", [], [], 4, True, 0.7, 0.9, 0, api_name="/chat"), ui.CHAT_OUTPUTS)
+        empty = named(client.predict("   ", [], [], 4, True, 0.7, 0.9, 0, api_name="/chat"), CHAT_OUTPUTS)
         assert "Type a prompt first" in empty["chat_status"]
 
         job = client.submit("Tell me a long story.", [], [], 200, True, 0.7, 0.9, 0, api_name="/chat")
@@ -117,7 +119,7 @@ def test_perplexity_streams_windows_and_chat_says_waiting_stopped_and_empty(url,
                 client.predict(api_name="/stop_chat")
                 break
         assert wait_until(job.done)
-        last = named(job.outputs()[-1], ui.CHAT_OUTPUTS)
+        last = named(job.outputs()[-1], CHAT_OUTPUTS)
         assert "stopped" in last["pruned_stats"] and "done" not in last["pruned_stats"]
     finally:
         client.close()

@@ -1,7 +1,6 @@
 """End to end on the real built-in model (SmolLM2-135M-Instruct): the protocol's figures and Wanda's point."""
 
 import pytest
-import torch
 
 from wanda_gui.core.architecture import find_blocks, find_linears
 from wanda_gui.core.calibration import calibration_windows

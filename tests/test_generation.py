@@ -4,7 +4,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from conftest import tiny_model
 from wanda_gui.core.errors import UserError

@@ -18,7 +18,8 @@ from gradio_client import Client
 from test_app_api import error_of, free_port, prune_args, serving
 from wanda_gui.app.main import launch
 from wanda_gui.app.policy import ServePolicy, app_files_dir, policy_from_args
-from wanda_gui.app.ui import CALIBRATION, SOURCES
+from wanda_gui.app.steps.method import CALIBRATION
+from wanda_gui.app.steps.model import SOURCES
 from wanda_gui.cli import main
 from wanda_gui.core.errors import UserError
 
@@ -262,7 +263,7 @@ def test_exposed_server_keeps_visitors_inside_its_folders(tiny_model_dir, tmp_pa
 
 
 def test_exposed_server_reads_no_server_folder_as_a_calibration_dataset(tiny_model_dir, tmp_path):
-    """ui.calibration_source asks the policy (`datasets` reads a local folder's files)."""
+    """The calibration source asks the policy (`datasets` reads a local folder's files)."""
     models, private = tmp_path / "models", tmp_path / "private"
     shutil.copytree(tiny_model_dir, models / "tiny")
     private.mkdir()

@@ -15,7 +15,8 @@ from wanda_gui.core.calibration import windows_from_text
 from wanda_gui.core.copies import pruning_copy, shared_bytes, tensor_bytes
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.models import load_model
-from wanda_gui.core.sweep import RunDone, RunSkipped, RunStarting, SweepFinished, SweepStarted, chart_figure, plan, run_sweep
+from wanda_gui.core.sweep import (DenseMeasured, RunDone, RunSkipped, RunStarting, SweepFinished, SweepStarted, chart_figure,
+                                  plan, run_sweep)
 
 METHODS = ["wanda", "magnitude", "sparsegpt"]
 EVAL = dict(eval_nwindows=3, eval_seqlen=32)
@@ -49,6 +50,17 @@ def test_plan_takes_every_combination_and_one_run_per_nm_pattern():
     assert not any(k.startswith("wanda|2:4|0.3") for k in keys)
     assert {s.sparsity for s in specs if s.pattern.structured} == {0.5}
     assert plan(["wanda"], [0.5], ["1:3"])[0].key == "wanda|1:3|0.666667"
+
+
+def test_plan_carries_every_option_into_its_runs_and_keys():
+    """OWL leaves N:M runs alone (they fix their sparsity); DSnoT and reconstruction apply to every pattern."""
+    specs = plan(["wanda"], [0.5], ["unstructured", "2:4"], owl=True, dsnot=True, reconstruct=True)
+    assert [s.key for s in specs] == ["wanda+owl+dsnot+reconstruct|unstructured|0.5", "wanda+dsnot+reconstruct|2:4|0.5"]
+    config = specs[0].config()
+    assert (config.owl, config.dsnot, config.reconstruct) == (True, True, True)
+    assert specs[1].options == ("dsnot", "reconstruct") and not specs[1].config().owl
+    with pytest.raises(UserError, match="DSnoT"):
+        plan(["magnitude"], [0.5], ["unstructured"], dsnot=True)
 
 
 @pytest.mark.parametrize("methods, sparsities, patterns", [
@@ -87,6 +99,7 @@ def test_results_have_one_row_per_run_plus_dense(swept):
         assert row["prune_seconds"] > 0 and row["eval_seconds"] > 0
     assert sum(isinstance(e, RunDone) for e in events) == len(specs)
     assert isinstance(events[0], SweepStarted) and events[0].to_run == len(specs)
+    assert isinstance(events[1], DenseMeasured) and events[1].row == rows[0]  # before any run: the chart's dense line
     assert isinstance(events[-1], SweepFinished) and not events[-1].cancelled
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
@@ -167,6 +180,8 @@ def test_chart_draws_nm_runs_as_markers_and_dense_as_a_line():
     figure = chart_figure(rows, 24.5)
     assert {trace.name: trace.mode for trace in figure.data} == {
         "wanda 2:4": "markers", "wanda": "lines+markers", "dense (24.50)": "lines"}
+    options = chart_figure([{**rows[1], "key": "wanda+owl+dsnot|unstructured|0.5", "owl": True, "dsnot": True}], None)
+    assert [trace.name for trace in options.data] == ["wanda + OWL + DSnoT"]
     dense = next(t for t in figure.data if t.name.startswith("dense"))
     assert set(dense.y) == {24.5} and figure.layout.yaxis.type == "log"
 

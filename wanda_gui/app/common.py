@@ -20,6 +20,7 @@ from .workspace import Workspace
 
 WHY_EMPTY = "Why it works: input-feature norms and Wanda vs magnitude, as each linear is pruned"
 MAPS_EMPTY = "Score and mask maps appear as each linear is pruned"
+COMPARE_EMPTY = "Perplexity against sparsity fills in as each run finishes"
 DRAW_INTERVAL = 0.25  # seconds between live plot updates
 
 
@@ -117,10 +118,12 @@ def check_count(value, name: str, minimum: int = 1) -> int:
 # -- named outputs ----------------------------------------------------------------------------------------------------
 # Each callback names its outputs; the page maps the names to components, so a callback returns only what it changes.
 
-BUTTONS = ("load_btn", "start_btn", "send_btn", "export_btn", "eval_btn", "stop_btn")
+BUTTONS = ("load_btn", "start_btn", "send_btn", "export_btn", "eval_btn", "stop_btn", "compare_btn", "compare_stop",
+           "take_btn")
 AFTER_RUN = ("ppl_md", "dense_chat", "pruned_chat", "dense_stats", "pruned_stats", "chat_status", "export_status",
              "report_file")  # what a run produces after pruning: cleared when a new model or run starts
-RUN_VIEW = ("block_plot", "map_plot", "layer_pick", "results", "why_plot")
+RUN_VIEW = ("block_plot", "map_plot", "layer_pick", "results", "why_plot", "owl_plot")
+COMPARE_VIEW = ("compare_chart", "compare_table", "compare_pick", "compare_files")  # what a comparison shows
 
 
 def updates(names: tuple[str, ...], **values) -> tuple:
@@ -135,16 +138,20 @@ def buttons(ws: Workspace, running: bool = False, stop: str | None = None) -> di
     dense = not running and ws.loaded is not None and ws.dense_kept
     return dict(load_btn=gr.update(interactive=not running), start_btn=gr.update(interactive=dense),
                 send_btn=gr.update(interactive=pruned), export_btn=gr.update(interactive=pruned),
-                eval_btn=gr.update(interactive=pruned), stop_btn=gr.update(interactive=stop == "stop_btn"))
+                eval_btn=gr.update(interactive=pruned), stop_btn=gr.update(interactive=stop == "stop_btn"),
+                compare_btn=gr.update(interactive=dense), compare_stop=gr.update(interactive=stop == "compare_stop"),
+                take_btn=gr.update(interactive=dense and bool(ws.comparison and ws.comparison.finished)))
 
 
 def cleared(*groups: tuple[str, ...]) -> dict:
     """Empty values for everything a previous model or run left on the page."""
     empty = dict(block_plot=plots.block_chart(1, {}, {}, None), map_plot=plots.empty(MAPS_EMPTY),
-                 why_plot=plots.empty(WHY_EMPTY),
+                 why_plot=plots.empty(WHY_EMPTY), owl_plot=gr.update(value=None, visible=False),
                  layer_pick=gr.update(choices=[], value=None), results="", ppl_md="", dense_chat=[], pruned_chat=[],
                  dense_stats="", pruned_stats="", chat_status="", export_status="",
-                 report_file=gr.update(value=None, visible=False))
+                 report_file=gr.update(value=None, visible=False), compare_chart=plots.empty(COMPARE_EMPTY),
+                 compare_table="", compare_pick=gr.update(choices=[], value=None),
+                 compare_files=gr.update(value=None, visible=False))
     return {name: empty[name] for group in groups for name in group}
 
 

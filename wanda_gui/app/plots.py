@@ -158,3 +158,47 @@ def targets_trace(fig: go.Figure, targets: list[float]) -> go.Figure:
     fig.add_scatter(x=list(range(len(targets))), y=targets, name="OWL target", mode="lines", line_shape="hvh",
                     line=dict(color="#7c3aed", width=2), hovertemplate="block %{x}<br>target %{y:.1%}<extra></extra>")
     return fig
+
+
+def owl_chart(sparsities: list[float], outlier_ratios: list[float] | None, target: float | None,
+              blocks: int) -> go.Figure:
+    """OWL's choice per decoder block: the sparsity it prunes to (bars) from the block's outlier ratio (line, %)."""
+    chosen = sparsities[:blocks]
+    x = list(range(len(chosen)))
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_bar(x=x, y=chosen, name="chosen sparsity", marker_color="#7c3aed",
+                hovertemplate="block %{x}<br>sparsity %{y:.1%}<extra></extra>")
+    if outlier_ratios is not None:
+        fig.add_scatter(x=x, y=outlier_ratios[:blocks], name="outlier ratio (%)", mode="lines+markers",
+                        line=dict(color=SECOND), secondary_y=True,
+                        hovertemplate="block %{x}<br>%{y:.2f}% of scores are outliers<extra></extra>")
+    if target is not None:
+        fig.add_scatter(x=[-0.5, len(chosen) - 0.5], y=[target, target], name=f"run target {target:.0%}",
+                        mode="lines", hoverinfo="skip", line=dict(color=MUTED, dash="dot", width=1.5))
+    low, high = (min(chosen), max(chosen)) if chosen else (0.0, 1.0)
+    pad = max(0.02, (high - low) * 0.5)
+    fig.update_layout(**{**LAYOUT, "margin": dict(l=60, r=60, t=TOP, b=45)},
+                      title=titled("OWL: sparsity chosen per block", "blocks with more outlier scores keep more "
+                                   "weights; the weighted mean stays at the run's target"),
+                      legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom", font=dict(size=11)),
+                      bargap=0.15)
+    fig.update_xaxes(title=dict(text="decoder block", standoff=6), dtick=max(1, len(chosen) // 15))
+    fig.update_yaxes(title="sparsity", tickformat=".0%", range=[max(0.0, low - pad), min(1.0, high + pad)],
+                     secondary_y=False)
+    fig.update_yaxes(title="outlier ratio (%)", rangemode="tozero", nticks=5, showgrid=False, secondary_y=True)
+    return fig
+
+
+def comparison_chart(rows: list[dict]) -> go.Figure:
+    """core.sweep's chart (perplexity against sparsity, log scale, a line per method, the dense line), laid out
+    like the page's other figures: title and legend in the top margin."""
+    from ..core.sweep import DENSE, chart_figure
+
+    dense = next((row["perplexity"] for row in rows if row["key"] == DENSE), None)
+    fig = chart_figure([row for row in rows if row["key"] != DENSE], dense)
+    fig.update_layout(**{**LAYOUT, "height": 420, "margin": dict(l=65, r=30, t=TOP + 20, b=45)},
+                      title=titled("Perplexity against sparsity", "lower is better · log scale · one line per "
+                                   "method, N:M runs as diamonds, the dense model dashed"),
+                      legend=dict(title=None, orientation="h", x=0, y=1.02, yanchor="bottom", font=dict(size=11)))
+    fig.update_xaxes(title=dict(text="achieved sparsity", standoff=6))
+    return fig

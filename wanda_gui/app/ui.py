@@ -8,17 +8,14 @@ from pathlib import Path
 import gradio as gr
 
 from ..core.devices import format_bytes, read_telemetry
-from .common import BUTTONS, Page, close_session  # noqa: F401  (BUTTONS and the *_OUTPUTS: the API's output order)
+from .common import Page, close_session
 from .policy import ServePolicy
 from .sessions import ModelPool, Sessions
-from .steps import chat, export, live, method, model, results
-from .steps.chat import CHAT_OUTPUTS, text_of  # noqa: F401  (tests and callers read these from the page's module)
-from .steps.live import PRUNE_OUTPUTS  # noqa: F401
-from .steps.method import CALIBRATION, METHOD_NAMES, OPTION_NAMES, PATTERNS  # noqa: F401
-from .steps.model import SOURCES, device_choices  # noqa: F401
+from .steps import chat, compare, export, live, method, model, results
+from .steps.model import device_choices
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
-STEPS = (model, method, live, results, chat, export)  # in the order the page shows them
+STEPS = (model, method, live, results, chat, export, compare)  # in the order the page shows them
 
 
 def header() -> str:

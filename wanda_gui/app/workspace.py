@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,24 @@ class LayerMaps:
     explanation: Explanation | None = None  # input norms and Wanda vs magnitude, when the run read activations
 
 
+@dataclasses.dataclass
+class Comparison:
+    """A Compare run: the runs asked for, the rows finished so far (the dense one first), and the calibration they
+    used, so that any finished run can be pruned again, identically, into the session's model."""
+
+    specs: dict  # run key -> core.sweep.RunSpec
+    source: str | list[str]
+    nsamples: int
+    seqlen: int
+    seed: int
+    folder: Path  # results.csv, results.json and chart.html, in the app's private files folder
+    rows: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def finished(self) -> list[dict]:
+        return [row for row in self.rows if row["key"] in self.specs]
+
+
 class Workspace:
     """One session's state: the dense model it shares read-only with every session that loaded the same one, and
     its own pruned copy, which shares with the dense model every tensor pruning leaves untouched.
@@ -51,6 +70,8 @@ class Workspace:
         self._reset()
 
     def _reset(self) -> None:
+        if getattr(self, "comparison", None) is not None:  # its files go with it
+            shutil.rmtree(self.comparison.folder, ignore_errors=True)
         self.loaded = None  # core.models.LoadedModel: the shared dense model (or this session's own when in place)
         self.pruned: torch.nn.Module | None = None
         self.dense_kept = True
@@ -62,6 +83,7 @@ class Workspace:
         self._dense_perplexity: dict = {}
         self.generation: dict = {}
         self.timings: dict = {}
+        self.comparison: Comparison | None = None
 
     @property
     def busy(self) -> bool:
@@ -186,6 +208,61 @@ class Workspace:
                 self.run_id += 1
                 self.timings["calibration_and_pruning"] = event.summary.seconds
             yield event
+
+    def drop_pruned(self) -> None:
+        """Let the pruned copy and everything measured on it go (the dense model stays)."""
+        from .sessions import release_memory
+
+        self.pruned, self.summary, self.maps, self.perplexity, self.generation, self.run = None, None, {}, {}, {}, None
+        release_memory()
+
+    # -- comparing
+    def compare(self, specs: list, calibration_source, nsamples: int, seqlen: int, seed: int, eval_nwindows: int,
+                folder: Path) -> Iterator:
+        """core.sweep's runs, one pruned copy at a time, each freed once measured; yields its events. The session's
+        own pruned model is let go first, so that no more than one copy beside the dense model is ever held."""
+        with self.doing("comparing methods"):
+            yield from self._compare(specs, calibration_source, nsamples, seqlen, seed, eval_nwindows, folder)
+
+    def _compare(self, specs, calibration_source, nsamples, seqlen, seed, eval_nwindows, folder) -> Iterator:
+        from ..core import sweep
+        from ..core.calibration import calibration_windows
+        from ..core.engine import validate
+
+        loaded = self.require_model()
+        if not self.dense_kept:
+            raise UserError("The model was pruned in place (no room for a copy); reload it before comparing.")
+        for spec in specs:  # every run must fit this model and the memory before the first one starts
+            validate(loaded.model, spec.config())
+        for spec in {spec.method: spec for spec in specs}.values():
+            self.check_memory(spec.config(), nsamples, seqlen)
+        if not self.copy_fits(specs[0].config()):
+            raise UserError("Compare prunes a copy of the model's linears for each run, and there is not enough free "
+                            "memory for one. Prune in step 2 instead (it can prune in place), or free memory.")
+        windows, calibration = calibration_windows(loaded.tokenizer, calibration_source, nsamples, seqlen, seed,
+                                                   loaded.info.context_length)
+        if self.comparison is not None:
+            shutil.rmtree(self.comparison.folder, ignore_errors=True)
+            self.comparison = None
+        self.drop_pruned()
+        self.cancel.clear()
+        comparison = self.comparison = Comparison({s.key: s for s in specs}, calibration_source, nsamples, seqlen, seed,
+                                                  Path(folder))
+        eval_seqlen = min(512, loaded.info.context_length or 512)
+        for event in sweep.run_sweep(loaded, specs, windows, calibration, eval_nwindows, folder, self.cancel,
+                                     eval_seqlen):
+            if isinstance(event, (sweep.DenseMeasured, sweep.RunDone)):
+                comparison.rows.append(event.row)
+            yield event
+
+    def take(self, key: str) -> Iterator[ev.Event]:
+        """Prune a finished Compare run again, with its calibration windows, into the session's pruned model (for
+        chat and export): the same setting on the same windows gives the same masks."""
+        comparison = self.comparison
+        if comparison is None or key not in {row["key"] for row in comparison.finished}:
+            raise UserError("Pick a finished run of the comparison first (step 7).")
+        config = dataclasses.replace(comparison.specs[key].config(), explain=True)
+        yield from self.prune(config, comparison.source, comparison.nsamples, comparison.seqlen, comparison.seed)
 
     def check_memory(self, config, nsamples: int, seqlen: int) -> None:
         """Refuse up front, with the numbers, a run that cannot fit in free memory even when pruning in place."""

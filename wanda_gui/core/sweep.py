@@ -25,33 +25,45 @@ from .methods import get_method
 
 DENSE = "dense"
 RESULTS_JSON, RESULTS_CSV, CHART_HTML = "results.json", "results.csv", "chart.html"
-COLUMNS = ("key", "method", "pattern", "owl", "target_sparsity", "achieved_sparsity", "perplexity", "prune_seconds",
-           "eval_seconds")
+COLUMNS = ("key", "method", "pattern", "owl", "dsnot", "reconstruct", "target_sparsity", "achieved_sparsity",
+           "perplexity", "prune_seconds", "eval_seconds")
+OPTION_LABELS = {"owl": "OWL", "dsnot": "DSnoT", "reconstruct": "reconstruction"}  # PruneConfig's option fields
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One run of a sweep: a method, a pattern and the sparsity it prunes to (1 - N/M for N:M)."""
+    """One run of a sweep: a method with its options, a pattern and the sparsity it prunes to (1 - N/M for N:M)."""
 
     method: str
     pattern: Pattern
     sparsity: float
     owl: bool = False
+    dsnot: bool = False
+    reconstruct: bool = False
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(name for name in OPTION_LABELS if getattr(self, name))
 
     @property
     def key(self) -> str:
         """Stable across processes, so a rerun recognises the runs already in results.json."""
-        return f"{self.method}{'+owl' if self.owl else ''}|{self.pattern}|{self.sparsity:g}"
+        return f"{self.method}{''.join('+' + o for o in self.options)}|{self.pattern}|{self.sparsity:g}"
 
     def config(self) -> PruneConfig:
         return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, owl=self.owl,
-                           restore_on_abort=False)
+                           dsnot=self.dsnot, reconstruct=self.reconstruct, restore_on_abort=False)
 
 
 @dataclasses.dataclass
 class SweepStarted:
     total: int  # runs in the plan
     to_run: int  # of them, not already in results.json
+
+
+@dataclasses.dataclass
+class DenseMeasured:
+    row: dict  # the dense model's row: its perplexity is the chart's reference line
 
 
 @dataclasses.dataclass
@@ -85,11 +97,13 @@ class SweepFinished:
     cancelled: bool = False
 
 
-SweepEvent = SweepStarted | RunStarting | RunProgress | RunSkipped | RunDone | SweepFinished
+SweepEvent = SweepStarted | DenseMeasured | RunStarting | RunProgress | RunSkipped | RunDone | SweepFinished
 
 
-def plan(methods: list[str], sparsities: list[float], patterns: list[str | Pattern], owl: bool = False) -> list[RunSpec]:
-    """Every method x pattern x sparsity; an N:M pattern has one sparsity of its own, so it ignores the sparsity axis."""
+def plan(methods: list[str], sparsities: list[float], patterns: list[str | Pattern], owl: bool = False,
+         dsnot: bool = False, reconstruct: bool = False) -> list[RunSpec]:
+    """Every method x pattern x sparsity, each with the options asked for; an N:M pattern has one sparsity of its
+    own, so it ignores the sparsity axis (and OWL, which chooses sparsities, leaves it alone)."""
     names = [get_method(m).name for m in methods]
     parsed = [p if isinstance(p, Pattern) else Pattern.parse(p) for p in patterns]
     levels = [check_sparsity(s) for s in sparsities]
@@ -101,7 +115,7 @@ def plan(methods: list[str], sparsities: list[float], patterns: list[str | Patte
     for name in names:
         for pattern in parsed:
             for sparsity in ([pattern.sparsity(0.0)] if pattern.structured else levels):
-                spec = RunSpec(name, pattern, sparsity, owl and not pattern.structured)  # N:M fixes its sparsity
+                spec = RunSpec(name, pattern, sparsity, owl and not pattern.structured, dsnot, reconstruct)
                 spec.config()  # refused here, before anything runs, when the combination is invalid
                 specs.setdefault(spec.key, spec)
     return list(specs.values())
@@ -203,9 +217,9 @@ def measure(loaded, model: torch.nn.Module, eval_seqlen: int, eval_nwindows: int
 
 def dense_row(loaded, eval_seqlen: int, eval_nwindows: int, cancel: threading.Event | None) -> dict:
     ppl, seconds = measure(loaded, loaded.model, eval_seqlen, eval_nwindows, cancel)
-    return {"key": DENSE, "method": DENSE, "pattern": "", "owl": False, "target_sparsity": 0.0,
-            "achieved_sparsity": zero_fraction(loaded.model), "perplexity": ppl, "prune_seconds": 0.0,
-            "eval_seconds": seconds}
+    return {"key": DENSE, "method": DENSE, "pattern": "", "owl": False, "dsnot": False, "reconstruct": False,
+            "target_sparsity": 0.0, "achieved_sparsity": zero_fraction(loaded.model), "perplexity": ppl,
+            "prune_seconds": 0.0, "eval_seconds": seconds}
 
 
 def run_one(loaded, spec: RunSpec, windows: torch.Tensor, eval_seqlen: int, eval_nwindows: int,
@@ -234,7 +248,7 @@ def run_one(loaded, spec: RunSpec, windows: torch.Tensor, eval_seqlen: int, eval
         del copy
         free_memory()
     yield RunDone({"key": spec.key, "method": spec.method, "pattern": str(spec.pattern), "owl": spec.owl,
-                   "target_sparsity": summary.target_sparsity, "achieved_sparsity": summary.achieved_sparsity,
+                   "dsnot": spec.dsnot, "reconstruct": spec.reconstruct, "target_sparsity": summary.target_sparsity, "achieved_sparsity": summary.achieved_sparsity,
                    "perplexity": ppl, "prune_seconds": prune_seconds, "eval_seconds": eval_seconds})
 
 
@@ -266,6 +280,7 @@ def run_sweep(loaded, specs: list[RunSpec], windows: torch.Tensor, calibration_i
         if DENSE not in done:
             rows.insert(0, dense_row(loaded, eval_seqlen, eval_nwindows, cancel))
             save(out_dir, header, rows)
+            yield DenseMeasured(rows[0])
         for index, spec in enumerate(todo, 1):
             if stopped(cancel):
                 raise Stopped
@@ -282,8 +297,8 @@ def run_sweep(loaded, specs: list[RunSpec], windows: torch.Tensor, calibration_i
 
 
 def trace_name(row: dict) -> str:
-    """One legend entry per method (with OWL) and pattern."""
-    method = row["method"] + (" + OWL" if row.get("owl") else "")
+    """One legend entry per method (with its options) and pattern."""
+    method = row["method"] + "".join(f" + {label}" for name, label in OPTION_LABELS.items() if row.get(name))
     return method if row["pattern"] == "unstructured" else f"{method} {row['pattern']}"
 
 

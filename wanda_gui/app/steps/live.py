@@ -23,21 +23,23 @@ def prune_failed(ws: Workspace, message: str):
     return updates(PRUNE_OUTPUTS, prune_status=f"✗ {message}", **buttons(ws))
 
 
-def prune_stream(ws: Workspace, config, source, nsamples: int, seqlen: int, seed: int) -> Iterator[dict]:
-    """Run one prune into the session's pruned model; yield, by output name, what the page shows as it goes."""
+def prune_stream(ws: Workspace, events: Iterator, method: str) -> Iterator[dict]:
+    """Follow one prune into the session's pruned model (the Workspace's event stream, `ws.prune(...)` or
+    `ws.take(...)`); yield, by output name, what the page shows as it goes."""
     from ...core import events as ev
 
     # The previous run's results go at once; Stop opens with the run itself, once it can take effect.
     yield dict(prune_status="… Drawing calibration windows…", **buttons(ws, running=True),
                **cleared(RUN_VIEW, AFTER_RUN))
-    sparsity_by_block, seconds_by_block, targets, differing = {}, {}, None, {}
+    sparsity_by_block, seconds_by_block, targets, differing, block_target = {}, {}, None, {}, None
     blocks, target, started, heatmap, why, last_drawn = 1, None, time.perf_counter(), gr.update(), gr.update(), 0.0
+    owl_figure = None  # OWL's choice per block; a fresh gr.update each time (Gradio consumes an update's value)
 
     def block_plot():
         fig = plots.block_chart(blocks, sparsity_by_block, seconds_by_block, target)
         return plots.targets_trace(fig, targets[:blocks]) if targets else fig
 
-    for event in ws.prune(config, source, nsamples, seqlen, seed):
+    for event in events:
         if isinstance(event, ev.RunStarted):
             blocks, target, started = len(event.blocks), event.target_sparsity, time.perf_counter()
             yield dict(prune_status=f"… {event.method} · {event.pattern} · {event.total_linears} linears in {blocks} blocks",
@@ -47,7 +49,11 @@ def prune_stream(ws: Workspace, config, source, nsamples: int, seqlen: int, seed
                                     f"{time.perf_counter() - started:.0f} s elapsed")
         elif isinstance(event, ev.TargetsChosen):
             targets = event.sparsities
-            yield dict(prune_status=f"… {event.note}", block_plot=block_plot())
+            owl_figure = plots.owl_chart(targets, event.basis, target, blocks)
+            yield dict(prune_status=f"… {event.note}", block_plot=block_plot(),
+                       owl_plot=gr.update(value=owl_figure, visible=True))
+        elif isinstance(event, ev.BlockStarted):
+            block_target = event.target
         elif isinstance(event, ev.LinearPruned):
             if event.explanation is not None:
                 differing[event.name] = event.explanation.differing
@@ -59,11 +65,12 @@ def prune_stream(ws: Workspace, config, source, nsamples: int, seqlen: int, seed
             eta = (f"ETA {elapsed / finished * (blocks - finished):.0f} s" if finished else
                    "ETA after the first block")
             heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, event.score_map, event.mask_map,
-                                       method=config.method)
+                                       method=method)
             if event.explanation is not None:
                 why = plots.why_chart(event.name, event.explanation, differing)
-            yield dict(prune_status=f"… block {event.block + 1}/{blocks} · linear {event.done}/{event.total} "
-                                    f"({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · {eta}",
+            own_target = f" (target {block_target:.1%})" if targets and block_target is not None else ""
+            yield dict(prune_status=f"… block {event.block + 1}/{blocks}{own_target} · linear {event.done}/"
+                                    f"{event.total} ({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · {eta}",
                        map_plot=heatmap, why_plot=why)
         elif isinstance(event, ev.BlockFinished):
             sparsity_by_block[event.index] = event.sparsity
@@ -74,6 +81,7 @@ def prune_stream(ws: Workspace, config, source, nsamples: int, seqlen: int, seed
             yield dict(prune_status=f"✓ Pruned in {event.summary.seconds:.1f} s: achieved sparsity "
                                     f"{event.summary.achieved_sparsity:.2%}.",
                        block_plot=block_plot(), map_plot=heatmap, why_plot=why,
+                       owl_plot=gr.update(value=owl_figure, visible=True) if owl_figure else gr.update(),
                        layer_pick=gr.update(choices=names, value=names[-1]), results=results_markdown(ws),
                        **buttons(ws))
         elif isinstance(event, ev.RunCancelled):
@@ -95,7 +103,7 @@ def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, datase
     source = calibration_source(served(request).policy, calib_kind, files, dataset)
     nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
     seed = check_count(seed, "Seed", 0)
-    for shown in prune_stream(ws, config, source, nsamples, seqlen, seed):
+    for shown in prune_stream(ws, ws.prune(config, source, nsamples, seqlen, seed), config.method):
         yield updates(PRUNE_OUTPUTS, **shown)
 
 
@@ -128,6 +136,7 @@ def layout(page: Page) -> None:
         page.add("layer_pick", gr.Dropdown([], label="Look at any pruned linear", interactive=True,
                                            elem_id="layer-pick"))
         page.add("why_plot", gr.Plot(plots.empty(WHY_EMPTY), label="Why it works", elem_id="why-plot"))
+        page.add("owl_plot", gr.Plot(label="OWL", visible=False, elem_id="owl-plot"))
 
 
 def wire(page: Page) -> None:

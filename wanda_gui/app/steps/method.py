@@ -11,11 +11,6 @@ from ..policy import ServePolicy
 
 METHOD_NAMES = {"Wanda": "wanda", "Magnitude": "magnitude", "SparseGPT": "sparsegpt", "RIA": "ria"}
 OPTION_NAMES = {"OWL": "owl", "DSnoT": "dsnot", "Block reconstruction": "reconstruct"}  # PruneConfig's fields
-OPTIONS_NOTE = ("**OWL** (Yin et al. 2024): blocks whose scores hold more outliers keep more weights, the mean staying "
-                "at the target (unstructured only). **DSnoT** (Zhang et al. 2024): swaps pruned and kept weights of "
-                "each row while that lowers its expected reconstruction error. **Block reconstruction** (the regional "
-                "optimisation of Wanda++, Yang et al. 2025): a few epochs of Adam fit each pruned block's kept weights "
-                "to the dense block's outputs; several times slower on a CPU.")
 PATTERNS = ["unstructured", "2:4", "4:8", "custom N:M"]
 CALIBRATION = ["Built-in corpus (State of the Union, 1900-1999)", "Text files", "Hub dataset"]
 
@@ -122,11 +117,18 @@ def layout(page: Page) -> None:
                                              elem_id="wanda-variant"))
         add("options", gr.CheckboxGroup(list(OPTION_NAMES), value=[], label="Options (on top of the method)",
                                         elem_id="options"))
-        gr.Markdown(OPTIONS_NOTE, elem_id="options-note")
+        gr.Markdown(options_note(), elem_id="options-note")
         add("estimate", gr.Markdown("Load a model to see an estimate.", elem_id="estimate"))
         with gr.Row():
             add("start_btn", gr.Button("Start pruning", variant="primary", interactive=False, elem_id="start"))
             add("stop_btn", gr.Button("Stop", variant="stop", interactive=False, elem_id="stop"))
+
+
+def options_note() -> str:
+    """The options' own one-line descriptions (the same as --help's), one per line."""
+    from ...core.methods import OPTIONS
+
+    return "\n".join(f"- {OPTIONS[field].description}" for field in OPTION_NAMES.values())
 
 
 def wire(page: Page) -> None:

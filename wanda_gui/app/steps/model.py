@@ -8,7 +8,7 @@ import html
 import gradio as gr
 
 from ...core.devices import format_bytes, list_devices
-from ..common import (AFTER_RUN, BUTTONS, RUN_VIEW, WORK, Page, buttons, cleared, on_a_thread, served, session, updates,
+from ..common import (AFTER_RUN, BUTTONS, COMPARE_VIEW, RUN_VIEW, WORK, Page, buttons, cleared, on_a_thread, served, session, updates,
                       user_errors)
 from ..policy import ServePolicy
 from ..workspace import Workspace
@@ -34,7 +34,7 @@ def source_of(policy: ServePolicy, kind: str, folder: str, hub_id: str) -> str:
                                hub_id or "")
 
 
-LOAD_OUTPUTS = ("load_status", "card", *BUTTONS, *RUN_VIEW, *AFTER_RUN)
+LOAD_OUTPUTS = ("load_status", "card", *BUTTONS, *RUN_VIEW, *AFTER_RUN, *COMPARE_VIEW, "compare_status")
 
 
 def load_failed(ws: Workspace, message: str):
@@ -49,8 +49,8 @@ def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype
     source = source_of(policy, kind, folder, hub_id)
     trust = policy.remote_code(bool(trust_remote_code))
     ws.check_idle()
-    yield updates(LOAD_OUTPUTS, load_status="… Loading…", card="", **buttons(ws, running=True),
-                  **cleared(RUN_VIEW, AFTER_RUN))
+    yield updates(LOAD_OUTPUTS, load_status="… Loading…", card="", compare_status="", **buttons(ws, running=True),
+                  **cleared(RUN_VIEW, AFTER_RUN, COMPARE_VIEW))
     work = functools.partial(ws.load, source, device, None if dtype == "auto" else dtype, revision, token, trust)
     for message in on_a_thread(lambda report: work(progress=lambda m, f: report(m + (f" {f:.0%}" if f else "")))):
         if isinstance(message, str):

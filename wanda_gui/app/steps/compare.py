@@ -1,0 +1,233 @@
+"""Step 7 · Compare: methods (with options) x patterns x sparsities, each pruned on a fresh copy and measured, one
+after another (core.sweep: the same runs as `wanda-gui sweep`); the chart and table fill in as runs finish, and any
+finished run can be taken into the chat and export."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from ...core.errors import UserError
+from .. import plots
+from ..common import (AFTER_RUN, BUTTONS, COMPARE_EMPTY, COMPARE_VIEW, DRAW_INTERVAL, RUN_VIEW, WORK, Page, buttons, check_count,
+                      cleared, served, session, updates, user_errors)
+from ..workspace import Workspace
+from .live import PRUNE_OUTPUTS, prune_stream
+from .method import METHOD_NAMES, OPTION_NAMES, calibration_source, option_fields
+
+SPARSITIES = [(f"{level}%", level / 100) for level in range(10, 100, 10)]
+PATTERNS = ["unstructured", "2:4", "4:8"]
+MEMORY_NOTE = ("Runs go one after another, each on a fresh copy of the linears it prunes, freed once measured: "
+               "beside the dense model there is never more than one pruned copy. So Compare first lets go of this "
+               "session's pruned model (steps 3-6). To chat with a run or export it, take it: it is pruned again "
+               "with the same calibration windows (the same masks) into the session's model. Calibration: as set in "
+               "step 2; every decoder linear is pruned.")
+COMPARE_OUTPUTS = ("compare_status", *COMPARE_VIEW, *BUTTONS, *RUN_VIEW, *AFTER_RUN, "prune_status")
+TAKE_OUTPUTS = (*PRUNE_OUTPUTS, "compare_status")
+
+
+def runs_of(methods, options, baseline, sparsities, patterns) -> tuple[list, list[str]]:
+    """The sweep's runs for what the page asks: each method with the chosen options (where it reads activations,
+    which every option needs) and, when asked or without options, plain; and notes on what was left out."""
+    from ...core.methods import get_method
+    from ...core.sweep import plan
+
+    unknown = [m for m in methods or () if m not in METHOD_NAMES]
+    if unknown:
+        raise UserError(f"Unknown method {unknown[0]!r}: choose from {', '.join(METHOD_NAMES)}.")
+    if not methods:
+        raise UserError("Choose at least one method to compare.")
+    if not patterns:
+        raise UserError("Choose at least one pattern to compare.")
+    fields = option_fields(options)
+    sparsities = sorted(float(s) for s in sparsities or ())
+    specs, notes = {}, []
+    for label in methods:
+        name = METHOD_NAMES[label]
+        settings = [{}] if baseline or not fields else []
+        if fields and get_method(name).needs_activations:
+            settings.append(fields)
+        elif fields:
+            notes.append(f"{label} reads no activations, so it runs without the options.")
+            settings = [{}]
+        for setting in settings:
+            for spec in plan([name], sparsities, list(patterns), **setting):
+                specs.setdefault(spec.key, spec)
+    if fields.get("owl") and any(p != "unstructured" for p in patterns):
+        notes.append("OWL chooses per-block sparsities, so N:M runs go without it.")
+    return list(specs.values()), notes
+
+
+def spec_name(spec) -> str:
+    """A run's method, options and pattern as the chart's legend names them."""
+    from ...core.sweep import trace_name
+
+    return trace_name({"method": spec.method, "pattern": str(spec.pattern), **{o: True for o in spec.options}})
+
+
+def run_label(row: dict) -> str:
+    from ...core.sweep import trace_name
+
+    return f"{trace_name(row)} · {row['target_sparsity']:.0%} · perplexity {row['perplexity']:.2f}"
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """Every finished run beside the dense model: sparsity reached, perplexity and its ratio to dense, times."""
+    from ...core.sweep import DENSE, trace_name
+
+    if not rows:
+        return ""
+    dense = next((row["perplexity"] for row in rows if row["key"] == DENSE), None)
+    lines = ["| run | target | achieved | perplexity | × dense | prune s | eval s |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = f"{row['perplexity'] / dense:.2f}x" if dense else "–"
+        name, target, prune = ("dense", "–", "–") if row["key"] == DENSE else \
+            (trace_name(row), f"{row['target_sparsity']:.0%}", f"{row['prune_seconds']:.1f}")
+        lines.append(f"| {name} | {target} | {row['achieved_sparsity']:.2%} | **{row['perplexity']:.2f}** | {ratio} "
+                     f"| {prune} | {row['eval_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def shown_rows(ws: Workspace) -> dict:
+    """Chart, table, the runs one may take, and the results files, from what the comparison has finished."""
+    rows = ws.comparison.rows
+    finished = ws.comparison.finished
+    folder = ws.comparison.folder
+    files = [str(folder / name) for name in ("results.csv", "chart.html") if (folder / name).exists()]
+    return dict(compare_chart=plots.comparison_chart(rows), compare_table=table_markdown(rows),
+                compare_pick=gr.update(choices=[(run_label(row), row["key"]) for row in finished],
+                                       value=finished[-1]["key"] if finished else None),
+                compare_files=gr.update(value=files or None, visible=bool(files)))
+
+
+def compare_failed(ws: Workspace, message: str):
+    return updates(COMPARE_OUTPUTS, compare_status=f"✗ {message}", **buttons(ws))
+
+
+@user_errors(compare_failed)
+def compare(methods, options, baseline, sparsities, patterns, nwindows, calib_kind, files, dataset, nsamples, seqlen,
+            seed, request: gr.Request):
+    from ...core import sweep
+
+    ws = session(request)
+    policy = served(request).policy
+    ws.require_model()
+    specs, notes = runs_of(methods, options, baseline, sparsities, patterns)
+    source = calibration_source(policy, calib_kind, files, dataset)
+    nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
+    seed, nwindows = check_count(seed, "Seed", 0), check_count(nwindows, "Evaluation windows")
+    ws.check_idle()
+    out = lambda **values: updates(COMPARE_OUTPUTS, **values)  # noqa: E731
+    noted = "".join(f" {note}" for note in notes)
+    yield out(compare_status=f"… Drawing calibration windows for {len(specs)} runs…{noted}",
+              **buttons(ws, running=True))
+    folder = Path(tempfile.mkdtemp(prefix="compare-", dir=policy.files_dir))  # served, never a path the visitor names
+    started, last_drawn, current = time.perf_counter(), 0.0, None
+    for event in ws.compare(specs, source, nsamples, seqlen, seed, nwindows, folder):
+        elapsed = f"{time.perf_counter() - started:.0f} s elapsed"
+        if isinstance(event, sweep.SweepStarted):
+            yield out(compare_status=f"… Measuring the dense model ({nwindows} windows), then {event.total} runs.{noted}",
+                      prune_status="The pruned model was let go for Compare (step 7); take a run from there, or "
+                                   "prune again.", **buttons(ws, running=True, stop="compare_stop"),
+                      **cleared(RUN_VIEW, AFTER_RUN, COMPARE_VIEW))
+        elif isinstance(event, sweep.DenseMeasured):
+            yield out(compare_status=f"… Dense perplexity {event.row['perplexity']:.2f}; runs next · {elapsed}",
+                      **shown_rows(ws))
+        elif isinstance(event, sweep.RunStarting):
+            current = f"run {event.index}/{event.of}: {spec_name(event.spec)} at {event.spec.sparsity:.0%}"
+            yield out(compare_status=f"… {current} · {elapsed}")
+        elif isinstance(event, sweep.RunProgress):
+            if time.perf_counter() - last_drawn < DRAW_INTERVAL and event.done < event.total:
+                continue
+            last_drawn = time.perf_counter()
+            doing = (f"linear {event.done}/{event.total}" if event.done < event.total else
+                     f"measuring perplexity ({nwindows} windows)")
+            yield out(compare_status=f"… {current} · {doing} · {elapsed}")
+        elif isinstance(event, sweep.RunDone):
+            yield out(compare_status=f"… {current} done: perplexity {event.row['perplexity']:.2f} · {elapsed}",
+                      **shown_rows(ws))
+        elif isinstance(event, sweep.SweepFinished):
+            finished = len(ws.comparison.finished)
+            status = (f"■ Stopped: the {finished} finished run(s) are kept." if event.cancelled else
+                      f"✓ Compared {finished} runs in {time.perf_counter() - started:.0f} s.")
+            yield out(compare_status=f"{status}{noted} Pick one to take it into the chat and export.", **shown_rows(ws),
+                      **buttons(ws))
+
+
+def take_failed(ws: Workspace, message: str):
+    return updates(TAKE_OUTPUTS, compare_status=f"✗ {message}", **buttons(ws))
+
+
+@user_errors(take_failed)
+def take(key, request: gr.Request):
+    """Prune the picked run again into the session's model, shown live in step 3; then chat and export use it."""
+    ws = session(request)
+    ws.check_idle()
+    comparison = ws.comparison
+    row = next((r for r in (comparison.finished if comparison else []) if r["key"] == key), None)
+    if row is None:
+        raise UserError("Pick a finished run of the comparison first.")
+    label = run_label(row)
+    yield updates(TAKE_OUTPUTS, compare_status=f"… Pruning {label} again into this session's model (step 3 shows it)…")
+    for shown in prune_stream(ws, ws.take(key), comparison.specs[key].method):
+        yield updates(TAKE_OUTPUTS, **shown)
+    if ws.pruned is not None and ws.summary is not None:
+        yield updates(TAKE_OUTPUTS, compare_status=f"✓ {label} is this session's pruned model now: measure it (step 4), "
+                                                   "chat with it (step 5), export it (step 6).")
+    else:
+        yield updates(TAKE_OUTPUTS, compare_status="■ Stopped before the run was taken.")
+
+
+def stop_compare(request: gr.Request):
+    """Ask the comparison to stop; the finished runs stay (its own stream says so)."""
+    session(request).cancel.set()
+    return gr.update(interactive=False)
+
+
+def layout(page: Page) -> None:
+    add = page.add
+    with gr.Column(elem_classes="step"):
+        gr.Markdown("### 7 · Compare methods")
+        with gr.Row():
+            add("compare_methods", gr.CheckboxGroup(list(METHOD_NAMES), value=["Wanda", "Magnitude"], label="Methods",
+                                                    elem_id="compare-methods"))
+            add("compare_options", gr.CheckboxGroup(list(OPTION_NAMES), value=[], elem_id="compare-options",
+                                                    label="Options (on methods that read activations)"))
+            add("compare_baseline", gr.Checkbox(value=True, label="Also each method without the options",
+                                                elem_id="compare-baseline"))
+        with gr.Row():
+            add("compare_sparsities", gr.CheckboxGroup(SPARSITIES, value=[0.3, 0.5, 0.6, 0.7],
+                                                       label="Sparsities (unstructured)", elem_id="compare-sparsities"))
+            add("compare_patterns", gr.CheckboxGroup(PATTERNS, value=["unstructured"], label="Patterns",
+                                                     info="N:M runs have their own sparsity (1 - N/M)",
+                                                     elem_id="compare-patterns"))
+            add("compare_windows", gr.Number(8, label="Evaluation windows per run (512 tokens each)", precision=0,
+                                             minimum=1, elem_id="compare-windows"))
+        gr.Markdown(MEMORY_NOTE, elem_id="compare-note")
+        with gr.Row():
+            add("compare_btn", gr.Button("Compare", variant="primary", interactive=False, elem_id="compare"))
+            add("compare_stop", gr.Button("Stop (keeps finished runs)", variant="stop", interactive=False,
+                                          elem_id="compare-stop"))
+        add("compare_status", gr.Markdown(elem_id="compare-status"))
+        add("compare_chart", gr.Plot(plots.empty(COMPARE_EMPTY), label="Comparison", elem_id="compare-chart"))
+        add("compare_table", gr.Markdown(elem_id="compare-table"))
+        with gr.Row():
+            add("compare_pick", gr.Dropdown([], label="A finished run", interactive=True, scale=3,
+                                            elem_id="compare-pick"))
+            add("take_btn", gr.Button("Take into chat and export", interactive=False, scale=1, elem_id="take"))
+        add("compare_files", gr.File(label="results.csv and chart.html", file_count="multiple", visible=False,
+                                     elem_id="compare-files"))
+
+
+def wire(page: Page) -> None:
+    page.queued(page["compare_btn"].click, "compare_status", "compare", compare,
+                page.out(("compare_methods", "compare_options", "compare_baseline", "compare_sparsities",
+                          "compare_patterns", "compare_windows", "calib_kind", "files", "dataset", "nsamples",
+                          "seqlen", "seed")),
+                page.out(COMPARE_OUTPUTS), api_name="compare", **WORK)
+    page["compare_stop"].click(stop_compare, None, page["compare_stop"], api_name="stop_compare", queue=False)
+    page.queued(page["take_btn"].click, "compare_status", "take the run", take, page["compare_pick"],
+                page.out(TAKE_OUTPUTS), api_name="take", **WORK)
