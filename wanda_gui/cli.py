@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=None, help="windows per block forward (default: by device)")
     prune.add_argument("--eval", action="store_true", help="measure dense and pruned perplexity (PROTOCOL windows)")
     prune.add_argument("--eval-nwindows", type=int, default=64)
+    prune.add_argument("--offload", action="store_true",
+                       help="bring the model in block by block from its safetensors and write the export block by "
+                            "block: memory holds one block, what lies outside the blocks and the calibration data")
+    prune.add_argument("--max-memory", default=None, metavar="SIZE",
+                       help="e.g. 3GiB: the memory this run may use (RAM on CPU, the GPU's on CUDA); offloads when the "
+                            "model does not fit whole, and refuses up front what cannot fit even block by block")
     prune.add_argument("--out", required=True, help="export folder: new, empty, or a previous export with --overwrite")
     prune.add_argument("--overwrite", action="store_true",
                        help="replace a previous export of this tool (a folder holding anything else is never replaced)")
@@ -89,12 +95,12 @@ def _progress(message: str, fraction: float | None) -> None:
     print(f"{message}{f' {fraction:.0%}' if fraction is not None else ''}", file=sys.stderr)
 
 
-def _load(args):
+def _load(args, offload: bool = False):
     from .core.models import load_model
 
     started = time.perf_counter()
     loaded = load_model(os.path.expanduser(args.model), args.device, args.dtype, args.revision, args.token, args.trust_remote_code,
-                        progress=_progress)
+                        progress=_progress, offload=offload)
     return loaded, time.perf_counter() - started
 
 
@@ -122,6 +128,7 @@ def check_prune_args(args):
     from .core.engine import PruneConfig
     from .core.export import check_target
     from .core.methods import OPTIONS
+    from .core.offload import parse_bytes, refuse_with_offload
 
     _at_least(args.nsamples, 1, "--nsamples")
     _at_least(args.seqlen, 2, "--seqlen")
@@ -135,19 +142,18 @@ def check_prune_args(args):
     check_model_args(args)
     check_text_files(text_file_sources(args.calib), "calibration")
     check_target(Path(args.out).expanduser().absolute(), args.overwrite, source_folder(args.model))
+    if args.max_memory is not None:
+        parse_bytes(args.max_memory)  # a typo fails here, before anything is loaded
+    if args.offload or args.max_memory is not None:
+        refuse_with_offload(config) if args.offload else None
     return config
 
 
 def cmd_prune(args) -> dict:
-    from tqdm import tqdm
-
     from .core import distributed
-    from .core import events as ev
     from .core.calibration import calibration_text, check_seqlen, windows_from_text
-    from .core.engine import prune, validate
+    from .core.engine import validate
     from .core.estimate import check_eval_fits, check_fits
-    from .core.evaluate import perplexity
-    from .core.export import export_model, make_report
     from .core.methods import get_method
 
     config = check_prune_args(args)
@@ -160,65 +166,150 @@ def cmd_prune(args) -> dict:
         if config.reconstruct:
             raise UserError("--reconstruct fits weights on each process's own windows, so the processes would end "
                             "with different models: run it in one process.")
+        if args.offload or args.max_memory:
+            raise UserError("--offload and --max-memory run in one process for now: drop them, or torchrun.")
         args.device = distributed.start(args.device)
-    lead = distributed.rank() == 0
-    loaded, load_seconds = _load(args)
+    loaded, load_seconds = _load_within_budget(args, config) if args.max_memory else _load(args, args.offload)
     validate(loaded.model, config)
     check_seqlen(args.seqlen, loaded.info.context_length)
     check_fits(loaded.info, config.method, args.nsamples, args.seqlen, batch_size=config.batch_size,
                hint="lower --nsamples or --seqlen")
     if args.eval:
         check_eval_fits(loaded.info, vocab_size(loaded.model), args.seqlen, hint="lower --seqlen")
-    timings = {"load": load_seconds}
     windows, calibration = None, None
     if needs_activations:
         windows, calibration = windows_from_text(loaded.tokenizer, *text, args.nsamples, args.seqlen, args.seed,
                                                  loaded.info.context_length)
+    run = _prune_offloaded if loaded.lazy is not None else _prune_in_memory
+    report = run(args, config, loaded, windows, calibration, {"load": load_seconds})
+    if report and not args.json:
+        print(f"{report['method']} {report['pattern']}: achieved sparsity {report['achieved_sparsity']:.2%} over "
+              f"{report['pruned_parameters']:,} weights in {report['seconds']['calibration_and_pruning']:.1f} s"
+              + (" (offloaded block by block)" if loaded.lazy is not None else ""))
+        for key, value in (report["perplexity"] or {}).items():
+            print(f"{key} perplexity {value['perplexity']:.3f} (seqlen {value['seqlen']}, {value['nwindows']} windows)")
+        print(f"exported to {report['export']}")
+    return report
+
+
+def _load_within_budget(args, config):
+    """--max-memory: open the model with empty blocks to size it, then offload or load it whole, as the budget
+    allows (refused with the numbers when even block by block is too much)."""
+    import psutil
+
+    from .core.devices import format_bytes
+    from .core.estimate import evaluation_parts, memory_parts
+    from .core.offload import parse_bytes, plan_memory, refuse_with_offload
+
+    budget = parse_bytes(args.max_memory)
+    before = psutil.Process().memory_info().rss  # this process so far: Python, torch, transformers
+    loaded, seconds = _load(args, offload=True)
+    lazy, info = loaded.lazy, loaded.info
+    parts = memory_parts(info, config.method, args.nsamples, args.seqlen, dense_copy=False, batch_size=config.batch_size)
+    if args.eval:
+        hidden = args.eval_nwindows * args.seqlen * info.hidden_size * 4  # an offloaded evaluation's hidden states
+        evaluation = {**evaluation_parts(info, vocab_size(loaded.model), args.seqlen), "hidden states": hidden}
+        parts = max(parts, evaluation, key=lambda p: sum(p.values()))
+    if lazy.device.type == "cpu":
+        parts = {"this process before loading": before, **parts}
+    offload = plan_memory(info.memory_bytes, lazy.resident_bytes(), lazy.block_bytes(), parts, budget,
+                          args.offload, str(lazy.device))
+    if not offload:
+        del loaded, lazy
+        return _load(args, offload=False)
+    refuse_with_offload(config)
+    if not args.offload:
+        print(f"The model ({format_bytes(info.memory_bytes)}) does not fit in --max-memory {args.max_memory} with the "
+              "run: pruning it block by block (offload)", file=sys.stderr)
+    return loaded, seconds
+
+
+def _drive(events, lead: bool, debug: bool):
+    """Show the engine's events on a progress bar; the summary, or UserError with the reason it stopped."""
+    from tqdm import tqdm
+
+    from .core import events as ev
+
+    # The bar counts blocks (two passes each: they cost alike), so its rate and ETA hold; linears do not.
+    bar = tqdm(total=None, unit="block", file=sys.stderr, dynamic_ncols=True, disable=not lead)
+    try:
+        for event in events:
+            if isinstance(event, ev.RunStarted):
+                bar.reset(total=len(event.blocks))
+                bar.set_description(f"{event.method} {event.pattern}")
+            elif isinstance(event, ev.LinearPruned):
+                bar.set_postfix_str(f"linear {event.done}/{event.total} {event.name.rsplit('.', 1)[-1]} {event.sparsity:.1%}")
+            elif isinstance(event, ev.BlockFinished):
+                bar.update(1)
+            elif isinstance(event, ev.RunFinished):
+                return event.summary
+            elif isinstance(event, (ev.RunFailed, ev.RunCancelled)):
+                if debug and isinstance(event, ev.RunFailed):
+                    print(event.detail, file=sys.stderr)
+                raise UserError(f"Pruning failed: {event.reason.rstrip('.')}. Nothing was exported.")
+    finally:
+        bar.close()
+    raise UserError("Pruning did not finish. Nothing was exported.")
+
+
+def _prune_in_memory(args, config, loaded, windows, calibration, timings) -> dict:
+    from .core import distributed
+    from .core.engine import prune
+    from .core.evaluate import perplexity
+    from .core.export import export_model, make_report
+
+    lead = distributed.rank() == 0
     ppl = {}
     if args.eval and lead:
         ppl["dense"] = perplexity(loaded.model, loaded.tokenizer, seqlen=args.seqlen, nwindows=args.eval_nwindows)
         print(f"dense perplexity {ppl['dense']}", file=sys.stderr)
-
-    summary = None
-    # The bar counts blocks (two passes each: they cost alike), so its rate and ETA hold; linears do not.
-    bar = tqdm(total=None, unit="block", file=sys.stderr, dynamic_ncols=True, disable=not lead)
     share = windows if windows is None else distributed.shard(windows)
     shares = distributed.gather(0 if share is None else len(share))
-    for event in prune(loaded.model, config, share, model_name=loaded.name):
-        if isinstance(event, ev.RunStarted):
-            bar.reset(total=len(event.blocks))
-            bar.set_description(f"{event.method} {event.pattern}")
-        elif isinstance(event, ev.LinearPruned):
-            bar.set_postfix_str(f"linear {event.done}/{event.total} {event.name.rsplit('.', 1)[-1]} {event.sparsity:.1%}")
-        elif isinstance(event, ev.BlockFinished):
-            bar.update(1)
-        elif isinstance(event, ev.RunFinished):
-            summary = event.summary
-        elif isinstance(event, (ev.RunFailed, ev.RunCancelled)):
-            bar.close()
-            if args.debug and isinstance(event, ev.RunFailed):
-                print(event.detail, file=sys.stderr)
-            raise UserError(f"Pruning failed: {event.reason.rstrip('.')}. Nothing was exported.")
-    bar.close()
+    summary = _drive(prune(loaded.model, config, share, model_name=loaded.name), lead, args.debug)
     if not lead:
         return {}
-
     if args.eval:
         ppl["pruned"] = perplexity(loaded.model, loaded.tokenizer, seqlen=args.seqlen, nwindows=args.eval_nwindows)
         timings["evaluation"] = ppl["dense"].seconds + ppl["pruned"].seconds
         print(f"pruned perplexity {ppl['pruned']}", file=sys.stderr)
     if distributed.active():
         calibration = {**calibration, "processes": distributed.world_size(), "samples_per_process": shares}
-    report = make_report(loaded.info, summary, calibration, timings,
-                         {k: v.__dict__ for k, v in ppl.items()} or None)
+    report = make_report(loaded.info, summary, calibration, timings, {k: v.__dict__ for k, v in ppl.items()} or None)
     out = export_model(loaded.model, loaded.tokenizer, Path(args.out).expanduser(), report, args.overwrite, source=loaded.path)
     report["export"] = str(out)
-    if not args.json:
-        print(f"{summary.method} {summary.pattern}: achieved sparsity {summary.achieved_sparsity:.2%} over "
-              f"{summary.pruned_parameters:,} weights in {summary.seconds:.1f} s")
-        for key, value in ppl.items():
-            print(f"{key} perplexity {value}")
-        print(f"exported to {out}")
+    return report
+
+
+def _prune_offloaded(args, config, loaded, windows, calibration, timings) -> dict:
+    """Block by block: each block is read, pruned, written into the export's shards and released; perplexity
+    (asked for) is measured block by block too, the pruned one from the shards just written."""
+    from .core.engine import prune
+    from .core.evaluate import perplexity
+    from .core.export import StreamedWeights, export_into, make_report, write_rest
+    from .core.offload import Checkpoint, Offload
+
+    lazy, out = loaded.lazy, Path(args.out).expanduser().absolute()
+    ppl = {}
+    with export_into(out, args.overwrite, loaded.path) as folder, StreamedWeights(folder, lazy.specs()) as weights:
+        if args.eval:
+            ppl["dense"] = perplexity(lazy.model, loaded.tokenizer, seqlen=args.seqlen, nwindows=args.eval_nwindows,
+                                      lazy=lazy)
+            print(f"dense perplexity {ppl['dense']}", file=sys.stderr)
+        summary = _drive(prune(lazy.model, config, windows, model_name=loaded.name,
+                               steps=(Offload(lazy, weights.write),)), True, args.debug)
+        weights.write(lazy.resident_tensors())
+        weights.finish()
+        if args.eval:
+            lazy.checkpoint = Checkpoint(folder)
+            ppl["pruned"] = perplexity(lazy.model, loaded.tokenizer, seqlen=args.seqlen, nwindows=args.eval_nwindows,
+                                       lazy=lazy)
+            timings["evaluation"] = ppl["dense"].seconds + ppl["pruned"].seconds
+            print(f"pruned perplexity {ppl['pruned']}", file=sys.stderr)
+        report = make_report(loaded.info, summary, calibration, timings, {k: v.__dict__ for k, v in ppl.items()} or None)
+        report["offload"] = {"block_bytes": lazy.block_bytes(), "resident_bytes": lazy.resident_bytes(),
+                             "max_memory": args.max_memory}
+        write_rest(lazy.model, loaded.tokenizer, folder, report)
+    report["export"] = str(out)
     return report
 
 

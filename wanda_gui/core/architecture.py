@@ -79,6 +79,17 @@ def stubbed(blocks: nn.ModuleList, make_forward: Callable[[int], Callable]) -> I
             del block.forward
 
 
+def ending_with(blocks: nn.ModuleList, final: list[torch.Tensor]):
+    """The model's own forward with every block skipped, the last one returning final[0]: the outputs of the real
+    blocks, computed elsewhere (block by block). What the model does after its blocks (final norm, head) runs as is."""
+    def stub(index: int):
+        def forward(*args, **kwargs):
+            return final[0] if index == len(blocks) - 1 else _split(args, kwargs)[0]
+        return forward
+
+    return stubbed(blocks, stub)
+
+
 def _forward_until_stop(model: nn.Module, ids: torch.Tensor, device: torch.device) -> None:
     try:
         model(input_ids=ids.to(device), use_cache=False)
@@ -140,18 +151,13 @@ def head_input_stat(model: nn.Module, blocks: nn.ModuleList, head: nn.Module, in
     """
     batch: list[torch.Tensor] = []
 
-    def stub(index: int):
-        def forward(*args, **kwargs):
-            return batch[0] if index == len(blocks) - 1 else _split(args, kwargs)[0]
-        return forward
-
     def pre(module, args):
         stat.add(args[0])
         raise StopForward
 
     handle = head.register_forward_pre_hook(pre)
     try:
-        with stubbed(blocks, stub):
+        with ending_with(blocks, batch):
             for start in range(0, len(input_ids), batch_size):
                 batch[:] = [final_hidden[start:start + batch_size]]
                 _forward_until_stop(model, input_ids[start:start + batch_size], device)

@@ -6,13 +6,18 @@ import dataclasses
 import math
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
+from .architecture import capture_block_inputs, ending_with
 from .calibration import builtin_evaluation_text, evaluation_windows, tokenize
 from .errors import UserError
+from .passes import run_block
+
+if TYPE_CHECKING:
+    from .offload import LazyModel
 
 
 @dataclasses.dataclass
@@ -47,15 +52,38 @@ def window_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
     return torch.cat(losses)
 
 
+@torch.inference_mode()
+def blockwise_window_losses(lazy: "LazyModel", windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """window_losses for a model whose blocks come in one at a time (core.offload): every window's hidden states
+    go through block 0, then block 1..., then the model's own forward finishes them (final norm, head)."""
+    device = lazy.device
+    hidden, calls = capture_block_inputs(lazy.model, lazy.blocks, windows, batch_size, device)
+    for i, block in enumerate(lazy.blocks):
+        lazy.load_block(i)
+        run_block(block, hidden, calls[i], batch_size, None)
+        lazy.release_block(i)
+    losses, final = [], []
+    with ending_with(lazy.blocks, final):
+        for start in range(0, len(windows), batch_size):
+            ids = windows[start:start + batch_size].to(device)
+            final[:] = [hidden[start:start + batch_size]]
+            logits = lazy.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            losses.append(loss.view(len(ids), -1).mean(dim=1).cpu())
+    return torch.cat(losses)
+
+
 def perplexity(model: torch.nn.Module, tokenizer, text: str | None = None, seqlen: int = 512,
                nwindows: int | None = 64, batch_size: int = 4, cancel: threading.Event | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Perplexity:
-    """exp(mean over windows of the window's mean cross-entropy); the built-in evaluation text by default."""
+               progress: Callable[[int, int], None] | None = None, lazy: "LazyModel | None" = None) -> Perplexity:
+    """exp(mean over windows of the window's mean cross-entropy); the built-in evaluation text by default.
+    lazy: the model is offloaded, and evaluated block by block."""
     started = time.perf_counter()
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     windows = evaluation_windows(tokenize(tokenizer, text if text is not None else builtin_evaluation_text()),
                                  seqlen, nwindows, context)
-    losses = window_losses(model, windows, batch_size, cancel, progress)
+    losses = (blockwise_window_losses(lazy, windows, batch_size) if lazy is not None else
+              window_losses(model, windows, batch_size, cancel, progress))
     return Perplexity(math.exp(losses.double().mean().item()), seqlen, seqlen, len(windows), windows.numel(),
                       time.perf_counter() - started)
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
 import re
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -154,10 +157,22 @@ def export_files(folder: Path) -> set[str] | None:
 
 def export_model(model: torch.nn.Module, tokenizer, out: str | Path, report: dict, overwrite: bool = False,
                  source: Path | None = None, *, overwrite_control: str = "--overwrite") -> Path:
-    """Write model, tokenizer, report and card into a temporary sibling folder, then rename it into place.
+    """Write model, tokenizer, report and card into a temporary sibling folder, then rename it into place."""
+    with export_into(out, overwrite, source, overwrite_control=overwrite_control) as folder:
+        model.save_pretrained(folder)
+        write_rest(model, tokenizer, folder, report)
+    return Path(out).absolute()
 
-    The target's lock is held from the checks to the rename: a second export to it fails instead of racing,
-    and leftovers of exports killed earlier in the same parent folder are cleared first.
+
+@contextlib.contextmanager
+def export_into(out: str | Path, overwrite: bool = False, source: Path | None = None, *,
+                overwrite_control: str = "--overwrite") -> Iterator[Path]:
+    """Give the caller an empty `.NAME.partial-…` folder to fill; when its block ends normally, swap it in for the
+    target (kept as `.NAME.old-…` until done), otherwise remove it.
+
+    The target's lock is held from the checks to the rename (for a streamed export, the whole run): a second
+    export to it fails instead of racing, and leftovers of exports killed earlier in the same parent folder are
+    cleared first.
     """
     out = Path(out).absolute()
     check_target(out, overwrite, source, overwrite_control=overwrite_control)
@@ -169,43 +184,38 @@ def export_model(model: torch.nn.Module, tokenizer, out: str | Path, report: dic
         with atomic.held(lock_path(out)):
             remove_leftovers(out.parent, out.name)
             check_target(out, overwrite, source, overwrite_control=overwrite_control)
-            _write_and_swap(model, tokenizer, out, report)
+            tmp = leftover_path(out, "partial")
+            tmp.mkdir()
+            try:
+                yield tmp
+                atomic.normal_modes(tmp)
+                if out.exists():
+                    old = leftover_path(out, "old")
+                    os.replace(out, old)
+                    os.replace(tmp, out)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing left if it was swapped in
     except atomic.Busy:
         atomic.remove_empty(created)
         raise UserError(f"Another export to {out} is running; wait for it to finish or choose another folder.") from None
     except OSError as e:
         atomic.remove_empty(created)
-        raise UserError(f"Cannot write to {out.parent}: {e.strerror or e}. Nothing was left half-written.") from None
+        raise UserError(f"Export to {out} failed: {e.strerror or e}. Nothing was left half-written.") from None
     except BaseException:
         atomic.remove_empty(created)
         raise
-    return out
 
 
-def _write_and_swap(model, tokenizer, out: Path, report: dict) -> None:
-    """Write everything into `.NAME.partial-…`, then swap it with the target (kept as `.NAME.old-…` until done)."""
-    tmp = leftover_path(out, "partial")
-    tmp.mkdir()
-    try:
-        _write_export(model, tokenizer, tmp, report)
-        if out.exists():
-            old = leftover_path(out, "old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"Export to {out} failed: {e.strerror or e}. Nothing was left half-written.") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_export(model, tokenizer, folder: Path, report: dict) -> None:
-    """Weights, tokenizer, a config without quantization, the report (with the file list) and the card."""
-    model.save_pretrained(folder)
+def write_rest(model, tokenizer, folder: Path, report: dict) -> None:
+    """Everything beside the weights: the config without quantization, generation config, tokenizer, the report
+    (with the file list) and the card."""
+    if not (folder / "config.json").exists():  # a streamed export wrote only the weights
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
@@ -214,7 +224,82 @@ def _write_export(model, tokenizer, folder: Path, report: dict) -> None:
     files = sorted({p.name for p in folder.iterdir()} | {REPORT_NAME, "README.md"})
     (folder / REPORT_NAME).write_text(json.dumps({**report, MARKER: MARKER_VALUE, FILES_KEY: files}, indent=2))
     (folder / "README.md").write_text(model_card(report))
-    atomic.normal_modes(folder)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+MAX_SHARD_BYTES = 50 * 1000 ** 3  # save_pretrained's default max_shard_size, "50GB"
+
+
+class StreamedWeights:
+    """safetensors files laid out as save_pretrained lays them out (one model.safetensors, or numbered shards and
+    an index), written while the model is pruned: every tensor's dtype and shape is known before the run, so the
+    headers go first and each tensor is written into its place when its block is done. Never the whole model
+    in memory."""
+
+    def __init__(self, folder: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int = MAX_SHARD_BYTES):
+        sizes = {key: math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                 for key, (dtype, shape) in specs.items()}
+        shards: list[list[str]] = [[]]
+        filled = 0
+        for key, size in sizes.items():
+            if shards[-1] and filled + size > max_shard_bytes:
+                shards.append([])
+                filled = 0
+            shards[-1].append(key)
+            filled += size
+        self.folder, self.specs, self.total = Path(folder), specs, sum(sizes.values())
+        self.names = (["model.safetensors"] if len(shards) == 1 else
+                      [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        self.files = []
+        self.place: dict[str, tuple[int, int]] = {}  # key -> (file, byte position)
+        for number, (name, keys) in enumerate(zip(self.names, shards)):
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for key in keys:
+                dtype, shape = specs[key]
+                header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                               "data_offsets": [offset, offset + sizes[key]]}
+                offset += sizes[key]
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            f = open(self.folder / name, "wb")
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + offset)
+            self.files.append(f)
+            for key in keys:
+                self.place[key] = (number, 8 + len(raw) + header[key]["data_offsets"][0])
+        self.pending = set(specs)
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, tensor in tensors.items():
+            if key not in self.pending:
+                raise RuntimeError(f"{key} is not awaited by the streamed export (unknown, or written twice)")
+            if (tensor.dtype, tuple(tensor.shape)) != self.specs[key]:
+                raise RuntimeError(f"{key} changed dtype or shape during the run")
+            number, position = self.place[key]
+            f = self.files[number]
+            f.seek(position)
+            f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            self.pending.discard(key)
+
+    def __enter__(self) -> "StreamedWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files:
+            f.close()
+
+    def finish(self) -> None:
+        """Check every tensor was written, close the files and write the index when there are shards."""
+        self.__exit__()
+        if self.pending:
+            raise RuntimeError(f"the streamed export misses {len(self.pending)} tensors, e.g. {sorted(self.pending)[0]}")
+        if len(self.names) > 1:
+            weight_map = {key: self.names[number] for key, (number, _) in self.place.items()}
+            (self.folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
 
 
 def lock_path(out: Path) -> Path:

@@ -12,12 +12,15 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .offload import LazyModel
 
 BUILTIN = "builtin"
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
@@ -281,6 +284,7 @@ class LoadedModel:
     path: Path
     name: str
     info: ModelInfo
+    lazy: "LazyModel | None" = None  # opened for offloading: the blocks are empty until a run brings them in
 
 
 def check_decoder_lm(config) -> None:
@@ -306,12 +310,15 @@ def load_model(
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
+    offload: bool = False,
 ) -> LoadedModel:
-    """Resolve the source, check it is a decoder LM, and load model + tokenizer on the device in the dtype."""
+    """Resolve the source, check it is a decoder LM, and load model + tokenizer on the device in the dtype.
+    offload: open it with empty blocks and only the rest read in (core.offload), for block-by-block runs."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .architecture import find_blocks, find_linears
+    from .offload import open_lazy
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -322,12 +329,19 @@ def load_model(
         raise UserError(f"Cannot read the model config in {path}: {e}") from None
     check_decoder_lm(config)
     if progress:
-        progress(f"Loading weights onto {torch_device} in {dtype_name(torch_dtype)}", None)
+        progress(f"{'Opening the model block by block' if offload else 'Loading weights'} onto {torch_device} in "
+                 f"{dtype_name(torch_dtype)}", None)
+    lazy = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            device_map={"": str(torch_device)} if torch_device.type == "cuda" else None,
-        )
+        if offload:
+            lazy = open_lazy(path, config, torch_device, torch_dtype, trust_remote_code)
+            lazy.load_resident()
+            model = lazy.model
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                device_map={"": str(torch_device)} if torch_device.type == "cuda" else None,
+            )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"The model does not fit in {torch_device}'s free memory; pick another device or dtype.") from None
@@ -359,4 +373,4 @@ def load_model(
         context_length=getattr(config.get_text_config(), "max_position_embeddings", None),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=name, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=name, info=info, lazy=lazy)

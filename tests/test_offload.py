@@ -1,0 +1,167 @@
+"""Models bigger than memory: block-by-block runs equal in-memory ones, the streamed export reloads exactly, the
+memory of an offloaded run stays about one block, and --max-memory plans or refuses with the numbers."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import ARCHITECTURES, tiny_model
+from test_cli import run_cli
+from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.errors import UserError
+from wanda_gui.core.export import StreamedWeights, export_into
+from wanda_gui.core.offload import Checkpoint, Offload, open_lazy, parse_bytes, plan_memory
+
+IDS = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def saved(tmp_path, arch):
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def offloaded_export(src, out, config, ids=IDS, max_shard_bytes=None):
+    """Prune src block by block into out (weights streamed, then config and report); return the summary."""
+    lazy = open_lazy(src, tf.AutoConfig.from_pretrained(src), torch.device("cpu"), torch.float32, False)
+    lazy.load_resident()
+    kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    with export_into(out) as folder, StreamedWeights(folder, lazy.specs(), **kwargs) as weights:
+        summary = run_to_end(prune(lazy.model, config, ids, steps=(Offload(lazy, weights.write),)))
+        weights.write(lazy.resident_tensors())
+        weights.finish()
+        lazy.model.config.save_pretrained(folder)  # the CLI's write_rest adds tokenizer, report and card
+    return summary
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_offloaded_run_equals_in_memory_run_on_every_architecture(tmp_path, arch):
+    src = saved(tmp_path, arch)
+    config = PruneConfig(method="wanda", sparsity=0.5, restore_on_abort=False)
+    reference = tf.AutoModelForCausalLM.from_pretrained(src).eval()
+    run_to_end(prune(reference, config, IDS))
+    offloaded_export(src, tmp_path / "out", config)
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers reads the streamed export
+    want, got = reference.state_dict(), back.state_dict()
+    assert sorted(want) == sorted(got)
+    differ = [k for k in want if not torch.equal(want[k], got[k])]
+    assert differ == []  # masks and kept weights identical, bit for bit
+    pruned = [k for k in want if k.endswith("proj.weight") or ".mlp." in k and k.endswith("weight")]
+    assert pruned and all((got[k] == 0).float().mean() >= 0.49 for k in pruned if got[k].dim() == 2)
+
+
+def test_sparsegpt_with_dsnot_offloaded_equals_in_memory_and_shards_reload(tmp_path):
+    src = saved(tmp_path, "qwen2")
+    config = PruneConfig(method="sparsegpt", pattern="2:4", dsnot=True, restore_on_abort=False)
+    reference = tf.AutoModelForCausalLM.from_pretrained(src).eval()
+    run_to_end(prune(reference, config, IDS))
+    offloaded_export(src, tmp_path / "out", config, max_shard_bytes=200_000)  # several shards and an index
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    got = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in reference.state_dict().items())
+
+
+def test_a_failed_offloaded_run_leaves_nothing(tmp_path):
+    src = saved(tmp_path, "llama")
+
+    class Fails(Offload):
+        def after_stage(self, ctx, index):
+            super().after_stage(ctx, index)
+            raise OSError(28, "No space left on device")
+
+    lazy = open_lazy(src, tf.AutoConfig.from_pretrained(src), torch.device("cpu"), torch.float32, False)
+    lazy.load_resident()
+    with pytest.raises(UserError, match="No space left"):
+        with export_into(tmp_path / "out") as folder, StreamedWeights(folder, lazy.specs()) as weights:
+            events = list(prune(lazy.model, PruneConfig(restore_on_abort=False), IDS, steps=(Fails(lazy, weights.write),)))
+            raise OSError(28, events[-1].reason)  # the engine reports the failure as an event: the caller stops
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no export, no partial folder, no lock
+
+
+def test_cli_offload_matches_in_memory_export_and_perplexity(tmp_path, tiny_model_dir, text_file):
+    common = ("prune", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
+              "--eval", "--eval-nwindows", "3", "--json")
+    whole = run_cli(*common, "--out", str(tmp_path / "whole"))
+    blocks = run_cli(*common, "--offload", "--out", str(tmp_path / "blocks"))
+    assert whole.returncode == 0 and blocks.returncode == 0, blocks.stderr
+    a, b = json.loads(whole.stdout), json.loads(blocks.stdout)
+    assert b["offload"]["block_bytes"] > 0 and "offload" not in a
+    for key in ("dense", "pruned"):
+        assert b["perplexity"][key]["perplexity"] == pytest.approx(a["perplexity"][key]["perplexity"], rel=1e-5)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "blocks" / "model.safetensors")
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "blocks" / "pruning_report.json").read_text())["exported_by"] == "wanda_gui"
+
+
+def test_offloaded_run_holds_about_one_block(tmp_path):
+    """A 16-block model of 17 MiB blocks: the run adds a few blocks' worth at most, never the model (272 MiB)."""
+    config = tf.LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
+                            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "big")
+    script = textwrap.dedent(f"""
+        import json, threading, time, psutil, torch, transformers as tf
+        from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+        from wanda_gui.core.offload import Offload, open_lazy
+        from wanda_gui.core.export import StreamedWeights
+        src = {str(tmp_path / "big")!r}
+        lazy = open_lazy(src, tf.AutoConfig.from_pretrained(src), torch.device("cpu"), torch.float32, False)
+        lazy.load_resident()
+        ids = torch.randint(0, 512, (4, 64))
+        process, peak = psutil.Process(), [0]
+        def sample():
+            while True:
+                peak[0] = max(peak[0], process.memory_info().rss)
+                time.sleep(0.002)
+        before = process.memory_info().rss
+        threading.Thread(target=sample, daemon=True).start()
+        with StreamedWeights(__import__("pathlib").Path({str(tmp_path)!r}), lazy.specs()) as weights:
+            run_to_end(prune(lazy.model, PruneConfig(restore_on_abort=False), ids, steps=(Offload(lazy, weights.write),)))
+        time.sleep(0.05)
+        print(json.dumps({{"added": peak[0] - before, "block": lazy.block_bytes()}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    model_bytes = 16 * measured["block"]
+    assert measured["added"] < 5 * measured["block"] < model_bytes / 3, measured
+
+
+def test_max_memory_plans_offload_and_refuses_with_numbers():
+    assert parse_bytes("3GiB") == 3 * 1024 ** 3 and parse_bytes("2.5GB") == 2_500_000_000 and parse_bytes("512") == 512
+    with pytest.raises(UserError, match="3GiB, 2.5GB"):
+        parse_bytes("lots")
+    run = {"calibration activations": 100}
+    assert plan_memory(1000, 100, 50, run, budget=2000, offload=False, where="cpu") is False  # fits whole
+    assert plan_memory(1000, 100, 50, run, budget=400, offload=False, where="cpu") is True  # only block by block
+    assert plan_memory(1000, 100, 50, run, budget=2000, offload=True, where="cpu") is True  # asked for
+    with pytest.raises(UserError, match=r"two blocks 100 B \+ calibration activations 100 B.*--max-memory is 250 B"):
+        plan_memory(1000, 100, 50, run, budget=250, offload=False, where="cpu")
+
+
+def test_cli_max_memory_chooses_offload_or_refuses(tmp_path, tiny_model_dir, text_file):
+    common = ("prune", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32")
+    tiny = run_cli(*common, "--max-memory", "1MiB", "--out", str(tmp_path / "a"))
+    assert tiny.returncode == 2 and "Even block by block" in tiny.stderr and "Traceback" not in tiny.stderr
+    assert not (tmp_path / "a").exists()
+    bad = run_cli(*common, "--max-memory", "lots", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "3GiB" in bad.stderr
+    owl = run_cli(*common, "--offload", "--owl", "--out", str(tmp_path / "c"))
+    assert owl.returncode == 2 and "OWL" in owl.stderr
+
+
+def test_checkpoint_reads_renamed_legacy_names(tmp_path):
+    """GPT-NeoX checkpoints store the head as embed_out; the model calls it lm_head."""
+    src = saved(tmp_path, "gpt_neox")
+    lazy = open_lazy(src, tf.AutoConfig.from_pretrained(src), torch.device("cpu"), torch.float32, False)
+    assert lazy.stored["lm_head.weight"] == "embed_out.weight"
+    assert "embed_out.weight" in lazy.specs() and "lm_head.weight" not in Checkpoint(src).file_of

@@ -1,0 +1,248 @@
+"""Models bigger than memory: the model is opened with empty blocks, each block's weights are read from the
+safetensors checkpoint for its stage, pruned, handed to the streamed export and released.
+
+Only what the blocks do not hold (embeddings, final norm, LM head, buffers) stays resident, so a run's peak memory
+is about one block's weights + the resident part + the calibration activations, whatever the number of blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import platform
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .architecture import find_blocks
+from .devices import format_bytes
+from .errors import UserError
+from .methods.base import RunContext, Step
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+         "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+def parse_bytes(text: str) -> int:
+    """'3GiB', '2.5GB', '512MiB' or a plain number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise UserError(f"Cannot read the memory size {text!r}: write it like 3GiB, 2.5GB or 512MiB.")
+    return int(float(match[1]) * UNITS[(match[2] or "").lower()])
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS: without it glibc keeps a released block's pages, and the process grew
+    by a third of a block per block (SmolLM2, 30 blocks: 646 -> 784 MiB; with it, flat at 510 MiB)."""
+    if platform.system() != "Linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class Checkpoint:
+    """A model folder's safetensors weights, read a few tensors at a time (each file mapped only while read)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / SINGLE_NAME).exists():
+            with safe_open(self.folder / SINGLE_NAME, framework="pt") as f:
+                weight_map = {key: SINGLE_NAME for key in f.keys()}
+        else:
+            raise UserError(f"{self.folder} holds no {SINGLE_NAME} or {INDEX_NAME}: offloading reads safetensors "
+                            "weights block by block; re-save the model with save_pretrained or run without offload.")
+        self.file_of: dict[str, str] = weight_map
+
+    def read(self, names: dict[str, str], device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """{model key: checkpoint key} -> {model key: tensor on the device, floating point ones in dtype}."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[tuple[str, str]]] = {}
+        for key, stored in names.items():
+            by_file.setdefault(self.file_of[stored], []).append((key, stored))
+        out = {}
+        for name, pairs in by_file.items():
+            with safe_open(self.folder / name, framework="pt", device="cpu") as f:
+                for key, stored in pairs:
+                    t = f.get_tensor(stored)
+                    out[key] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        return out
+
+    def names_for(self, model: nn.Module) -> dict[str, str]:
+        """{model key: checkpoint key}: transformers renames a few legacy names on load (GPT-NeoX's embed_out is
+        lm_head); its pure renamings are applied here too, and the export keeps the checkpoint's names as
+        save_pretrained does."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming
+
+            renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        except ImportError:  # another transformers version: names as stored
+            renamings = []
+        names = {}
+        for stored in self.file_of:
+            key = stored
+            for renaming in renamings:
+                key = renaming.rename_source_key(key)[0]
+            names[key] = stored
+        return names
+
+
+class LazyModel:
+    """A causal LM whose decoder blocks are empty (meta) until loaded: the rest of it is real on the device."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
+        self.model, self.checkpoint, self.device, self.dtype = model, checkpoint, device, dtype
+        self.blocks_name, self.blocks = find_blocks(model)
+        self.stored = checkpoint.names_for(model)
+        self.keys = self._tensor_keys()
+        prefix = f"{self.blocks_name}."
+        self.block_keys: list[list[str]] = [[] for _ in self.blocks]
+        self.resident_keys: list[str] = []
+        for key in self.keys:
+            if key.startswith(prefix):
+                self.block_keys[int(key[len(prefix):].split(".", 1)[0])].append(key)
+            else:
+                self.resident_keys.append(key)
+
+    def load_resident(self) -> None:
+        """Read everything outside the blocks onto the device (embeddings, final norm, LM head, buffers)."""
+        self._place(self.checkpoint.read({k: self.stored[k] for k in self.resident_keys}, self.device, self.dtype))
+        self.model.tie_weights()  # placing the embeddings replaced their parameter: the tied head follows it
+        empty = [name for name, p in self.model.named_parameters()
+                 if p.is_meta and not name.startswith(f"{self.blocks_name}.")]
+        if empty:
+            raise UserError(f"Offloading left {empty[0]} (and {len(empty) - 1} more) without weights; run without offload.")
+
+    def _tensor_keys(self) -> list[str]:
+        """Every parameter (tied ones once) and persistent buffer, by the name the checkpoint must hold it under."""
+        keys = [name for name, _ in self.model.named_parameters()]
+        persistent = set(self.model.state_dict(keep_vars=True))
+        keys += [name for name, _ in self.model.named_buffers() if name in persistent]
+        missing = [key for key in keys if key not in self.stored]
+        if missing:
+            raise UserError(f"The checkpoint in {self.checkpoint.folder} stores {len(missing)} of the model's tensors "
+                            f"under other names (e.g. {missing[0]}): offloading reads each tensor by the model's own "
+                            "name. Run without offload, or re-save the model with save_pretrained first.")
+        return keys
+
+    def _place(self, tensors: dict[str, torch.Tensor]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for key, value in tensors.items():
+            set_module_tensor_to_device(self.model, key, self.device, value=value)
+
+    def load_block(self, index: int) -> None:
+        self._place(self.checkpoint.read({k: self.stored[k] for k in self.block_keys[index]}, self.device, self.dtype))
+
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """A loaded block's tensors by checkpoint name (what the streamed export writes)."""
+        state = self.model.state_dict(keep_vars=True)
+        return {self.stored[key]: state[key].detach() for key in self.block_keys[index]}
+
+    def resident_tensors(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict(keep_vars=True)
+        return {self.stored[key]: state[key].detach() for key in self.resident_keys}
+
+    def release_block(self, index: int) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for key in self.block_keys[index]:
+            set_module_tensor_to_device(self.model, key, "meta")
+        return_freed_memory()
+
+    def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Each tensor's dtype and shape by checkpoint name, as the export will hold it, in the model's order."""
+        state = self.model.state_dict(keep_vars=True)
+        return {self.stored[key]: (state[key].dtype, tuple(state[key].shape)) for key in self.keys}
+
+    def block_bytes(self) -> int:
+        """The largest block's weights in the run's dtype."""
+        state = self.model.state_dict(keep_vars=True)
+        return max(sum(state[k].numel() * state[k].element_size() for k in keys) for keys in self.block_keys)
+
+    def resident_bytes(self) -> int:
+        state = self.model.state_dict(keep_vars=True)
+        return sum(state[k].numel() * state[k].element_size() for k in self.resident_keys)
+
+
+def open_lazy(path: Path, config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> LazyModel:
+    """The model built from its config with empty weights (buffers such as rotary frequencies are real); nothing
+    is read until load_resident and load_block."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    checkpoint = Checkpoint(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # not done on empty weights: a tied head must be one parameter with the embeddings
+    model.eval()
+    model.requires_grad_(False)
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, buffer in list(model.named_buffers()):
+        if name not in persistent:  # computed at construction (rotary frequencies): onto the execution device
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name).register_buffer(leaf, buffer.to(device), persistent=False)
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return LazyModel(model, checkpoint, device, dtype)
+
+
+class Offload(Step):
+    """Brings each block in as its stage begins and, once the stage is pruned and its outputs computed, hands the
+    block's tensors to `sink` (the streamed export) and releases them. Outermost hook: loads first, releases last."""
+
+    def __init__(self, lazy: LazyModel, sink: Callable[[dict[str, torch.Tensor]], None] | None):
+        self.lazy, self.sink = lazy, sink
+
+    def before_stage(self, ctx: RunContext, index: int) -> None:
+        if index < len(self.lazy.blocks):
+            self.lazy.load_block(index)
+
+    def after_stage(self, ctx: RunContext, index: int) -> None:
+        if index < len(self.lazy.blocks):
+            if self.sink is not None:
+                self.sink(self.lazy.block_tensors(index))
+            self.lazy.release_block(index)
+
+
+def refuse_with_offload(config) -> None:
+    """What cannot run block by block, refused before anything is loaded."""
+    if config.owl:
+        raise UserError("OWL measures every block of the dense model before pruning starts, which offloading would "
+                        "read twice: run OWL without --offload.")
+    if config.reconstruct:
+        raise UserError("--reconstruct holds the dense and pruned block together and is not supported with --offload "
+                        "yet: run it without --offload.")
+    if config.restore_on_abort:
+        raise UserError("An offloaded run keeps no restore copy (the source on disk is never changed); "
+                        "turn restore_on_abort off.")
+
+
+def plan_memory(model_bytes: int, resident_bytes: int, block_bytes: int, run_parts: dict[str, int],
+                budget: int, offload: bool, where: str) -> bool:
+    """Whether to offload under a memory budget: as asked, or automatically when the model does not fit whole.
+    Refuses, with the numbers, what cannot fit even block by block."""
+    run = sum(run_parts.values())
+    offload = offload or model_bytes + run > budget
+    by_block = resident_bytes + 2 * block_bytes + run  # a block in, and the next one's read while it is freed
+    if offload and by_block > budget:
+        parts = " + ".join(f"{name} {format_bytes(n)}" for name, n in run_parts.items() if n)
+        raise UserError(f"Even block by block this run needs about {format_bytes(by_block)} on {where} (what lies "
+                        f"outside the blocks {format_bytes(resident_bytes)} + two blocks {format_bytes(2 * block_bytes)} "
+                        f"+ {parts}) but --max-memory is {format_bytes(budget)}: raise it, or lower --nsamples or "
+                        "--seqlen.")
+    return offload
