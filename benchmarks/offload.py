@@ -44,20 +44,27 @@ def build(folder: Path) -> Path:
     return folder
 
 
+# The run is started by a small launcher: a child forked from this (by then large) process would count this
+# process's memory in its own peak; the launcher's child starts small, and the launcher reports its peak.
+LAUNCHER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+            "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
+
+
 def run(args: list[str]) -> dict:
     """One CLI run in its own process: its JSON report, wall seconds and peak resident bytes."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, "-m", "wanda_gui", *args, "--json"], stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, which Popen.wait would not give
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if process.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{stderr[-3000:]}")
-    return {"report": json.loads(stdout), "seconds": time.perf_counter() - started,
-            "peak_rss_bytes": usage.ru_maxrss * 1024}
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak"
+        with open(Path(tmp) / "out", "w+") as out, open(Path(tmp) / "err", "w+") as err:
+            code = subprocess.run([sys.executable, "-c", LAUNCHER, str(peak), sys.executable, "-m", "wanda_gui", *args,
+                                   "--json"], stdout=out, stderr=err, text=True).returncode
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        if code:
+            raise SystemExit(f"{' '.join(args)} failed:\n{stderr[-3000:]}")
+        return {"report": json.loads(stdout), "seconds": time.perf_counter() - started,
+                "peak_rss_bytes": int(peak.read_text()) * 1024}
 
 
 def identical(a: Path, b: Path) -> dict:
@@ -127,9 +134,6 @@ def main() -> int:
     result["offloaded"]["max_memory"] = args.max_memory
     result["offloaded"]["peak_minus_calibration_bytes"] = offloaded["peak_rss_bytes"] - result["calibration_activation_bytes"]
     result["in_memory"]["peak_minus_model_bytes"] = whole["peak_rss_bytes"] - model_bytes
-    result["exports"] = identical(work / "offloaded", work / "in-memory")
-    result["exports"]["streamed_export_reloads_equal"] = reloads(work / "offloaded", work / "in-memory")
-    print(json.dumps(result["exports"]), flush=True)
     if not args.skip_p1:
         builtin = builtin_model_dir()
         p1 = run(["prune", "--model", str(builtin), "--nsamples", "64", "--seqlen", "512", "--overwrite",
@@ -138,6 +142,9 @@ def main() -> int:
         result["p1_in_memory"] = {"peak_rss_bytes": p1["peak_rss_bytes"], "model_bytes": size,
                                   "peak_minus_model_bytes": p1["peak_rss_bytes"] - size, "seconds": p1["seconds"]}
         print(f"P1 in memory: peak RSS {p1['peak_rss_bytes'] / 2**30:.2f} GiB (model {size / 2**30:.2f} GiB)", flush=True)
+    result["exports"] = identical(work / "offloaded", work / "in-memory")
+    result["exports"]["streamed_export_reloads_equal"] = reloads(work / "offloaded", work / "in-memory")
+    print(json.dumps(result["exports"]), flush=True)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

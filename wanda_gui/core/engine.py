@@ -82,6 +82,18 @@ def keep_freed_memory_mapped() -> None:
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS once a stage is done: with the thresholds above glibc keeps every
+    page, and the process grew by a third of a block per block (SmolLM2 offloaded, 30 blocks: 646 -> 784 MiB;
+    trimmed after each block, flat at 510 MiB)."""
+    if platform.system() != "Linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def default_batch_size(device: torch.device, seqlen: int) -> int:
     """About 1k tokens a forward on CPU (measured on SmolLM2 blocks, 2 cores: batch 2 at seqlen 512 beat 4, 8 and
     12 by 2-8%, the activations staying in cache); GPUs want far more tokens per call."""
@@ -237,6 +249,8 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
                 calibration_seconds += time.perf_counter() - t
             for hook in reversed(hooks):
                 hook.after_stage(ctx, i)
+            if device.type == "cpu":
+                return_freed_memory()
             yield BlockFinished(i, time.perf_counter() - block_started, zeros / max(1, elements), peak_memory(device))
         finished = True
         backup.clear()

@@ -7,9 +7,7 @@ is about one block's weights + the resident part + the calibration activations, 
 
 from __future__ import annotations
 
-import ctypes
 import json
-import platform
 import re
 from pathlib import Path
 from typing import Callable
@@ -19,6 +17,7 @@ from torch import nn
 
 from .architecture import find_blocks
 from .devices import format_bytes
+from .engine import return_freed_memory
 from .errors import UserError
 from .export import SAFETENSORS_DTYPES
 from .methods.base import RunContext, Step
@@ -36,17 +35,6 @@ def parse_bytes(text: str) -> int:
     if not match:
         raise UserError(f"Cannot read the memory size {text!r}: write it like 3GiB, 2.5GB or 512MiB.")
     return int(float(match[1]) * UNITS[(match[2] or "").lower()])
-
-
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS: without it glibc keeps a released block's pages, and the process grew
-    by a third of a block per block (SmolLM2, 30 blocks: 646 -> 784 MiB; with it, flat at 510 MiB)."""
-    if platform.system() != "Linux":
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class Checkpoint:
