@@ -131,6 +131,13 @@ def offloaded_peak(folder) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def test_cli_eval_offloaded_equals_in_memory(tiny_model_dir):
+    args = ("eval", "--model", str(tiny_model_dir), "--seqlen", "32", "--nwindows", "3", "--json")
+    whole, blocks = run_cli(*args), run_cli(*args, "--offload")
+    assert whole.returncode == 0 and blocks.returncode == 0, blocks.stderr
+    assert json.loads(blocks.stdout)["perplexity"] == pytest.approx(json.loads(whole.stdout)["perplexity"], rel=1e-5)
+
+
 def test_offloaded_run_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
     """4 and 20 blocks of 16 MiB: the run adds about the same (one block in, its scores, activations; the heap's
     state moves the peak by a block or two), never the model, nor a part of every block it has seen."""

@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seqlen", type=int, default=512)
     ev.add_argument("--nwindows", type=int, default=64)
     ev.add_argument("--text", default=None, metavar="FILE", help="evaluate on this text file instead of the built-in text")
+    ev.add_argument("--offload", action="store_true",
+                    help="bring the model in block by block: memory holds one block and the windows' hidden states")
 
     sweep = sub.add_parser("sweep", help="compare methods: every method x pattern x sparsity on a fresh copy, resumable")
     _add_model_args(sweep)
@@ -328,10 +330,10 @@ def cmd_eval(args) -> dict:
     _at_least(args.nwindows, 1, "--nwindows")
     check_model_args(args)
     text = read_text_files([args.text], "evaluation") if args.text else None
-    loaded, load_seconds = _load(args)
+    loaded, load_seconds = _load(args, args.offload)
     check_seqlen(args.seqlen, loaded.info.context_length)
     check_eval_fits(loaded.info, vocab_size(loaded.model), args.seqlen, hint="lower --seqlen")
-    result = perplexity(loaded.model, loaded.tokenizer, text, args.seqlen, args.nwindows)
+    result = perplexity(loaded.model, loaded.tokenizer, text, args.seqlen, args.nwindows, lazy=loaded.lazy)
     if not args.json:
         print(f"{loaded.name}: perplexity {result}")
     return {"model": loaded.name, "device": loaded.info.device, "dtype": loaded.info.dtype,
