@@ -123,3 +123,14 @@ def test_maps_payload_is_float32_and_at_most_128_square():
 def test_maps_refuse_an_unknown_method_clearly():
     with pytest.raises(UserError, match="Unknown method"):
         down_proj_maps("nonsense")
+
+
+def test_log_axes_over_decades_label_only_powers_of_ten():
+    """Plotly labels the 2s and 5s between decades of a wide log axis as bare digits ("2" for 20000)."""
+    wide = plots.log_ticks([21.1, 45.5, 17538.6])
+    assert wide["dtick"] == 1 and wide["minor"]["dtick"] == "D1"
+    assert plots.log_ticks([513.0, 516.2]) == {} and plots.log_ticks([]) == {}  # within a decade: plotly's own ticks
+    rows = [{"key": "dense", "perplexity": 21.1, "achieved_sparsity": 0.0},
+            {"key": "wanda|unstructured|0.7", "method": "wanda", "pattern": "unstructured", "target_sparsity": 0.7,
+             "achieved_sparsity": 0.7, "perplexity": 587.0}]
+    assert plots.comparison_chart(rows).layout.yaxis.dtick == 1

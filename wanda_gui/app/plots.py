@@ -14,15 +14,17 @@ from ..core.methods import get_method
 ACCENT = "#0f766e"
 SECOND = "#f59e0b"
 MUTED = "#64748b"
+OUTLIER = "#dc2626"
 TOP = 100
 LAYOUT = dict(margin=dict(l=50, r=50, t=40, b=40), height=320, template="plotly_white",
               font=dict(family="system-ui, sans-serif", size=12))
 
 
 def titled(text: str, subtitle: str) -> dict:
-    """A left-aligned title with a smaller second line, below the corner where Gradio draws the plot's label."""
+    """A left-aligned title with a smaller second line, below the corner where Gradio draws the plot's label (26 px
+    tall; with pad 44 the title's box starts 30 px down: tests/test_app_browser_compare.py checks they never meet)."""
     return dict(text=f"{text}<br><span style='font-size:11px;color:{MUTED}'>{subtitle}</span>", x=0, xref="paper",
-                xanchor="left", y=1, yref="container", yanchor="top", pad=dict(t=30), font=dict(size=15))
+                xanchor="left", y=1, yref="container", yanchor="top", pad=dict(t=44), font=dict(size=15))
 
 
 def block_chart(blocks: int, sparsity: dict[int, float], seconds: dict[int, float], target: float | None) -> go.Figure:
@@ -114,6 +116,16 @@ def empty(title: str) -> go.Figure:
     return fig
 
 
+def log_ticks(values) -> dict:
+    """Tick settings for a log axis over `values`. Over a decade or more plotly labels the 2s and 5s between powers
+    of ten as bare digits ("2" for 20000): then label the powers of ten only, with unlabelled grid lines between."""
+    positive = np.asarray(values, dtype=np.float64)
+    positive = positive[np.isfinite(positive) & (positive > 0)]
+    if positive.size == 0 or np.log10(positive.max() / positive.min()) < 1:
+        return {}
+    return dict(dtick=1, minor=dict(dtick="D1", showgrid=True, gridcolor="#f1f5f9"))
+
+
 def why_chart(name: str, explanation, differing: dict[str, float]) -> go.Figure:
     """Why Wanda works, for one linear: its input features' norms (log scale, outliers marked), where Wanda's and
     magnitude's masks part on its weights, and that share for every linear pruned so far."""
@@ -122,14 +134,18 @@ def why_chart(name: str, explanation, differing: dict[str, float]) -> go.Figure:
     diff = np.asarray(explanation.difference_map, dtype=np.float32)
     fig = make_subplots(rows=2, cols=2, column_widths=[0.58, 0.42], row_heights=[0.62, 0.38], vertical_spacing=0.2,
                         horizontal_spacing=0.14, specs=[[{}, {}], [{"colspan": 2}, None]],
-                        subplot_titles=("input-feature norm ||X_j|| (log)",
-                                        f"Wanda vs magnitude: {explanation.differing:.1%} of positions differ",
-                                        "share of positions that differ, per pruned linear"))
+                        # two short lines each: side by side in a narrow window, long ones run into each other
+                        subplot_titles=(f"input-feature norm ||X_j|| (log)<br><span style='color:{OUTLIER}'>◆ "
+                                        f"{len(outliers)} outlier{'' if len(outliers) == 1 else 's'}</span>",
+                                        f"Wanda vs magnitude:<br>{explanation.differing:.1%} of positions differ",
+                                        "share of positions that differ, per pruned linear<br>in pruning order "
+                                        f"(<span style='color:{SECOND}'>this one</span>; hover for names)"))
+    # No legend: above the subplots it would sit on their titles; the first title names the red markers instead.
     fig.add_scatter(x=np.arange(len(norms)), y=np.maximum(norms, 1e-12), mode="lines", name="||X_j||",
-                    line=dict(color=ACCENT, width=1), row=1, col=1,
+                    line=dict(color=ACCENT, width=1), row=1, col=1, showlegend=False,
                     hovertemplate="input j %{x}<br>||X_j|| %{y:.3g}<extra></extra>")
     fig.add_scatter(x=outliers, y=np.maximum(norms[outliers], 1e-12), mode="markers", name=f"outliers ({len(outliers)})",
-                    marker=dict(color="#dc2626", size=7, symbol="diamond"), row=1, col=1,
+                    marker=dict(color=OUTLIER, size=7, symbol="diamond"), row=1, col=1, showlegend=False,
                     hovertemplate="outlier j %{x}<br>||X_j|| %{y:.3g}<extra></extra>")
     rows, cols = diff.shape
     fig.add_heatmap(z=diff, colorscale="Reds", zmin=0, zmax=max(float(diff.max()), 1e-6), row=1, col=2,
@@ -139,17 +155,16 @@ def why_chart(name: str, explanation, differing: dict[str, float]) -> go.Figure:
     fig.add_bar(x=[n.split(".", 2)[-1] if n.count(".") > 2 else n for n in names], y=[differing[n] for n in names],
                 marker_color=[SECOND if n == name else MUTED for n in names], name="differ", showlegend=False,
                 row=2, col=1, customdata=names, hovertemplate="%{customdata}<br>%{y:.1%} differ<extra></extra>")
-    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=1, **log_ticks(norms))
     fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=2)
     fig.update_xaxes(showticklabels=False, row=1, col=2)
     fig.update_xaxes(title=dict(text="input feature j", standoff=2), row=1, col=1)
     fig.update_xaxes(showticklabels=False, row=2, col=1)
     fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=2, col=1)
     fig.update_annotations(font=dict(size=12))
-    fig.update_layout(**{**LAYOUT, "height": 560, "margin": dict(l=60, r=55, t=TOP, b=30)},
+    fig.update_layout(**{**LAYOUT, "height": 570, "margin": dict(l=60, r=55, t=TOP + 14, b=30)},
                       title=titled(f"Why it works: {name}", "a few input features fire far harder than the rest "
-                                   "(red: above 5x the median); Wanda keeps their weights, magnitude does not"),
-                      legend=dict(orientation="h", x=0, y=1.02, yanchor="bottom", font=dict(size=11)))
+                                   "(red: above 5x the median); Wanda keeps their weights, magnitude does not"))
     return fig
 
 
@@ -190,15 +205,18 @@ def owl_chart(sparsities: list[float], outlier_ratios: list[float] | None, targe
 
 
 def comparison_chart(rows: list[dict]) -> go.Figure:
-    """core.sweep's chart (perplexity against sparsity, log scale, a line per method, the dense line), laid out
-    like the page's other figures: title and legend in the top margin."""
+    """core.sweep's chart (perplexity against sparsity, log scale, a line per method, the dense line), titled like
+    the page's other figures. Its legend goes to the right, one entry a line: a comparison may have many entries,
+    and a row of them above the plot would wrap up onto the title in a narrow window."""
     from ..core.sweep import DENSE, chart_figure
 
     dense = next((row["perplexity"] for row in rows if row["key"] == DENSE), None)
     fig = chart_figure([row for row in rows if row["key"] != DENSE], dense)
-    fig.update_layout(**{**LAYOUT, "height": 420, "margin": dict(l=65, r=30, t=TOP + 20, b=45)},
-                      title=titled("Perplexity against sparsity", "lower is better · log scale · one line per "
-                                   "method, N:M runs as diamonds, the dense model dashed"),
-                      legend=dict(title=None, orientation="h", x=0, y=1.02, yanchor="bottom", font=dict(size=11)))
+    fig.update_layout(**{**LAYOUT, "height": 420, "margin": dict(l=65, r=30, t=TOP, b=45)},
+                      title=titled("Perplexity against sparsity", "lower is better · log scale · a line per method "
+                                   "· N:M runs as diamonds"),
+                      legend=dict(title=None, orientation="v", x=1.02, xanchor="left", y=1, yanchor="top",
+                                  font=dict(size=11)))
     fig.update_xaxes(title=dict(text="achieved sparsity", standoff=6))
+    fig.update_yaxes(**log_ticks([row["perplexity"] for row in rows]))
     return fig
