@@ -146,8 +146,8 @@ def check_prune_args(args):
     check_target(Path(args.out).expanduser().absolute(), args.overwrite, source_folder(args.model))
     if args.max_memory is not None:
         parse_bytes(args.max_memory)  # a typo fails here, before anything is loaded
-    if args.offload or args.max_memory is not None:
-        refuse_with_offload(config) if args.offload else None
+    if args.offload:
+        refuse_with_offload(config)
     return config
 
 

@@ -165,14 +165,16 @@ class LazyModel:
         state = self.model.state_dict(keep_vars=True)
         return {self.stored[key]: (state[key].dtype, tuple(state[key].shape)) for key in self.keys}
 
+    def _bytes(self, keys: list[str]) -> int:
+        state = self.model.state_dict(keep_vars=True)
+        return sum(state[k].numel() * state[k].element_size() for k in keys)
+
     def block_bytes(self) -> int:
         """The largest block's weights in the run's dtype."""
-        state = self.model.state_dict(keep_vars=True)
-        return max(sum(state[k].numel() * state[k].element_size() for k in keys) for keys in self.block_keys)
+        return max(self._bytes(keys) for keys in self.block_keys)
 
     def resident_bytes(self) -> int:
-        state = self.model.state_dict(keep_vars=True)
-        return sum(state[k].numel() * state[k].element_size() for k in self.resident_keys)
+        return self._bytes(self.resident_keys)
 
 
 def open_lazy(path: Path, config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> LazyModel:
