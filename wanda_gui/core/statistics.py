@@ -32,19 +32,20 @@ class SquaredMean:
 
 
 class Hessian:
-    """H = (2 / nsamples) X^T X, as SparseGPT's reference accumulates it: a running average over samples,
-    rescaled before each batch (so a batch of b samples weighs b, whatever the batch size)."""
+    """H = (2 / nsamples) X^T X, as SparseGPT's reference accumulates it, to the bit: a running average rescaled
+    before each sample, one sample at a time (a batched product rounds differently, and SparseGPT's updates turn
+    one ulp into other masks a few blocks on)."""
 
     def __init__(self, width: int, device: torch.device):
         self.H = torch.zeros(width, width, dtype=torch.float32, device=device)
         self.nsamples = 0
 
     def add(self, x: torch.Tensor) -> None:
-        samples = x.shape[0] if x.dim() == 3 else 1
-        self.H *= self.nsamples / (self.nsamples + samples)
-        self.nsamples += samples
-        flat = x.reshape(-1, x.shape[-1]).float() * math.sqrt(2 / self.nsamples)
-        self.H.addmm_(flat.t(), flat)
+        for sample in (x if x.dim() == 3 else x.unsqueeze(0)):  # one sample at a time, in the reference's arithmetic
+            self.H *= self.nsamples / (self.nsamples + 1)
+            self.nsamples += 1
+            inp = math.sqrt(2 / self.nsamples) * sample.reshape(-1, sample.shape[-1]).t().float()
+            self.H += inp.matmul(inp.t())
 
     def result(self) -> torch.Tensor:
         return self.H
