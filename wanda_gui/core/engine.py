@@ -155,8 +155,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
     """Prune the model in place, block by block, yielding events.
 
     calibration: (nsamples, seqlen) token ids, needed by methods that read activations. steps: options whose hooks
-    run around the loop, outside the method's own and the options' (methods/base.py): their before_stage runs first
-    and their after_stage last (offload brings a block in before anything reads it, and out after). On cancellation, a failure, or the consumer
+    run around the loop after the method's own and the options' (methods/base.py), except around a stage: their
+    before_stage runs first and their after_stage last (offload brings a block in before anything reads it, and
+    out after everything else is done with it). On cancellation, a failure, or the consumer
     closing the stream, every pruned weight is restored (unless restore_on_abort is off).
     """
     validate(model, config)
@@ -169,7 +170,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
     nsamples, seqlen = (calibration.shape if method.needs_activations else (0, 0))
     batch_size = config.batch_size or default_batch_size(device, seqlen)
     total = sum(len(p) for p in plan)
-    hooks = (*steps, method, *option_steps(config))
+    hooks = (method, *option_steps(config), *steps)
     keep_dense = config.restore_on_abort or any(type(h).after_masking is not Step.after_masking for h in hooks)
     backup: dict[nn.Module, torch.Tensor] = {}
     finished = False
@@ -208,7 +209,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
             block_started = time.perf_counter()
             yield BlockStarted(i, next(iter(linears), "head") if is_head else f"block {i}", len(linears),
                                None if config.pattern.structured else ctx.sparsities[i])
-            for hook in hooks:
+            for hook in reversed(hooks):
                 hook.before_stage(ctx, i)
             t = time.perf_counter()
             statistics = stage_statistics(ctx, kinds, i, linears)
@@ -247,7 +248,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
                 t = time.perf_counter()
                 run_block(blocks[i], ctx.hidden, ctx.calls[i], batch_size, cancel)
                 calibration_seconds += time.perf_counter() - t
-            for hook in reversed(hooks):
+            for hook in hooks:
                 hook.after_stage(ctx, i)
             if device.type == "cpu":
                 return_freed_memory()
