@@ -150,7 +150,7 @@ def test_offloaded_run_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
         added[blocks] = offloaded_peak(tmp_path / str(blocks))
     block = added[20]["block"]
     assert added[20]["added"] < added[4]["added"] + 4 * block, added
-    assert added[20]["added"] < 20 * block / 3, added
+    assert added[20]["added"] < 20 * block / 2, added  # in memory, the model alone would be 20 blocks
 
 
 def test_max_memory_plans_offload_and_refuses_with_numbers():
