@@ -107,6 +107,38 @@ def test_tiny_model_live_prune_heatmap_chat(browser, url, tiny_model_dir, text_f
     assert w.errors == [], w.errors
 
 
+@pytest.fixture
+def own_url():
+    """A server of the test's own: the module's server caps sessions holding models (4), which the others fill."""
+    with serving() as demo:
+        yield demo.local_url
+
+
+def test_a_model_kept_on_disk_prunes_and_chats_and_the_page_says_so(browser, own_url, tiny_model_dir, text_file):
+    w = Watched(browser, own_url)
+    page = w.page
+    page.locator("#source").get_by_text("Local folder", exact=True).click()
+    w.fill("folder", tiny_model_dir)
+    page.locator("#memory input").click()
+    page.get_by_role("option", name="Block by block from disk (offload)", exact=True).click()
+    page.locator("#load").click()
+    w.wait_text("load-status", "Kept on disk, read block by block")
+    page.locator("#calib").get_by_text("Text files", exact=True).click()
+    page.locator("#calib-files input[type=file]").set_input_files(str(text_file))
+    page.wait_for_timeout(1000)
+    w.fill("nsamples", 4)
+    w.fill("seqlen", 32)
+    page.locator("#start").click()
+    w.wait_text("prune-status", "Pruned")
+    w.wait_text("results", "Both models stay on disk")
+    w.fill("prompt", "Hello, who are you?")
+    page.locator("#send").click()
+    w.wait_text("dense-stats", "done")
+    w.wait_text("pruned-stats", "done")
+    assert w.outside == [], w.outside
+    assert w.errors == [], w.errors
+
+
 def test_builtin_model_preselected_stop_restores(browser, url, builtin_dir):
     """A first-time user: Load (nothing typed), Start, Stop: the page says the dense model is intact."""
     w = Watched(browser, url)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +23,8 @@ from ..core.errors import UserError
 from ..core.explain import Explanation
 
 HEADROOM = 1.15  # the pruned linears' copy must fit with this margin (allocator slack, activations)
+MEMORY_MODES = {"memory": "Whole model in memory", "offload": "Block by block from disk (offload)",
+                "auto": "Automatic: block by block when the model and its pruned copy do not fit"}
 
 
 @dataclasses.dataclass
@@ -50,12 +55,53 @@ class Comparison:
         return [row for row in self.rows if row["key"] in self.specs]
 
 
+_pruned_root: Path | None = None
+
+
+def pruned_root() -> Path:
+    """This process's folder (0700) for the pruned weights of models kept on disk; removed at exit. Not the folder
+    the app serves files from: nobody downloads a session's weights but through its own export."""
+    global _pruned_root
+    if _pruned_root is None:
+        import atexit
+
+        _pruned_root = Path(tempfile.mkdtemp(prefix="wanda-gui-pruned-")).resolve()
+        atexit.register(shutil.rmtree, _pruned_root, True)
+    return _pruned_root
+
+
+def disk_model(dense, folder: Path, trust_remote_code: bool, on_demand: bool = True):
+    """A model whose blocks stay in `folder` (a LazyModel sharing everything outside the blocks with `dense`, the
+    lazy dense model). on_demand: for chat, it reads each block as generation reaches it (its own hooks, so it
+    never disturbs a run or an evaluation loading `dense`'s blocks); else the LazyModel, for a block-by-block
+    evaluation."""
+    from ..core.offload import open_lazy
+
+    lazy = open_lazy(folder, dense.model.config, dense.device, dense.dtype, trust_remote_code)
+    lazy.share_resident(dense)
+    return lazy.read_blocks_on_demand() if on_demand else lazy
+
+
+def refuse_on_disk(config) -> None:
+    """What a run on a model kept on disk cannot do, in the app's words."""
+    from ..core.offload import refuse_with_offload
+
+    if config.prune_head:
+        raise UserError("The LM head stays in memory, shared by the dense and the pruned model, when the model is "
+                        "read block by block from disk: untick 'Also prune the LM head', or load the model whole.")
+    refuse_with_offload(dataclasses.replace(config, restore_on_abort=False))
+
+
 class Workspace:
     """One session's state: the dense model it shares read-only with every session that loaded the same one, and
     its own pruned copy, which shares with the dense model every tensor pruning leaves untouched.
 
     When even the pruned linears' copy does not fit in free memory and no other session shares the dense model,
     it is pruned in place instead (the engine restores it on Stop) and the dense column says so.
+
+    Offloaded (a model bigger than memory), both models stay on disk: the dense one in its own checkpoint, the
+    pruned one written block by block into a private folder as it is pruned. Only what lies outside the blocks is
+    held, once for both; chat reads each block from disk as a token passes through it.
     """
 
     def __init__(self, pool=None):
@@ -72,8 +118,15 @@ class Workspace:
     def _reset(self) -> None:
         if getattr(self, "comparison", None) is not None:  # its files go with it
             shutil.rmtree(self.comparison.folder, ignore_errors=True)
+        if getattr(self, "pruned_folder", None) is not None:
+            shutil.rmtree(self.pruned_folder, ignore_errors=True)
         self.loaded = None  # core.models.LoadedModel: the shared dense model (or this session's own when in place)
+        self.budget: int | None = None  # the memory budget asked for at load, in bytes
+        self.trust_remote_code = False
+        self.dense_view: torch.nn.Module | None = None  # offloaded: the dense model for chat, read block by block
         self.pruned: torch.nn.Module | None = None
+        self.pruned_lazy = None  # offloaded: the pruned model on disk (core.offload.LazyModel), for evaluation
+        self.pruned_folder: Path | None = None  # offloaded: where the pruned weights were written
         self.dense_kept = True
         self.summary: ev.PruneSummary | None = None
         self.run: dict | None = None  # what was asked for: method, pattern, calibration...
@@ -117,22 +170,65 @@ class Workspace:
 
     # -- model
     def load(self, source: str, device: str, dtype: str | None, revision: str | None = None, token: str | None = None,
-             trust_remote_code: bool = False, progress=None):
+             trust_remote_code: bool = False, progress=None, memory: str = "memory", budget: str | None = None):
+        """memory: a key of MEMORY_MODES; budget: what this session's models may hold ('3GiB'), or None for
+        whatever is free."""
         import time
 
         from ..core.models import load_model
+        from ..core.offload import parse_bytes
         from .sessions import model_key
 
+        if memory not in MEMORY_MODES:
+            raise UserError(f"Memory must be one of {', '.join(MEMORY_MODES)}; got {memory!r}.")
+        budget_bytes = parse_bytes(budget) if (budget or "").strip() else None
         started = time.perf_counter()
         key = model_key(source, revision, device, dtype, token, trust_remote_code)
+        load = functools.partial(load_model, source, device, dtype, revision or None, token or None, trust_remote_code,
+                                 progress=progress)
         with self.doing("loading a model"):
             self._reset()
             self.pool.release(self)
-            loaded = self.pool.acquire(self, key, lambda: load_model(source, device, dtype, revision or None, token or None,
-                                                                     trust_remote_code, progress=progress))
-            self.loaded = loaded
+            sized = None
+            if memory != "memory" or budget_bytes is not None:  # opened with empty blocks: its size, nothing more
+                try:
+                    sized = load(offload=True)
+                except UserError:  # not readable block by block (no safetensors): Automatic loads it whole
+                    if memory != "auto":
+                        raise
+            if sized is not None and self.plan_offload(sized, memory, budget_bytes):
+                loaded = self.pool.acquire(self, (*key, "offload"), lambda: sized)
+                self.dense_view = disk_model(loaded.lazy, loaded.path, trust_remote_code)
+            else:
+                del sized
+                loaded = self.pool.acquire(self, key, load)
+            self.loaded, self.budget, self.trust_remote_code = loaded, budget_bytes, trust_remote_code
             self.timings = {"load": time.perf_counter() - started}
         return loaded
+
+    @staticmethod
+    def plan_offload(sized, memory: str, budget: int | None) -> bool:
+        """Whether to keep the model on disk: as asked, or (auto) when the dense model and its pruned linears' copy
+        do not fit in the budget (or in free memory). Refuses, with the numbers, what cannot fit either way."""
+        from ..core.devices import format_bytes
+        from ..core.estimate import free_memory
+
+        lazy, info = sized.lazy, sized.info
+        room = budget if budget is not None else free_memory(info.device)
+        limit = f"the budget is {format_bytes(room)}" if budget is not None else f"{format_bytes(room)} is free"
+        copy = info.linear_parameters * lazy.model.dtype.itemsize
+        whole = info.memory_bytes + copy
+        offload = memory == "offload" or (memory == "auto" and whole > room)
+        if not offload and whole > room:
+            raise UserError(f"The model ({format_bytes(info.memory_bytes)}) and its pruned linears' copy "
+                            f"({format_bytes(copy)}) need {format_bytes(whole)} but {limit}: "
+                            "choose block by block (offload) or Automatic, or raise the budget.")
+        by_block = lazy.resident_bytes() + 2 * lazy.block_bytes()
+        if offload and by_block > room:
+            raise UserError(f"Even block by block the model needs {format_bytes(by_block)} (what lies outside its "
+                            f"blocks {format_bytes(lazy.resident_bytes())} + two blocks "
+                            f"{format_bytes(2 * lazy.block_bytes())}) but {limit}.")
+        return offload
 
     def require_model(self):
         if self.loaded is None:
@@ -146,8 +242,15 @@ class Workspace:
         return self.pruned
 
     @property
+    def offloaded(self) -> bool:
+        return self.loaded is not None and self.loaded.lazy is not None
+
+    @property
     def dense_model(self) -> torch.nn.Module | None:
-        return self.loaded.model if self.loaded is not None and self.dense_kept else None
+        """The dense model to chat with: the loaded one, or (offloaded) the one that reads its blocks from disk."""
+        if self.loaded is None or not self.dense_kept:
+            return None
+        return self.dense_view if self.offloaded else self.loaded.model
 
     def copy_bytes(self, config) -> int:
         """What the pruned copy costs: the weights of the linears pruning will change."""
@@ -178,13 +281,18 @@ class Workspace:
         if not self.dense_kept:
             raise UserError("The model was pruned in place (no room for a copy); reload it before pruning again.")
         validate(loaded.model, config)
+        if self.offloaded:
+            refuse_on_disk(config)
         self.check_memory(config, nsamples, seqlen)
         windows, calibration = None, None
         if get_method(config.method).needs_activations:
             windows, calibration = calibration_windows(loaded.tokenizer, calibration_source, nsamples, seqlen, seed,
                                                        loaded.info.context_length)
-        self.pruned, self.summary, self.maps, self.perplexity, self.generation = None, None, {}, {}, {}
+        self.drop_pruned()
         self.cancel.clear()
+        if self.offloaded:
+            yield from self._prune_on_disk(config, windows, calibration)
+            return
         in_place = not self.copy_fits(config)
         if in_place and not self.pool.take_private(self, loaded):
             raise UserError("Not enough free memory for this session's pruned copy, and the dense model is shared with "
@@ -198,22 +306,62 @@ class Workspace:
         self.run = {"method": config.method, "pattern": str(config.pattern), "sparsity": config.sparsity,
                     "calibration": calibration, "in_place": in_place}
         for event in prune(model, config, windows, self.cancel, loaded.name):
-            if isinstance(event, ev.LinearPruned):
-                self.maps[event.name] = LayerMaps(event.block, event.shape, event.sparsity, event.score_map, event.mask_map,
-                                                  event.explanation)
-            elif isinstance(event, ev.RunFinished):
-                self.summary = event.summary
+            if isinstance(event, ev.RunFinished):
                 self.pruned = model
                 self.dense_kept = not in_place
-                self.run_id += 1
-                self.timings["calibration_and_pruning"] = event.summary.seconds
+            self._record(event)
             yield event
 
+    def _prune_on_disk(self, config, windows, calibration) -> Iterator[ev.Event]:
+        """The offloaded run: each block read from the dense checkpoint, pruned, written into a private folder and
+        released; the pruned model is then read from that folder, block by block, for chat and evaluation."""
+        from ..core.engine import prune
+        from ..core.export import StreamedWeights
+        from ..core.offload import Offload
+
+        loaded = self.loaded
+        lazy = loaded.lazy
+        config = dataclasses.replace(config, restore_on_abort=False)  # the source on disk is never changed
+        self.run = {"method": config.method, "pattern": str(config.pattern), "sparsity": config.sparsity,
+                    "calibration": calibration, "in_place": False, "offload": True}
+        folder = Path(tempfile.mkdtemp(dir=pruned_root()))
+        try:
+            with StreamedWeights(folder, lazy.specs()) as weights:
+                for event in prune(lazy.model, config, windows, self.cancel, loaded.name,
+                                   steps=(Offload(lazy, weights.write),)):
+                    if isinstance(event, ev.RunFinished):
+                        weights.write(lazy.resident_tensors())
+                        weights.finish()
+                        self.pruned_lazy = disk_model(lazy, folder, self.trust_remote_code, on_demand=False)
+                        self.pruned, self.pruned_folder = disk_model(lazy, folder, self.trust_remote_code), folder
+                    self._record(event)
+                    yield event
+        finally:
+            if self.pruned_folder != folder:  # stopped or failed: nothing of it is kept
+                shutil.rmtree(folder, ignore_errors=True)
+                for index, block in enumerate(lazy.blocks):
+                    if any(not p.is_meta for p in block.parameters()):
+                        lazy.release_block(index)  # the block the run stopped in
+
+    def _record(self, event: ev.Event) -> None:
+        """What the page shows of a run: each linear's maps as it is pruned, the summary at the end."""
+        if isinstance(event, ev.LinearPruned):
+            self.maps[event.name] = LayerMaps(event.block, event.shape, event.sparsity, event.score_map, event.mask_map,
+                                              event.explanation)
+        elif isinstance(event, ev.RunFinished):
+            self.summary = event.summary
+            self.run_id += 1
+            self.timings["calibration_and_pruning"] = event.summary.seconds
+
     def drop_pruned(self) -> None:
-        """Let the pruned copy and everything measured on it go (the dense model stays)."""
+        """Let the pruned copy (or its folder on disk) and everything measured on it go (the dense model stays)."""
         from .sessions import release_memory
 
         self.pruned, self.summary, self.maps, self.perplexity, self.generation, self.run = None, None, {}, {}, {}, None
+        self.pruned_lazy = None
+        if self.pruned_folder is not None:
+            shutil.rmtree(self.pruned_folder, ignore_errors=True)
+            self.pruned_folder = None
         release_memory()
 
     # -- comparing
@@ -232,6 +380,9 @@ class Workspace:
         loaded = self.require_model()
         if not self.dense_kept:
             raise UserError("The model was pruned in place (no room for a copy); reload it before comparing.")
+        if self.offloaded:
+            raise UserError("Compare prunes a copy of the model for each run in memory, and this model was loaded "
+                            "block by block from disk: prune one setting at a time in step 2, or load it whole.")
         for spec in specs:  # every run must fit this model and the memory before the first one starts
             validate(loaded.model, spec.config())
         for spec in {spec.method: spec for spec in specs}.values():
@@ -265,11 +416,22 @@ class Workspace:
         yield from self.prune(config, comparison.source, comparison.nsamples, comparison.seqlen, comparison.seed)
 
     def check_memory(self, config, nsamples: int, seqlen: int) -> None:
-        """Refuse up front, with the numbers, a run that cannot fit in free memory even when pruning in place."""
-        from ..core.estimate import check_fits
+        """Refuse up front, with the numbers, a run that cannot fit in free memory (and in the budget asked for at
+        load) even when pruning in place; offloaded, with two blocks in memory and no copy."""
+        from ..core.estimate import free_memory, memory_parts, refuse_if_over
 
-        check_fits(self.require_model().info, config.method, nsamples, seqlen, dense_copy=True,
-                   batch_size=config.batch_size, hint="lower the samples or the sequence length")
+        loaded = self.require_model()
+        info = loaded.info
+        parts = memory_parts(info, config.method, nsamples, seqlen, dense_copy=not self.offloaded,
+                             batch_size=config.batch_size)
+        held = info.memory_bytes
+        if self.offloaded:
+            parts["two blocks"] = 2 * loaded.lazy.block_bytes()
+            held = loaded.lazy.resident_bytes()
+        free = free_memory(info.device)
+        if self.budget is not None:
+            free = min(free, max(0, self.budget - held))
+        refuse_if_over(parts, info.device, free, "lower the samples or the sequence length")
 
     def stop(self) -> None:
         self.cancel.set()
@@ -287,17 +449,18 @@ class Workspace:
             run_id = self.run_id
             seqlen = min(512, loaded.info.context_length or 512)
             key = (seqlen, nwindows)
-            todo = [("pruned", pruned)]
+            lazy = loaded.lazy  # offloaded: both are evaluated block by block, from disk
+            todo = [("pruned", pruned, self.pruned_lazy)]
             if self.dense_model is not None and key not in self._dense_perplexity:
-                todo.insert(0, ("dense", self.dense_model))
+                todo.insert(0, ("dense", lazy.model if lazy is not None else loaded.model, lazy))
             results, done = {}, 0
             self.cancel.clear()
-            for name, model in todo:
+            for name, model, on_disk in todo:
                 def step(i, _total, offset=done):
                     if progress is not None:
                         progress(offset + i, nwindows * len(todo))
                 results[name] = perplexity(model, loaded.tokenizer, seqlen=seqlen, nwindows=nwindows,
-                                           cancel=self.cancel, progress=step)
+                                           cancel=self.cancel, progress=step, lazy=on_disk)
                 done += nwindows
             if "dense" in results:
                 self._dense_perplexity[key] = results["dense"]
@@ -319,14 +482,27 @@ class Workspace:
         if self.summary is None:
             raise UserError("Prune the model first (step 2).")
         ppl = {k: v.__dict__ for k, v in self.perplexity.items()} or None
-        return make_report(loaded.info, self.summary, self.run.get("calibration"), dict(self.timings), ppl,
-                           dict(self.generation) or None)
+        report = make_report(loaded.info, self.summary, self.run.get("calibration"), dict(self.timings), ppl,
+                             dict(self.generation) or None)
+        if self.offloaded:  # as the CLI's --offload reports it
+            report["offload"] = {"block_bytes": loaded.lazy.block_bytes(), "resident_bytes": loaded.lazy.resident_bytes(),
+                                 "max_memory": self.budget}
+        return report
 
     def export(self, folder: Path, overwrite: bool, overwrite_control: str) -> Path:
-        from ..core.export import export_model
+        from ..core.export import export_into, export_model, write_rest
 
         with self.doing("exporting"):
             loaded = self.require_model()
             pruned = self.require_pruned()
-            return export_model(pruned, loaded.tokenizer, folder, self.report(), overwrite, source=loaded.path,
-                                overwrite_control=overwrite_control)
+            if not self.offloaded:
+                return export_model(pruned, loaded.tokenizer, folder, self.report(), overwrite, source=loaded.path,
+                                    overwrite_control=overwrite_control)
+            with export_into(folder, overwrite, loaded.path, overwrite_control=overwrite_control) as target:
+                for weights in self.pruned_folder.iterdir():  # written block by block as the run went
+                    try:
+                        os.link(weights, target / weights.name)
+                    except OSError:  # another file system
+                        shutil.copyfile(weights, target / weights.name)
+                write_rest(self.pruned_lazy.model, loaded.tokenizer, target, self.report())
+            return Path(folder).absolute()

@@ -53,15 +53,24 @@ def window_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
 
 
 @torch.inference_mode()
-def blockwise_window_losses(lazy: "LazyModel", windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+def blockwise_window_losses(lazy: "LazyModel", windows: torch.Tensor, batch_size: int = 4,
+                            cancel: threading.Event | None = None,
+                            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """window_losses for a model whose blocks come in one at a time (core.offload): every window's hidden states
-    go through block 0, then block 1..., then the model's own forward finishes them (final norm, head)."""
+    go through block 0, then block 1..., then the model's own forward finishes them (final norm, head).
+    progress(windows, total) moves with the blocks done, in windows' units like window_losses'."""
     device = lazy.device
     hidden, calls = capture_block_inputs(lazy.model, lazy.blocks, windows, batch_size, device)
     for i, block in enumerate(lazy.blocks):
+        if cancel is not None and cancel.is_set():
+            raise UserError("Evaluation stopped.")
         lazy.load_block(i)
-        run_block(block, hidden, calls[i], batch_size, None)
-        lazy.release_block(i)
+        try:
+            run_block(block, hidden, calls[i], batch_size, None)
+        finally:
+            lazy.release_block(i)
+        if progress is not None:
+            progress(len(windows) * (i + 1) // (len(lazy.blocks) + 1), len(windows))
     losses, final = [], []
     with ending_with(lazy.blocks, final):
         for start in range(0, len(windows), batch_size):
@@ -70,6 +79,8 @@ def blockwise_window_losses(lazy: "LazyModel", windows: torch.Tensor, batch_size
             logits = lazy.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
             losses.append(loss.view(len(ids), -1).mean(dim=1).cpu())
+    if progress is not None:
+        progress(len(windows), len(windows))
     return torch.cat(losses)
 
 
@@ -82,7 +93,7 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str | None = None, seqle
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     windows = evaluation_windows(tokenize(tokenizer, text if text is not None else builtin_evaluation_text()),
                                  seqlen, nwindows, context)
-    losses = (blockwise_window_losses(lazy, windows, batch_size) if lazy is not None else
+    losses = (blockwise_window_losses(lazy, windows, batch_size, cancel, progress) if lazy is not None else
               window_losses(model, windows, batch_size, cancel, progress))
     return Perplexity(math.exp(losses.double().mean().item()), seqlen, seqlen, len(windows), windows.numel(),
                       time.perf_counter() - started)

@@ -123,6 +123,22 @@ class LazyModel:
         if empty:
             raise UserError(f"Offloading left {empty[0]} (and {len(empty) - 1} more) without weights; run without offload.")
 
+    def share_resident(self, other: "LazyModel") -> None:
+        """Take everything outside the blocks from `other`, a lazy model of the same architecture, as the same
+        tensors (no copy): a pruned model read from disk beside the dense model it came from."""
+        state = other.model.state_dict(keep_vars=True)
+        self._place({key: state[key].detach() for key in self.resident_keys})
+        self.model.tie_weights()
+
+    def read_blocks_on_demand(self) -> nn.Module:
+        """Hooks that read each block as the model's forward reaches it and release it after, so that generate()
+        runs on a model that stays on disk with one block in memory at a time (each token reads every block: slow,
+        but bounded). Give it a lazy model of its own: the engine and the evaluation load blocks themselves."""
+        for index, block in enumerate(self.blocks):
+            block.register_forward_pre_hook(lambda *_, i=index: self.load_block(i))
+            block.register_forward_hook(lambda *_, i=index: self.release_block(i))
+        return self.model
+
     def _tensor_keys(self) -> list[str]:
         """Every parameter (tied ones once) and persistent buffer, by the name the checkpoint must hold it under."""
         keys = [name for name, _ in self.model.named_parameters()]
@@ -222,10 +238,10 @@ def refuse_with_offload(config) -> None:
     """What cannot run block by block, refused before anything is loaded."""
     if config.owl:
         raise UserError("OWL measures every block of the dense model before pruning starts, which offloading would "
-                        "read twice: run OWL without --offload.")
+                        "read twice: run OWL on the model loaded whole (without offload).")
     if config.reconstruct:
-        raise UserError("--reconstruct holds the dense and pruned block together and is not supported with --offload "
-                        "yet: run it without --offload.")
+        raise UserError("Block reconstruction holds the dense and the pruned block together and is not supported "
+                        "with offload yet: run it on the model loaded whole (without offload).")
     if config.restore_on_abort:
         raise UserError("An offloaded run keeps no restore copy (the source on disk is never changed); "
                         "turn restore_on_abort off.")

@@ -65,7 +65,7 @@ def estimate_text(method, nsamples, seqlen, request: gr.Request):
     if ws.loaded is None:
         return "Load a model to see an estimate."
     e = estimate(ws.loaded.info, method.lower(), check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2),
-                 True)
+                 not ws.offloaded)
     return f"Estimate on {ws.loaded.info.device}: {e} ({e.breakdown()})."
 
 

@@ -11,7 +11,7 @@ from ...core.devices import format_bytes, list_devices
 from ..common import (AFTER_RUN, BUTTONS, COMPARE_VIEW, RUN_VIEW, WORK, Page, buttons, cleared, on_a_thread, served, session, updates,
                       user_errors)
 from ..policy import ServePolicy
-from ..workspace import Workspace
+from ..workspace import MEMORY_MODES, Workspace
 
 SOURCES = ["Built-in (SmolLM2-135M-Instruct)", "Local folder", "Hugging Face hub"]
 
@@ -42,7 +42,8 @@ def load_failed(ws: Workspace, message: str):
 
 
 @user_errors(load_failed)
-def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype, request: gr.Request):
+def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype, memory="auto", budget="",
+         request: gr.Request = None):
     """Load on a worker thread so that progress messages stream into the status line."""
     ws = session(request)
     policy = served(request).policy
@@ -51,7 +52,8 @@ def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype
     ws.check_idle()
     yield updates(LOAD_OUTPUTS, load_status="… Loading…", card="", compare_status="", **buttons(ws, running=True),
                   **cleared(RUN_VIEW, AFTER_RUN, COMPARE_VIEW))
-    work = functools.partial(ws.load, source, device, None if dtype == "auto" else dtype, revision, token, trust)
+    work = functools.partial(ws.load, source, device, None if dtype == "auto" else dtype, revision, token, trust,
+                             memory=memory, budget=budget)
     for message in on_a_thread(lambda report: work(progress=lambda m, f: report(m + (f" {f:.0%}" if f else "")))):
         if isinstance(message, str):
             yield updates(LOAD_OUTPUTS, load_status=f"… {message}")
@@ -59,6 +61,11 @@ def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype
     info = loaded.info
     shared = ws.pool.holders(loaded) - 1
     note = f" Shared read-only with {shared} other session(s)." if shared > 0 else ""
+    if ws.offloaded:
+        lazy = loaded.lazy
+        note += (f" Kept on disk, read block by block: {format_bytes(lazy.resident_bytes())} outside the blocks is held "
+                 f"(shared by the dense and the pruned model), and one block of {format_bytes(lazy.block_bytes())} at "
+                 "a time. Chat reads every block from disk for each token, so it is slow.")
     yield updates(LOAD_OUTPUTS, load_status=f"✓ Loaded {info.name} on {info.device} in {ws.timings['load']:.1f} s.{note}",
                   card=model_card(info), **buttons(ws))
 
@@ -87,6 +94,12 @@ def layout(page: Page) -> None:
             page.add("device", gr.Dropdown(choices, value=choices[0][1], label="Device", elem_id="device", scale=3))
             page.add("dtype", gr.Dropdown(["auto", "fp32", "bf16", "fp16"], value="auto", label="dtype", scale=1,
                                           info="auto: fp32 on CPU, bf16 on GPU"))
+        with gr.Row():
+            page.add("memory", gr.Dropdown([(label, key) for key, label in MEMORY_MODES.items()], value="auto",
+                                           label="Memory", elem_id="memory", scale=3,
+                                           info="Block by block: models bigger than memory, both kept on disk"))
+            page.add("budget", gr.Textbox("", label="Memory budget", placeholder="e.g. 3GiB (empty: what is free)",
+                                          elem_id="budget", scale=1))
         page.add("load_btn", gr.Button("Load model", variant="primary", elem_id="load"))
         page.add("load_status", gr.Markdown("Pick a model and press Load.", elem_id="load-status"))
         page.add("card", gr.Markdown(elem_id="model-card"))
@@ -102,5 +115,6 @@ def wire(page: Page) -> None:
                                queue=False, api_visibility="private")
     page.events["load"] = page.queued(
         page["load_btn"].click, "load_status", "load the model", load,
-        page.out(("source_kind", "folder", "hub_id", "revision", "token", "trust", "device", "dtype")),
+        page.out(("source_kind", "folder", "hub_id", "revision", "token", "trust", "device", "dtype", "memory",
+                  "budget")),
         page.out(LOAD_OUTPUTS), api_name="load", **WORK)

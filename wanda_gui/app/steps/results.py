@@ -21,7 +21,11 @@ def results_markdown(ws: Workspace) -> str:
     table = ("| layer type | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds) + "\n| sparsity | " +
              " | ".join(f"{s.by_type[k]:.2%}" for k in kinds) + " |")
     shared = ""
-    if ws.dense_kept and ws.pruned is not None:
+    if ws.offloaded:
+        shared = (" Both models stay on disk (the model was loaded block by block): the pruned weights were written "
+                  f"block by block as they were pruned, and only what lies outside the blocks "
+                  f"({format_bytes(ws.loaded.lazy.resident_bytes())}) is held, once for both.")
+    elif ws.dense_kept and ws.pruned is not None:
         from ...core.copies import shared_bytes, tensor_bytes
 
         own = tensor_bytes(ws.pruned) - shared_bytes(ws.pruned, ws.dense_model)
