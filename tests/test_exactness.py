@@ -39,8 +39,7 @@ def linear_events(events):
 
 @torch.inference_mode()
 def input_sq_means(model, linears: dict[str, nn.Module], ids) -> dict[str, torch.Tensor]:
-    """Wanda's statistic of each linear's input: per feature, the squared norm over a window's tokens, averaged over
-    the windows; from the model's own forward with our own hooks."""
+    """mean(x_j^2) over every token of each linear's input, from the model's own forward with our own hooks."""
     seen = {name: [] for name in linears}
     handles = [m.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach().clone()))
                for name, m in linears.items()]
@@ -49,14 +48,13 @@ def input_sq_means(model, linears: dict[str, nn.Module], ids) -> dict[str, torch
     finally:
         for h in handles:
             h.remove()
-    return {name: torch.cat([x.reshape(-1, *x.shape[-2:]) for x in xs]).double().pow(2).sum(1).mean(0)
-            for name, xs in seen.items()}
+    return {name: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double().pow(2).mean(0) for name, xs in seen.items()}
 
 
 # (1) every linear's statistics come from its own input
 def test_each_linears_wanda_score_uses_its_own_inputs():
     """In a real block, q/k/v, o, gate/up and down each see a different tensor (o, gate and up of the same width
-    as q's): each linear's score must be |W| * sqrt(its statistic) of its own input, measured with our hooks on a model
+    as q's): each linear's score must be |W| * sqrt(mean x^2) of its own input, measured with our hooks on a model
     whose earlier blocks carry the run's final (pruned) weights and whose later blocks are still dense."""
     model = tiny_model("llama", seed=4)
     dense = copy.deepcopy(model)
@@ -198,9 +196,9 @@ def test_sparsity_reports_are_achieved_and_weighted_by_size():
         {n: zeros[n] / sizes[n] for n in sizes}, abs=1e-12)
 
 
-# (7) the LM head's statistic is that of what the model feeds it, divided by the number of windows
+# (7) the LM head's statistic is mean(x^2) over every token of what the model feeds it
 def test_lm_head_statistic_is_the_mean_square_of_its_input():
-    """The head's score map (128 x 64, so unpooled) is |W| * sqrt(mean over windows of ||x||^2), x the final hidden states of the
+    """The head's score map (128 x 64, so unpooled) is |W| * sqrt(mean x^2), x the final hidden states of the
     pruned blocks after the final norm: a statistic divided by the wrong count scales every score, not the mask."""
     torch.manual_seed(8)
     model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**SMALL, "vocab_size": 128},

@@ -58,8 +58,8 @@ def test_hooks_run_in_order_and_set_per_stage_targets():
     assert set(stats) == {Hessian, SquaredMean}
     q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
     assert stats[SquaredMean][q] is stats[SquaredMean][k] and stats[Hessian][q] is stats[Hessian][k]
-    # diag(H) = 2/nsamples * sum over samples of the sample's x^2 summed over tokens = 2 * Wanda's statistic
-    torch.testing.assert_close(stats[Hessian][q].diagonal(), 2 * stats[SquaredMean][q], rtol=1e-4, atol=1e-6)
+    # diag(H) = 2/nsamples * sum of x^2 over tokens = 2 * seqlen * mean(x^2)
+    torch.testing.assert_close(stats[Hessian][q].diagonal(), 2 * 16 * stats[SquaredMean][q], rtol=1e-4, atol=1e-6)
 
 
 def test_explanation_compares_wanda_and_magnitude_masks_on_the_weights_before_pruning():

@@ -21,7 +21,7 @@ class Cancelled(Exception):
 @torch.inference_mode()
 def collect_input_stats(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall,
                         batch_size: int, cancel: threading.Event | None, statistic: type = SquaredMean) -> dict[str, torch.Tensor]:
-    """A statistic of every linear's input (Wanda's squared norms by default) over the calibration windows, from one pass.
+    """A statistic of every linear's input (mean x_j^2 by default) over all calibration tokens, from one pass.
 
     Linears fed the same tensor (q/k/v, gate/up) share one statistic object, so one accumulation and one result
     tensor, and the pass stops at the last linear's input: nothing after it is read.

@@ -1,5 +1,4 @@
-"""What a method measures at a linear's input over the calibration samples: accumulated batch by batch, in fp32, in
-the reference implementations' own arithmetic."""
+"""What a method measures at a linear's input over the calibration tokens: accumulated batch by batch, in fp32."""
 
 from __future__ import annotations
 
@@ -11,33 +10,25 @@ from .distributed import merge, sum_across_ranks
 
 
 class SquaredMean:
-    """Wanda's input statistic to the bit as the reference accumulates it (its scaler_row): per input feature, the
-    squared norm over one calibration sample's tokens, averaged over the samples as a running mean, sample by
-    sample. A batched sum of squares rounds differently, and the near-ties its last bit flipped moved Wanda 4:8 on
-    P1 by 1.1% (50%: 50.685 instead of the reference's 50.641, which this gives to the last digit)."""
+    """mean(x_j^2) over every token, per input feature (Wanda's ||X_j||^2 / tokens)."""
 
     def __init__(self, width: int, device: torch.device):
-        self.mean = torch.zeros(width, dtype=torch.float32, device=device)
-        self.nsamples = 0
+        self.sums = torch.zeros(width, dtype=torch.float32, device=device)
+        self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        samples = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.unsqueeze(0)  # (samples, tokens, width)
-        # One kernel for every sample's norms: the same sums, bit for bit, as the reference's one call per sample.
-        for squared in torch.linalg.vector_norm(samples.float(), dim=1) ** 2:
-            self.mean *= self.nsamples / (self.nsamples + 1)
-            self.nsamples += 1
-            self.mean += squared / self.nsamples
+        flat = x.reshape(-1, x.shape[-1]).float()
+        self.sums += (flat * flat).sum(dim=0)  # 10x faster than linalg.vector_norm on CPU
+        self.tokens += flat.shape[0]
 
     def result(self) -> torch.Tensor:
-        return self.mean
+        return self.sums / max(1, self.tokens)
 
     def all_reduce(self) -> None:
-        """The average over every rank's samples, each rank's mean weighed by its sample count."""
-        samples = torch.tensor([float(self.nsamples)], dtype=torch.float64, device=self.mean.device)
-        self.mean *= self.nsamples
-        sum_across_ranks(self.mean)
-        self.nsamples = int(sum_across_ranks(samples).item())
-        self.mean /= max(1, self.nsamples)
+        """Sum over torchrun ranks (core.distributed)."""
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.sums.device)
+        sum_across_ranks(self.sums)
+        self.tokens = int(sum_across_ranks(tokens).item())
 
 
 class Hessian:

@@ -9,8 +9,7 @@ from .base import ScoreMethod
 
 
 def wanda_score(weight: torch.Tensor, input_sq_mean: torch.Tensor) -> torch.Tensor:
-    """|W_ij| * ||X_j||: the weight's magnitude times the norm of the input feature it multiplies (the root of the
-    mean over samples of its squared norm, core.statistics.SquaredMean)."""
+    """|W_ij| * ||X_j||: the weight's magnitude times the RMS of the input feature it multiplies."""
     return weight.float().abs().mul_(input_sq_mean.sqrt().unsqueeze(0))
 
 
