@@ -120,7 +120,7 @@ def test_a_model_kept_on_disk_prunes_and_chats_and_the_page_says_so(browser, own
     page.locator("#source").get_by_text("Local folder", exact=True).click()
     w.fill("folder", tiny_model_dir)
     page.locator("#memory input").click()
-    page.get_by_role("option", name="Block by block from disk (offload)", exact=True).click()
+    page.get_by_role("option", name="On disk, block by block", exact=True).click()
     page.locator("#load").click()
     w.wait_text("load-status", "Kept on disk, read block by block")
     page.locator("#calib").get_by_text("Text files", exact=True).click()

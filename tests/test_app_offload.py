@@ -159,4 +159,4 @@ def test_the_page_loads_block_by_block_and_says_so(tiny_model_dir, text_file):
         assert dense[1]["content"] and pruned[1]["content"] and dense[1]["content"] != pruned[1]["content"]
         # Automatic on a model that fits holds it whole, and says nothing of disks.
         status = client.predict(SOURCES[1], str(tiny_model_dir), "", "", "", False, "cpu", "auto", api_name="/load")[0]
-        assert status.startswith("✓ Loaded") and "disk" not in status
+        assert status.startswith("✓ Loaded") and "disk" not in status and "Held whole in memory" in status

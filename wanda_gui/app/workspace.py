@@ -23,8 +23,8 @@ from ..core.errors import UserError
 from ..core.explain import Explanation
 
 HEADROOM = 1.15  # the pruned linears' copy must fit with this margin (allocator slack, activations)
-MEMORY_MODES = {"memory": "Whole model in memory", "offload": "Block by block from disk (offload)",
-                "auto": "Automatic: block by block when the model and its pruned copy do not fit"}
+MEMORY_MODES = {"memory": "In memory", "offload": "On disk, block by block",
+                "auto": "Automatic: on disk if it does not fit"}
 
 
 @dataclasses.dataclass

@@ -66,6 +66,8 @@ def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype
         note += (f" Kept on disk, read block by block: {format_bytes(lazy.resident_bytes())} outside the blocks is held "
                  f"(shared by the dense and the pruned model), and one block of {format_bytes(lazy.block_bytes())} at "
                  "a time. Chat reads every block from disk for each token, so it is slow.")
+    elif memory == "auto":
+        note += " Held whole in memory: it fits, with its pruned copy."
     yield updates(LOAD_OUTPUTS, load_status=f"✓ Loaded {info.name} on {info.device} in {ws.timings['load']:.1f} s.{note}",
                   card=model_card(info), **buttons(ws))
 
@@ -97,7 +99,7 @@ def layout(page: Page) -> None:
         with gr.Row():
             page.add("memory", gr.Dropdown([(label, key) for key, label in MEMORY_MODES.items()], value="auto",
                                            label="Memory", elem_id="memory", scale=3,
-                                           info="Block by block: models bigger than memory, both kept on disk"))
+                                           info="On disk: models bigger than memory; each block is read as it is needed"))
             page.add("budget", gr.Textbox("", label="Memory budget", placeholder="e.g. 3GiB (empty: what is free)",
                                           elem_id="budget", scale=1))
         page.add("load_btn", gr.Button("Load model", variant="primary", elem_id="load"))
