@@ -71,6 +71,15 @@ class Watched:
         return path
 
 
+def calibrate_with_text(w: Watched, text_file) -> None:
+    """Calibration from a text file, 4 windows of 32 tokens: what every tiny-model run here uses."""
+    w.page.locator("#calib").get_by_text("Text files", exact=True).click()
+    w.page.locator("#calib-files input[type=file]").set_input_files(str(text_file))
+    w.page.wait_for_timeout(1000)
+    w.fill("nsamples", 4)
+    w.fill("seqlen", 32)
+
+
 def test_tiny_model_live_prune_heatmap_chat(browser, url, tiny_model_dir, text_file):
     w = Watched(browser, url)
     page = w.page
@@ -83,11 +92,7 @@ def test_tiny_model_live_prune_heatmap_chat(browser, url, tiny_model_dir, text_f
     w.wait_text("load-status", "Loaded")
     assert "LlamaForCausalLM" in w.text("model-card")
 
-    page.locator("#calib").get_by_text("Text files", exact=True).click()
-    page.locator("#calib-files input[type=file]").set_input_files(str(text_file))
-    page.wait_for_timeout(1000)
-    w.fill("nsamples", 4)
-    w.fill("seqlen", 32)
+    calibrate_with_text(w, text_file)
     page.locator("#start").click()
     w.wait_text("prune-status", "Pruned")
     assert page.locator("#map-plot .js-plotly-plot").count() == 1
@@ -123,11 +128,7 @@ def test_a_model_kept_on_disk_prunes_and_chats_and_the_page_says_so(browser, own
     page.get_by_role("option", name="On disk, block by block", exact=True).click()
     page.locator("#load").click()
     w.wait_text("load-status", "Kept on disk, read block by block")
-    page.locator("#calib").get_by_text("Text files", exact=True).click()
-    page.locator("#calib-files input[type=file]").set_input_files(str(text_file))
-    page.wait_for_timeout(1000)
-    w.fill("nsamples", 4)
-    w.fill("seqlen", 32)
+    calibrate_with_text(w, text_file)
     page.locator("#start").click()
     w.wait_text("prune-status", "Pruned")
     w.wait_text("results", "Both models stay on disk")
@@ -191,11 +192,7 @@ def test_bad_input_shows_a_message_in_the_page(browser, url, tmp_path, tiny_mode
     w.fill("folder", tiny_model_dir)
     page.locator("#load").click()
     w.wait_text("load-status", "Loaded")
-    page.locator("#calib").get_by_text("Text files", exact=True).click()
-    page.locator("#calib-files input[type=file]").set_input_files(str(text_file))
-    page.wait_for_timeout(1000)
-    w.fill("nsamples", 4)
-    w.fill("seqlen", 32)
+    calibrate_with_text(w, text_file)
     page.locator("#pattern").get_by_text("custom N:M", exact=True).click()
     w.fill("custom-nm", "2:3")
     page.locator("#start").click()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from test_app_browser import ARTIFACTS, Watched, browser, url  # noqa: F401  (fixtures: this module's own server)
+from test_app_browser import ARTIFACTS, Watched, browser, calibrate_with_text, url  # noqa: F401  (fixtures: this module's own server)
 
 pytestmark = pytest.mark.browser
 
@@ -101,11 +101,7 @@ def load_and_calibrate(w: Watched, folder, text_file) -> None:
     w.fill("folder", folder)
     page.locator("#load").click()
     w.wait_text("load-status", "Loaded")
-    page.locator("#calib").get_by_text("Text files", exact=True).click()
-    page.locator("#calib-files input[type=file]").set_input_files(str(text_file))
-    page.wait_for_timeout(1000)
-    w.fill("nsamples", 4)
-    w.fill("seqlen", 32)
+    calibrate_with_text(w, text_file)
 
 
 def tick(w: Watched, group: str, wanted: set[str]) -> None:

@@ -121,7 +121,7 @@ def test_automatic_memory_offloads_what_does_not_fit_and_refuses_with_numbers(ti
     assert ws.offloaded and ws.dense_model is not None
     with pytest.raises(UserError, match="Even block by block the model needs .* but the budget is"):
         ws.load(str(tiny_model_dir), "cpu", None, memory="auto", budget=str(by_block - 1))
-    with pytest.raises(UserError, match="choose block by block"):
+    with pytest.raises(UserError, match="choose Memory 'On disk, block by block'"):
         ws.load(str(tiny_model_dir), "cpu", None, memory="memory", budget=str(whole - 1))
     with pytest.raises(UserError, match="memory size"):
         ws.load(str(tiny_model_dir), "cpu", None, memory="auto", budget="lots")

@@ -139,7 +139,8 @@ def buttons(ws: Workspace, running: bool = False, stop: str | None = None) -> di
     return dict(load_btn=gr.update(interactive=not running), start_btn=gr.update(interactive=dense),
                 send_btn=gr.update(interactive=pruned), export_btn=gr.update(interactive=pruned),
                 eval_btn=gr.update(interactive=pruned), stop_btn=gr.update(interactive=stop == "stop_btn"),
-                compare_btn=gr.update(interactive=dense and not ws.offloaded), compare_stop=gr.update(interactive=stop == "compare_stop"),
+                compare_btn=gr.update(interactive=dense and not ws.offloaded),
+                compare_stop=gr.update(interactive=stop == "compare_stop"),
                 take_btn=gr.update(interactive=dense and bool(ws.comparison and ws.comparison.finished)))
 
 

@@ -222,7 +222,7 @@ class Workspace:
         if not offload and whole > room:
             raise UserError(f"The model ({format_bytes(info.memory_bytes)}) and its pruned linears' copy "
                             f"({format_bytes(copy)}) need {format_bytes(whole)} but {limit}: "
-                            "choose block by block (offload) or Automatic, or raise the budget.")
+                            "choose Memory 'On disk, block by block' or 'Automatic', or raise the budget.")
         by_block = lazy.resident_bytes() + 2 * lazy.block_bytes()
         if offload and by_block > room:
             raise UserError(f"Even block by block the model needs {format_bytes(by_block)} (what lies outside its "
@@ -290,8 +290,10 @@ class Workspace:
                                                        loaded.info.context_length)
         self.drop_pruned()
         self.cancel.clear()
+        self.run = {"method": config.method, "pattern": str(config.pattern), "sparsity": config.sparsity,
+                    "calibration": calibration, "in_place": False, "offload": self.offloaded}
         if self.offloaded:
-            yield from self._prune_on_disk(config, windows, calibration)
+            yield from self._prune_on_disk(config, windows)
             return
         in_place = not self.copy_fits(config)
         if in_place and not self.pool.take_private(self, loaded):
@@ -303,8 +305,7 @@ class Workspace:
             _, plan = select_linears(loaded.model, config)
             model = pruning_copy(loaded.model, [m for linears in plan for m in linears.values()])
         config = dataclasses.replace(config, restore_on_abort=in_place)
-        self.run = {"method": config.method, "pattern": str(config.pattern), "sparsity": config.sparsity,
-                    "calibration": calibration, "in_place": in_place}
+        self.run["in_place"] = in_place
         for event in prune(model, config, windows, self.cancel, loaded.name):
             if isinstance(event, ev.RunFinished):
                 self.pruned = model
@@ -312,7 +313,7 @@ class Workspace:
             self._record(event)
             yield event
 
-    def _prune_on_disk(self, config, windows, calibration) -> Iterator[ev.Event]:
+    def _prune_on_disk(self, config, windows) -> Iterator[ev.Event]:
         """The offloaded run: each block read from the dense checkpoint, pruned, written into a private folder and
         released; the pruned model is then read from that folder, block by block, for chat and evaluation."""
         from ..core.engine import prune
@@ -322,8 +323,6 @@ class Workspace:
         loaded = self.loaded
         lazy = loaded.lazy
         config = dataclasses.replace(config, restore_on_abort=False)  # the source on disk is never changed
-        self.run = {"method": config.method, "pattern": str(config.pattern), "sparsity": config.sparsity,
-                    "calibration": calibration, "in_place": False, "offload": True}
         folder = Path(tempfile.mkdtemp(dir=pruned_root()))
         try:
             with StreamedWeights(folder, lazy.specs()) as weights:
