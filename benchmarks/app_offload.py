@@ -25,11 +25,12 @@ def measure(model: str, mode: str, nsamples: int, seqlen: int, tokens: int) -> d
     import torch
 
     from p1 import PeakRss
+    from wanda_gui.app.pool import ModelPool
     from wanda_gui.app.workspace import Workspace
-    from wanda_gui.core.engine import PruneConfig
+    from wanda_gui.core.config import PruneConfig
 
     gib = 1024 ** 3
-    ws = Workspace()
+    ws = Workspace(ModelPool())
     with PeakRss() as load:
         ws.load(model, "cpu", None, memory=mode)
     after_load = psutil.Process().memory_info().rss

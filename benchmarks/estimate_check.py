@@ -47,7 +47,9 @@ def measure(name: str) -> dict:
 
     from wanda_gui.core.calibration import calibration_windows
     from wanda_gui.core.copies import pruning_copy
-    from wanda_gui.core.engine import PruneConfig, prune, run_to_end, select_linears
+    from wanda_gui.core.config import PruneConfig
+    from wanda_gui.core.engine import prune, select_linears
+    from wanda_gui.core.runs import drain
     from wanda_gui.core.estimate import estimate, matmul_rate
     from wanda_gui.core.models import load_model
 
@@ -66,7 +68,7 @@ def measure(name: str) -> dict:
             _, plan = select_linears(model, config)
             model = pruning_copy(model, [m for linears in plan for m in linears.values()])
         started = time.perf_counter()
-        summary = run_to_end(prune(model, config, windows))
+        summary = drain(prune(model, config, windows))
         seconds = time.perf_counter() - started
     return {
         "setting": name, "method": method, "nsamples": nsamples, "seqlen": seqlen, "app_copy": copy,

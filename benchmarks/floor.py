@@ -33,7 +33,9 @@ def main() -> int:
 
     from p1 import PeakRss, matmul_times
     from wanda_gui.core.architecture import find_linears
-    from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+    from wanda_gui.core.config import PruneConfig
+    from wanda_gui.core.engine import prune
+    from wanda_gui.core.runs import drain
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="llama-1b", choices=list(SHAPES))
@@ -62,7 +64,7 @@ def main() -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            summary = run_to_end(prune(model, PruneConfig(method=method, restore_on_abort=False), calibration))
+            summary = drain(prune(model, PruneConfig(method=method, restore_on_abort=False), calibration))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started

@@ -72,7 +72,9 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     import torch
 
     from wanda_gui.core.calibration import calibration_windows
-    from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+    from wanda_gui.core.config import PruneConfig
+    from wanda_gui.core.engine import prune
+    from wanda_gui.core.runs import drain
     from wanda_gui.core.evaluate import generation_speed, perplexity
     from wanda_gui.core.export import make_report
     from wanda_gui.core.masks import Pattern
@@ -98,7 +100,7 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
         before = rss.peak
         config = PruneConfig(method="wanda" if variant else method, pattern=Pattern.parse(pattern), wanda_variant=variant,
                              restore_on_abort=False, **{option: True for option in options})
-        summary = run_to_end(prune(loaded.model, config, windows))
+        summary = drain(prune(loaded.model, config, windows))
     rates += matmul_times(device, dtype)  # measured on both sides of the prune phase
     rate, median_rate = max(rates), statistics.median(rates)  # the best is the floor: the stricter ratio
     pruned = perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=nwindows)

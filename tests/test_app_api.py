@@ -110,7 +110,8 @@ def test_bad_input_is_answered_in_words(url, tiny_model_dir, text_file, tmp_path
     assert "not in the local hub cache" in error_of(lambda: client.predict(SOURCES[2], "", "nobody/nothing", "", "",
                                                                            False, "cpu", "auto", api_name="/load"))
     load_tiny(client, tiny_model_dir)
-    assert "Prune the model first" in error_of(lambda: client.predict("hi", [], [], 8, True, 0.7, 0.9, 0, api_name="/chat"))
+    _, dense, pruned, *_ = client.predict("hi", [], [], 8, True, 0.7, 0.9, 0, api_name="/chat")  # before any run:
+    assert text_of(dense[1]["content"]) and "No pruned model yet: start pruning" in text_of(pruned[1]["content"])
     assert "multiple of 3" in error_of(lambda: client.predict(*prune_args([text_file], pattern="custom N:M",
                                                                          custom_nm="2:3"), api_name="/prune"))
     assert "0 < N < M" in error_of(lambda: client.predict(*prune_args([text_file], pattern="custom N:M",
@@ -170,7 +171,9 @@ def test_builtin_model_flow_with_small_calibration(url, builtin_dir):
             break
     final = job.result()
     assert final[0].startswith("■ Stopped") and "never touched" in final[0]
-    assert "Prune the model first" in error_of(lambda: client.predict("hi", [], [], 4, True, 0.7, 0.9, 0, api_name="/chat"))
+    _, dense, pruned, *_ = client.predict("What is the capital of France?", [], [], 24, True, 0.7, 0.9, 0,
+                                          api_name="/chat")  # after a Stop: the dense model alone, as before
+    assert "Paris" in text_of(dense[1]["content"]) and "No pruned model yet" in text_of(pruned[1]["content"])
 
 
 def test_auth_protects_the_app():

@@ -161,8 +161,13 @@ def test_builtin_model_preselected_stop_restores(browser, url, builtin_dir):
     page.locator("#stop").click()
     w.wait_text("prune-status", "Stopped")
     assert "dense model was never touched" in w.text("prune-status")
-    assert page.locator("#send").is_disabled()
     w.shot("04-stopped.png")
+    # Asked after the Stop (Enter, as a newcomer does): the dense model answers, the pruned column says what to do.
+    assert page.locator("#send").is_enabled()
+    w.fill("prompt", "Hi")
+    page.locator("#prompt textarea").press("Enter")
+    w.wait_text("pruned-chat", "No pruned model yet: start pruning in step 2")
+    w.wait_text("dense-stats", "tok/s")
     other.wait_text("load-status", "Shared read-only with 1 other session")
     assert other.errors == [], other.errors
     assert w.outside == [], w.outside

@@ -93,12 +93,13 @@ def test_two_methods_by_two_sparsities_fill_in_and_a_run_goes_into_the_chat(app,
 def test_stop_keeps_the_finished_runs(tiny_model_dir, text_file, tmp_path):
     """Stop between runs (set when the first run is done, so no race with how fast the runs go): the finished ones
     stay in the comparison and in its results, and any of them can still be taken into the session."""
+    from wanda_gui.app.pool import ModelPool
     from wanda_gui.app.workspace import Workspace
     from wanda_gui.core import sweep
 
-    ws = Workspace()
+    ws = Workspace(ModelPool())
     ws.load(str(tiny_model_dir), "cpu", None)
-    specs = sweep.plan(["magnitude"], [i / 10 for i in range(1, 10)], ["unstructured"])
+    specs = sweep.sweep_runs(["magnitude"], [i / 10 for i in range(1, 10)], ["unstructured"])
     events = []
     for event in ws.compare(specs, [str(text_file)], 4, 32, 0, 2, tmp_path / "cmp"):
         events.append(event)

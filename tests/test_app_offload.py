@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from conftest import tiny_model
 from test_app_api import SOURCES, prune_args, serving
 from wanda_gui.app.policy import app_files_dir
+from wanda_gui.app.pool import ModelPool
 from wanda_gui.app.workspace import Workspace, pruned_root
 from wanda_gui.core import events as ev
-from wanda_gui.core.engine import PruneConfig
+from wanda_gui.core.config import PruneConfig
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.masks import Pattern
 
@@ -44,7 +45,7 @@ def on_disk(model) -> bool:
 @pytest.mark.parametrize("model_dir", ["tiny_model_dir", "gpt2_dir"])
 def test_an_offloaded_session_matches_one_holding_the_model_whole(model_dir, request, text_file, tmp_path):
     folder = request.getfixturevalue(model_dir)
-    whole, disk = Workspace(), Workspace()
+    whole, disk = Workspace(ModelPool()), Workspace(ModelPool())
     whole.load(str(folder), "cpu", None)
     disk.load(str(folder), "cpu", None, memory="offload")
     assert not whole.offloaded and disk.offloaded
@@ -92,7 +93,7 @@ def test_an_offloaded_session_matches_one_holding_the_model_whole(model_dir, req
 
 
 def test_a_stopped_offloaded_run_keeps_nothing_and_the_dense_model_still_answers(tiny_model_dir, text_file):
-    ws = Workspace()
+    ws = Workspace(ModelPool())
     ws.load(str(tiny_model_dir), "cpu", None, memory="offload")
     before, folders = greedy(ws.dense_model, ws.loaded.tokenizer), pruned_folders()
     for event in ws.prune(PruneConfig(), str(text_file), 4, 32, 0):
@@ -106,20 +107,28 @@ def test_a_stopped_offloaded_run_keeps_nothing_and_the_dense_model_still_answers
     ws.close()
 
 
-def test_automatic_memory_offloads_what_does_not_fit_and_refuses_with_numbers(tiny_model_dir, text_file):
-    probe = Workspace()
+def test_automatic_memory_offloads_what_does_not_fit_and_refuses_with_numbers(tiny_model_dir, text_file, monkeypatch):
+    """The budget is the most the process may hold: what it holds besides the model counts (pinned here, so that the
+    plan's arithmetic is checked to the byte)."""
+    from wanda_gui.app import workspace
+    from wanda_gui.core import runs
+
+    process = 300 * 1024 ** 2  # the process as the plan sees it, the model's resident part included
+    for module in (runs, workspace):
+        monkeypatch.setattr(module, "resident_bytes", lambda: process)
+    probe = Workspace(ModelPool())
     probe.load(str(tiny_model_dir), "cpu", None, memory="offload")
     lazy, info = probe.loaded.lazy, probe.loaded.info
-    whole = info.memory_bytes + info.linear_parameters * 4
-    by_block = lazy.resident_bytes() + 2 * lazy.block_bytes()
+    whole = process - lazy.resident_bytes() + info.memory_bytes + info.linear_parameters * 4
+    by_block = process + 2 * lazy.block_bytes()
     assert by_block < whole
 
-    ws = Workspace()
+    ws = Workspace(ModelPool())
     ws.load(str(tiny_model_dir), "cpu", None, memory="auto", budget=str(whole + 1))
     assert not ws.offloaded
     ws.load(str(tiny_model_dir), "cpu", None, memory="auto", budget=str(whole - 1))
     assert ws.offloaded and ws.dense_model is not None
-    with pytest.raises(UserError, match="Even block by block the model needs .* but the budget is"):
+    with pytest.raises(UserError, match=r"Even block by block this run needs .*\(this process .* but the budget is"):
         ws.load(str(tiny_model_dir), "cpu", None, memory="auto", budget=str(by_block - 1))
     with pytest.raises(UserError, match="choose Memory 'On disk, block by block'"):
         ws.load(str(tiny_model_dir), "cpu", None, memory="memory", budget=str(whole - 1))
@@ -133,11 +142,11 @@ def test_automatic_memory_offloads_what_does_not_fit_and_refuses_with_numbers(ti
 
 
 def test_what_cannot_run_from_disk_is_refused_in_words(tiny_model_dir, text_file, tmp_path):
-    ws = Workspace()
+    ws = Workspace(ModelPool())
     ws.load(str(tiny_model_dir), "cpu", None, memory="offload")
     for config, words in ((PruneConfig(prune_head=True), "untick 'Also prune the LM head'"),
-                          (PruneConfig(owl=True), r"OWL .*\(without offload\)"),
-                          (PruneConfig(reconstruct=True), r"reconstruction .*\(without offload\)")):
+                          (PruneConfig(options=("owl",)), r"OWL .*\(without offload\)"),
+                          (PruneConfig(options=("reconstruct",)), r"reconstruction .*\(without offload\)")):
         with pytest.raises(UserError, match=words):
             list(ws.prune(config, str(text_file), 4, 32, 0))
     from wanda_gui.core.sweep import RunSpec

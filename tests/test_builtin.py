@@ -4,7 +4,9 @@ import pytest
 
 from wanda_gui.core.architecture import find_blocks, find_linears
 from wanda_gui.core.calibration import calibration_windows
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.evaluate import perplexity
 from wanda_gui.core.masks import Pattern
 from wanda_gui.core.models import load_model
@@ -31,7 +33,7 @@ def dense_ppl(dense):
 
 def pruned_ppl(method, pattern, calibration):
     loaded = load_model("builtin")
-    summary = run_to_end(prune(loaded.model, PruneConfig(method=method, pattern=Pattern.parse(pattern)), calibration))
+    summary = drain(prune(loaded.model, PruneConfig(method=method, pattern=Pattern.parse(pattern)), calibration))
     return loaded, summary, perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=EVAL_WINDOWS).perplexity
 
 

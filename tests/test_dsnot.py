@@ -11,11 +11,14 @@ from torch import nn
 
 from tests.conftest import tiny_model
 from wanda_gui.core.architecture import weight_out_in
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.events import RunFailed
-from wanda_gui.core.masks import Pattern, select
-from wanda_gui.core.methods import BlockMasked, DSnoT, Step
+from wanda_gui.core.masks import Pattern, Selection, select
+from wanda_gui.core.methods import BlockMasked, Step
+from wanda_gui.core.methods.dsnot import DSnoT
 from wanda_gui.core.methods.dsnot import MeanVariance, Moments, dsnot, row_errors
 from wanda_gui.core.passes import Cancelled
 
@@ -31,7 +34,7 @@ def planted(rows=16, cols=64, seed=0):
 
 
 def wanda_mask(dense, moments, sparsity, pattern):
-    return select(dense.abs() * moments.sq_mean.sqrt(), sparsity, pattern)
+    return select(dense.abs() * moments.sq_mean.sqrt(), Selection(sparsity, pattern))
 
 
 def test_statistics_follow_the_reference_definitions():
@@ -55,7 +58,7 @@ def test_counts_kept_and_no_rows_error_grows(sparsity, pattern):
     new = dsnot(weight, dense, mask, moments, pattern.m, threshold=0.0)
     assert (new != mask).sum() >= 16  # it did swap
     assert torch.equal(new.sum(1), mask.sum(1))
-    if pattern.structured:
+    if pattern.nm:
         assert torch.equal(new.view(16, -1, pattern.m).sum(2), mask.view(16, -1, pattern.m).sum(2))
     assert torch.equal(weight == 0, new) and torch.equal(weight[~new], dense[~new])  # regrown: the dense values
     after = row_errors(dense, weight, moments.xsum).abs()
@@ -144,14 +147,14 @@ def test_after_wanda_and_sparsegpt_on_real_blocks(arch, method, pattern):
     before, after = Record(), Record()
     calib = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(3))
     config = PruneConfig(method, 0.5, pattern)
-    run_to_end(prune(model, config, calib, steps=(before, DSnoT(threshold=0.0), after)))
+    drain(prune(model, config, calib, steps=(before, DSnoT(threshold=0.0), after)))
     swapped = 0
     dense = {name: weight_out_in(modules[name]) for name in after.masks}
     for name, mask in after.masks.items():
         old, weight = before.masks[name], weight_out_in(dict(model.named_modules())[name])
         assert torch.equal(weight == 0, mask) and torch.equal(after.weights[name], weight)
         assert torch.equal(mask.sum(1), old.sum(1))
-        if config.pattern.structured:
+        if config.pattern.nm:
             m = config.pattern.m
             assert (mask.view(mask.shape[0], -1, m).sum(2) == m - config.pattern.n).all()
         regrown, kept = old & ~mask, ~old & ~mask
@@ -172,15 +175,15 @@ def test_the_option_runs_with_its_defaults():
     """PruneConfig.dsnot runs DSnoT() after the method: its masks are the ones left in the model."""
     model, after = tiny_model("llama"), Record()
     calib = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(3))
-    summary = run_to_end(prune(model, PruneConfig("wanda", 0.5, dsnot=True), calib, steps=(after,)))
-    assert summary.settings["dsnot"] and summary.achieved_sparsity == pytest.approx(0.5)
+    summary = drain(prune(model, PruneConfig("wanda", 0.5, options=("dsnot",)), calib, steps=(after,)))
+    assert summary.settings["options"] == ("dsnot",) and summary.achieved_sparsity == pytest.approx(0.5)
     for name, mask in after.masks.items():
         assert torch.equal(weight_out_in(dict(model.named_modules())[name]) == 0, mask)
 
 
 def test_refused_without_calibration():
     with pytest.raises(UserError, match="DSnoT"):
-        PruneConfig("magnitude", 0.5, dsnot=True)
+        PruneConfig("magnitude", 0.5, options=("dsnot",))
     events = list(prune(tiny_model("llama"), PruneConfig("magnitude", 0.5), steps=(DSnoT(),)))
     assert isinstance(events[-1], RunFailed) and "DSnoT" in events[-1].reason
     with pytest.raises(UserError, match="cycles"):

@@ -13,11 +13,14 @@ from conftest import ARCHITECTURES, tiny_model
 from wanda_gui.core import events as ev
 from wanda_gui.core import engine
 from wanda_gui.core.architecture import BlockCall, capture_block_inputs, find_blocks, find_linears, weight_out_in
-from wanda_gui.core.engine import PruneConfig, collect_input_stats, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.passes import collect_input_stats
+from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
-from wanda_gui.core.masks import Pattern, select
+from wanda_gui.core.masks import Pattern, Selection, select
 from wanda_gui.core.methods import base as method_base
-from wanda_gui.core.methods import wanda_score
+from wanda_gui.core.methods.wanda import wanda_score
 
 CALIB = torch.randint(0, 512, (6, 24), generator=torch.Generator().manual_seed(1))
 
@@ -75,7 +78,7 @@ def test_replayed_blocks_reproduce_the_models_own_hidden_states(arch):
 def test_nm_patterns_on_a_model(pattern):
     model = tiny_model("qwen2")
     p = Pattern.parse(pattern)
-    run_to_end(prune(model, PruneConfig(pattern=p, batch_size=2), CALIB))
+    drain(prune(model, PruneConfig(pattern=p, batch_size=2), CALIB))
     for _, linear in block_linears(model):
         w = weight_out_in(linear)
         kept = (w != 0).view(w.shape[0], -1, p.m).sum(-1)
@@ -115,7 +118,7 @@ def test_statistics_come_from_the_pruned_upstream():
     name = "model.layers.1.mlp.down_proj"
     linear = find_linears(find_blocks(model)[1][1])["mlp.down_proj"]
     w_dense = find_linears(blocks[1])["mlp.down_proj"].weight
-    dense_mask = select(wanda_score(w_dense, dense_stats["mlp.down_proj"]), 0.5, Pattern())
+    dense_mask = select(wanda_score(w_dense, dense_stats["mlp.down_proj"]), Selection(0.5, Pattern()))
     assert name in masks
     assert not torch.equal(linear.weight == 0, dense_mask)
 
@@ -123,7 +126,7 @@ def test_statistics_come_from_the_pruned_upstream():
 def test_magnitude_needs_no_calibration_and_matches_abs_weight():
     model = tiny_model("gpt2")
     before = [weight_out_in(m).clone() for _, m in block_linears(model)]
-    run_to_end(prune(model, PruneConfig(method="magnitude", sparsity=0.25), None))
+    drain(prune(model, PruneConfig(method="magnitude", sparsity=0.25), None))
     for w, (_, m) in zip(before, block_linears(model)):
         k = int(w.shape[1] * 0.25)
         expected = torch.zeros_like(w, dtype=torch.bool).scatter_(1, torch.sort(w.abs(), dim=1, stable=True)[1][:, :k], True)
@@ -132,7 +135,7 @@ def test_magnitude_needs_no_calibration_and_matches_abs_weight():
 
 def test_magnitude_layerwise_prunes_exact_layer_count():
     model = tiny_model("opt")
-    run_to_end(prune(model, PruneConfig(method="magnitude", sparsity=0.4, layerwise=True), None))
+    drain(prune(model, PruneConfig(method="magnitude", sparsity=0.4, layerwise=True), None))
     for _, m in block_linears(model):
         assert int((m.weight == 0).sum()) == int(m.weight.numel() * 0.4)
 
@@ -223,7 +226,7 @@ def test_events_arrive_in_order_with_block_timings():
 def test_lm_head_is_left_alone_by_default():
     model = tiny_model("llama")
     head = model.lm_head.weight.clone()
-    run_to_end(prune(model, PruneConfig(), CALIB))
+    drain(prune(model, PruneConfig(), CALIB))
     assert torch.equal(model.lm_head.weight, head)
 
 
@@ -247,7 +250,7 @@ def test_lm_head_pruned_with_wanda_from_its_real_inputs_when_asked(arch):
         model(input_ids=CALIB, use_cache=False)
     handle.remove()
     x = torch.cat(seen)
-    expected = select(wanda_score(dense_head, (x ** 2).mean(0)), 0.5, Pattern())
+    expected = select(wanda_score(dense_head, (x ** 2).mean(0)), Selection(0.5, Pattern()))
     assert (expected == (head.weight == 0)).float().mean() > 0.999  # float summation order may flip a rare tie
 
 
@@ -255,6 +258,6 @@ def test_tied_embeddings_are_pruned_with_the_head():
     model = tiny_model("llama")
     model.config.tie_word_embeddings = True
     model.tie_weights()
-    run_to_end(prune(model, PruneConfig(method="magnitude", prune_head=True), None))
+    drain(prune(model, PruneConfig(method="magnitude", prune_head=True), None))
     embed = model.get_input_embeddings().weight
     assert embed is model.lm_head.weight and ((embed == 0).sum(dim=1) == embed.shape[1] // 2).all()

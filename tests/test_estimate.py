@@ -4,6 +4,7 @@ import pytest
 
 from wanda_gui.core import estimate as est
 from wanda_gui.core.errors import UserError
+from wanda_gui.core.memory import free_bytes
 from wanda_gui.core.models import ModelInfo
 
 GIB = 1024 ** 3
@@ -71,7 +72,7 @@ def test_time_follows_the_flops_at_the_measured_rate(fixed_rate):
 
 def test_an_impossible_run_is_refused_with_the_numbers():
     with pytest.raises(UserError) as e:
-        est.check_fits(smollm2(), "wanda", 100_000, 512, free_bytes=20 * GIB, hint="lower --nsamples or --seqlen")
+        est.check_fits(smollm2(), "wanda", 100_000, 512, free_now=20 * GIB, hint="lower --nsamples or --seqlen")
     message = str(e.value)
     assert "needs about 219.8 GiB" in message and "tokenizing 96.0 MiB" in message and "calibration activations 109.9 GiB" in message
     assert "but 20.0 GiB is free on cpu; lower --nsamples or --seqlen." in message
@@ -79,20 +80,20 @@ def test_an_impossible_run_is_refused_with_the_numbers():
 
 def test_a_small_run_fits_and_returns_what_it_needs():
     parts = est.check_fits(smollm2(), "wanda", 4, 64, dense_copy=True)
-    assert sum(parts.values()) < est.free_memory("cpu")
+    assert sum(parts.values()) < free_bytes("cpu")
     assert parts["pruned copy"] == 106_168_320 * 4
 
 
 def test_the_pruned_copy_alone_can_be_what_does_not_fit():
     with pytest.raises(UserError, match=r"pruned copy 405\.0 MiB\) but 300\.0 MiB is free on cuda:0"):
-        est.check_fits(smollm2(device="cuda:0"), "magnitude", 0, 0, True, free_bytes=300 * 1024 ** 2)
+        est.check_fits(smollm2(device="cuda:0"), "magnitude", 0, 0, True, free_now=300 * 1024 ** 2)
 
 
 def test_evaluation_logits_are_refused_when_they_cannot_fit():
     parts = est.evaluation_parts(smollm2(), 49152, 512)
     assert parts["logits"] == 3 * 4 * 512 * 49152 * 4
     with pytest.raises(UserError, match="logits 1.1 GiB .* is free on cpu; lower the sequence length"):
-        est.check_eval_fits(smollm2(), 49152, 512, free_bytes=GIB)
+        est.check_eval_fits(smollm2(), 49152, 512, free_now=GIB)
     est.check_eval_fits(smollm2(), 49152, 512)  # fits here
 
 
@@ -105,16 +106,51 @@ def test_the_rate_is_measured_on_a_block_shaped_matmul():
     assert 1e8 < est.matmul_rate("cpu", __import__("torch").float32, 256, 64) < 1e14
 
 
-def test_free_memory_is_what_the_system_reports():
+def test_free_bytes_is_what_the_system_reports():
     import psutil
 
-    assert abs(est.free_memory("cpu") - psutil.virtual_memory().available) < 256 * 1024 ** 2
+    assert abs(free_bytes("cpu") - psutil.virtual_memory().available) < 256 * 1024 ** 2
 
 
 def test_the_estimate_reads_as_time_and_memory(fixed_rate):
     e = est.estimate(smollm2(), "wanda", 64, 512, True)
-    assert str(e).startswith("about ") and " s and " in str(e) and str(e).endswith("more memory")
+    assert str(e) == f"about {e.seconds:.0f} s (an idle CPU) and {est.format_bytes(e.extra_bytes)} more memory"
     assert "calibration activations 72.0 MiB" in e.breakdown() and "pruned copy 405.0 MiB" in e.breakdown()
+
+
+def test_the_estimate_counts_the_cpu_other_work_takes(fixed_rate):
+    """Half the cores busy elsewhere: the run gets the other half, so twice the idle time, and it says so."""
+    idle, busy = est.estimate(smollm2(), "wanda", 64, 512, True), est.estimate(smollm2(), "wanda", 64, 512, True,
+                                                                               busy=0.5)
+    assert busy.seconds_now == pytest.approx(2 * idle.seconds) and busy.seconds == idle.seconds
+    assert f"about {busy.seconds_now:.0f} s while other work takes 50% of the CPU ({idle.seconds:.0f} s" in str(busy)
+
+
+def test_other_cpu_use_sees_a_busy_core_and_not_this_process():
+    """A busy loop in another process shows; the same loop on a thread of this one does not."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import psutil
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        elsewhere = est.other_cpu_use(0.5)
+    finally:
+        spinner.kill()
+    stop = time.monotonic() + 0.8
+
+    def spin():
+        while time.monotonic() < stop:
+            pass
+
+    threading.Thread(target=spin, daemon=True).start()
+    here = est.other_cpu_use(0.5)
+    core = 1 / psutil.cpu_count()
+    assert elsewhere > 0.6 * core and here < elsewhere - 0.4 * core, (elsewhere, here)
 
 
 def test_sparsegpt_is_estimated_slower_than_wanda_for_its_hessians(tiny_model_dir):

@@ -18,7 +18,9 @@ from conftest import SMALL, tiny_model
 from wanda_gui.core import events as ev
 from wanda_gui.core.architecture import find_blocks, find_linears, weight_out_in
 from wanda_gui.core.calibration import sample_windows, tokenize
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.evaluate import perplexity
 from wanda_gui.core.export import export_model, make_report
 from wanda_gui.core.models import load_model
@@ -115,7 +117,7 @@ def test_calibration_starts_cover_exactly_the_protocols_range():
 def test_export_drops_a_quantization_config(tmp_path, tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
     loaded.model.config.quantization_config = {"quant_method": "gguf", "bits": 4}  # as a GGUF-loaded model has
-    summary = run_to_end(prune(loaded.model, PruneConfig(method="magnitude", sparsity=0.5)))
+    summary = drain(prune(loaded.model, PruneConfig(method="magnitude", sparsity=0.5)))
     report = make_report(loaded.info, summary, None, {"load": 0.0})
     out = export_model(loaded.model, loaded.tokenizer, tmp_path / "out", report, source=loaded.path)
     config = json.loads((out / "config.json").read_text())

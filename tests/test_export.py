@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
 from wanda_gui.core import atomic
 from wanda_gui.core.export import REPORT_NAME, check_target, export_model, make_report
@@ -22,7 +24,7 @@ CALIB = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(2
 @pytest.fixture
 def pruned(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
-    summary = run_to_end(prune(loaded.model, PruneConfig(sparsity=0.5), CALIB))
+    summary = drain(prune(loaded.model, PruneConfig(sparsity=0.5), CALIB))
     report = make_report(loaded.info, summary, {"source": "test", "nsamples": 4, "seqlen": 32, "seed": 0}, {"load": 0.1})
     return loaded, report
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from wanda_gui.core import models
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.export import REPORT_NAME, export_model, make_report
 from wanda_gui.core.models import load_model
 
@@ -104,7 +106,7 @@ class Child:
 def pruned(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
     calib = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    summary = run_to_end(prune(loaded.model, PruneConfig(sparsity=0.5), calib))
+    summary = drain(prune(loaded.model, PruneConfig(sparsity=0.5), calib))
     return loaded, make_report(loaded.info, summary, None, {"load": 0.1})
 
 

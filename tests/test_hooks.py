@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import tiny_model
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.events import BlockStarted, LinearPruned, Progress, TargetsChosen
 from wanda_gui.core.explain import OUTLIER_FACTOR
-from wanda_gui.core.masks import Pattern, select
+from wanda_gui.core.masks import Pattern, Selection, select
 from wanda_gui.core.methods import Step
 from wanda_gui.core.statistics import Hessian, SquaredMean
 
@@ -76,7 +78,7 @@ def test_explanation_compares_wanda_and_magnitude_masks_on_the_weights_before_pr
     assert all(why.input_norms[i] > OUTLIER_FACTOR * float(torch.tensor(why.input_norms).median()) for i in why.outliers)
     weight = dense["model.layers.0.self_attn.q_proj.weight"]
     norms = torch.from_numpy(why.input_norms)
-    differ = select(weight.abs() * norms, 0.5, Pattern(), False) ^ select(weight.abs(), 0.5, Pattern(), False)
+    differ = select(weight.abs() * norms, Selection(0.5, Pattern())) ^ select(weight.abs(), Selection(0.5, Pattern()))
     assert why.differing == differ.float().mean().item() > 0
     assert why.difference_map.shape == q.score_map.shape
     # the outlier column is kept by Wanda in every row, which magnitude does not do
@@ -93,7 +95,7 @@ def test_no_explanation_unless_asked_or_without_calibration():
 
 def test_explaining_changes_no_mask():
     plain, explained = tiny_model("llama"), tiny_model("llama")
-    run_to_end(prune(plain, PruneConfig("sparsegpt", 0.5), calibration()))
-    run_to_end(prune(explained, PruneConfig("sparsegpt", 0.5, explain=True), calibration()))
+    drain(prune(plain, PruneConfig("sparsegpt", 0.5), calibration()))
+    drain(prune(explained, PruneConfig("sparsegpt", 0.5, explain=True), calibration()))
     for (name, a), b in zip(plain.named_parameters(), explained.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wanda_gui.core.errors import UserError
-from wanda_gui.core.masks import Pattern, layerwise_mask, lowest_per_row, nm_mask, select, unstructured_mask
+from wanda_gui.core.masks import Pattern, Selection, layerwise_mask, lowest_per_row, nm_mask, select, unstructured_mask
 
 
 def reference_lowest(score, k):
@@ -69,7 +69,7 @@ def test_layerwise_prunes_exact_count_over_whole_layer():
 
 def test_nm_rejects_width_not_multiple_of_m():
     with pytest.raises(UserError, match="multiple of 4"):
-        select(torch.rand(4, 30), 0.5, Pattern(2, 4))
+        select(torch.rand(4, 30), Selection(0.5, Pattern(2, 4)))
 
 
 @pytest.mark.parametrize("text,expected", [("unstructured", Pattern()), ("2:4", Pattern(2, 4)), (" 4 : 8", Pattern(4, 8))])

@@ -6,7 +6,9 @@ import torch
 from conftest import tiny_model
 from wanda_gui.core import events as ev
 from wanda_gui.core.architecture import capture_block_inputs, find_blocks, weight_out_in
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.methods import METHODS, Step, get_method
 
@@ -59,7 +61,7 @@ def test_without_hooks_or_restore_no_dense_copy_is_kept(monkeypatch):
     copies = []
     real = torch.Tensor.to
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(k.get("copy")) or real(self, *a, **k))
-    run_to_end(prune(tiny_model("llama"), PruneConfig(method="magnitude", restore_on_abort=False), None))
+    drain(prune(tiny_model("llama"), PruneConfig(method="magnitude", restore_on_abort=False), None))
     assert True not in copies
 
 
@@ -72,7 +74,7 @@ def wanda_like_score(rows=256, cols=512, seed=0):
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_wanda_variant_hits_the_target_within_a_thousandth_with_one_alpha_for_all_rows(sparsity):
-    from wanda_gui.core.methods.wanda import alpha_mask
+    from wanda_gui.core.masks import alpha_mask
 
     score = wanda_like_score()
     mask = alpha_mask(score, sparsity)
@@ -89,7 +91,7 @@ def test_wanda_variant_hits_the_target_within_a_thousandth_with_one_alpha_for_al
 
 def test_wanda_variant_runs_in_the_engine_and_is_refused_elsewhere():
     model = tiny_model("llama")
-    summary = run_to_end(prune(model, PruneConfig(wanda_variant=True), CALIB))
+    summary = drain(prune(model, PruneConfig(wanda_variant=True), CALIB))
     rows = [(weight_out_in(m) == 0).sum(dim=1) for m in dict(model.named_modules()).values()
             if hasattr(m, "weight") and m.weight.dim() == 2 and m.weight.shape[1] == 64 and m.weight.shape[0] == 64]
     assert any(r.min() < r.max() for r in rows)
@@ -100,7 +102,7 @@ def test_wanda_variant_runs_in_the_engine_and_is_refused_elsewhere():
 
 
 def test_ria_score_matches_its_formula_and_prunes_per_row():
-    from wanda_gui.core.methods import ria_score
+    from wanda_gui.core.methods.ria import ria_score
 
     g = torch.Generator().manual_seed(2)
     W, x_sq = torch.randn(6, 10, generator=g), torch.rand(10, generator=g) * 4
@@ -110,6 +112,6 @@ def test_ria_score_matches_its_formula_and_prunes_per_row():
             expected = (abs(W[i, j]) / W[i].abs().sum() + abs(W[i, j]) / W[:, j].abs().sum()) * x_sq[j].sqrt() ** 0.5
             assert score[i, j] == pytest.approx(float(expected), rel=1e-5)
     model = tiny_model("qwen2")
-    run_to_end(prune(model, PruneConfig(method="ria", pattern="2:4"), CALIB))
+    drain(prune(model, PruneConfig(method="ria", pattern="2:4"), CALIB))
     w = weight_out_in(find_blocks(model)[1][0].mlp.down_proj)
     assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) == 2).all()

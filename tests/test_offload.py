@@ -12,10 +12,14 @@ import transformers as tf
 
 from conftest import ARCHITECTURES, tiny_model
 from test_cli import run_cli
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.export import StreamedWeights, export_into
-from wanda_gui.core.offload import Checkpoint, Offload, open_lazy, parse_bytes, plan_memory
+from wanda_gui.core.memory import parse_bytes
+from wanda_gui.core.offload import Checkpoint, Offload, open_lazy
+from wanda_gui.core.runs import MemoryNeed, decide_offload
 
 IDS = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
 
@@ -32,7 +36,7 @@ def offloaded_export(src, out, config, ids=IDS, max_shard_bytes=None):
     lazy.load_resident()
     kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     with export_into(out) as folder, StreamedWeights(folder, lazy.specs(), **kwargs) as weights:
-        summary = run_to_end(prune(lazy.model, config, ids, steps=(Offload(lazy, weights.write),)))
+        summary = drain(prune(lazy.model, config, ids, steps=(Offload(lazy, weights.write),)))
         weights.write(lazy.resident_tensors())
         weights.finish()
         lazy.model.config.save_pretrained(folder)  # the CLI's write_rest adds tokenizer, report and card
@@ -44,7 +48,7 @@ def test_offloaded_run_equals_in_memory_run_on_every_architecture(tmp_path, arch
     src = saved(tmp_path, arch)
     config = PruneConfig(method="wanda", sparsity=0.5, restore_on_abort=False)
     reference = tf.AutoModelForCausalLM.from_pretrained(src).eval()
-    run_to_end(prune(reference, config, IDS))
+    drain(prune(reference, config, IDS))
     offloaded_export(src, tmp_path / "out", config)
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers reads the streamed export
     want, got = reference.state_dict(), back.state_dict()
@@ -57,9 +61,9 @@ def test_offloaded_run_equals_in_memory_run_on_every_architecture(tmp_path, arch
 
 def test_sparsegpt_with_dsnot_offloaded_equals_in_memory_and_shards_reload(tmp_path):
     src = saved(tmp_path, "qwen2")
-    config = PruneConfig(method="sparsegpt", pattern="2:4", dsnot=True, restore_on_abort=False)
+    config = PruneConfig(method="sparsegpt", pattern="2:4", options=("dsnot",), restore_on_abort=False)
     reference = tf.AutoModelForCausalLM.from_pretrained(src).eval()
-    run_to_end(prune(reference, config, IDS))
+    drain(prune(reference, config, IDS))
     offloaded_export(src, tmp_path / "out", config, max_shard_bytes=200_000)  # several shards and an index
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
@@ -106,7 +110,9 @@ def offloaded_peak(folder) -> dict:
     """In a fresh process: the resident memory an offloaded Wanda run adds at its peak, and the block size."""
     script = textwrap.dedent(f"""
         import json, pathlib, threading, time, psutil, torch, transformers as tf
-        from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+        from wanda_gui.core.config import PruneConfig
+        from wanda_gui.core.engine import prune
+        from wanda_gui.core.runs import drain
         from wanda_gui.core.offload import Offload, open_lazy
         from wanda_gui.core.export import StreamedWeights
         src = pathlib.Path({str(folder)!r})
@@ -122,7 +128,7 @@ def offloaded_peak(folder) -> dict:
         threading.Thread(target=sample, daemon=True).start()
         (src / "out").mkdir()
         with StreamedWeights(src / "out", lazy.specs()) as weights:
-            run_to_end(prune(lazy.model, PruneConfig(restore_on_abort=False), ids, steps=(Offload(lazy, weights.write),)))
+            drain(prune(lazy.model, PruneConfig(restore_on_abort=False), ids, steps=(Offload(lazy, weights.write),)))
         time.sleep(0.05)
         print(json.dumps({{"added": peak[0] - before, "block": lazy.block_bytes()}}))
     """)
@@ -157,12 +163,19 @@ def test_max_memory_plans_offload_and_refuses_with_numbers():
     assert parse_bytes("3GiB") == 3 * 1024 ** 3 and parse_bytes("2.5GB") == 2_500_000_000 and parse_bytes("512") == 512
     with pytest.raises(UserError, match="3GiB, 2.5GB"):
         parse_bytes("lots")
-    run = {"calibration activations": 100}
-    assert plan_memory(1000, 100, 50, run, budget=2000, offload=False, where="cpu") is False  # fits whole
-    assert plan_memory(1000, 100, 50, run, budget=400, offload=False, where="cpu") is True  # only block by block
-    assert plan_memory(1000, 100, 50, run, budget=2000, offload=True, where="cpu") is True  # asked for
-    with pytest.raises(UserError, match=r"two blocks 100 B \+ calibration activations 100 B.*--max-memory is 250 B"):
-        plan_memory(1000, 100, 50, run, budget=250, offload=False, where="cpu")
+    # the process holds 300 B besides the model; whole: 300 + 1000 + 100 + 20 (a read's copy); by block: 300 + 100 +
+    # 2 x 50 + 100 + 20
+    need = MemoryNeed(300, 1000, 100, 50, {"calibration activations": 100}, 20)
+    assert (need.whole, need.by_block) == (1420, 620)
+    decide = lambda mode, budget: decide_offload(need, mode, budget, "cpu", "--max-memory", "add --offload")  # noqa
+    assert decide("auto", 1420) is False  # fits whole, to the byte
+    assert decide("auto", 1419) is True and decide("auto", 620) is True  # only block by block
+    assert decide("offload", 2000) is True  # asked for
+    with pytest.raises(UserError, match=r"this process 300 B \+ what lies outside the blocks 100 B \+ two blocks 100 B "
+                                        r"\+ calibration activations 100 B \+ reading 20 B\) but --max-memory is 619 B"):
+        decide("auto", 619)
+    with pytest.raises(UserError, match=r"Held whole, this run needs about 1.4 KiB .* but --max-memory is 1.4 KiB: add"):
+        decide("memory", 1419)
 
 
 def test_cli_max_memory_chooses_offload_or_refuses(tmp_path, tiny_model_dir, text_file):

@@ -9,7 +9,9 @@ import torch
 import transformers as tf
 
 from tests.conftest import SMALL
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.events import LinearPruned, Progress, RunCancelled, RunFailed, TargetsChosen
 from wanda_gui.core.methods.base import Step
@@ -89,7 +91,7 @@ def calibration():
 
 def test_the_block_with_outliers_keeps_the_most_weights():
     model = four_blocks(3)  # the last block: an earlier one would also pass outliers down the residual stream
-    events = list(prune(model, PruneConfig("wanda", 0.5, owl=True), calibration()))
+    events = list(prune(model, PruneConfig("wanda", 0.5, options=("owl",)), calibration()))
     assert [(e.done, e.total) for e in events if isinstance(e, Progress)] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     chosen = next(e for e in events if isinstance(e, TargetsChosen))
     assert chosen.basis.index(max(chosen.basis)) == 3 and chosen.sparsities.index(min(chosen.sparsities)) == 3
@@ -104,7 +106,7 @@ def test_the_block_with_outliers_keeps_the_most_weights():
 def test_owl_leaves_the_runs_hidden_states_alone():
     """With OWL's targets fed back as plain per-block targets, the masks are the same: its pass touched nothing."""
     with_owl = four_blocks(1)
-    events = list(prune(with_owl, PruneConfig("wanda", 0.5, owl=True), calibration()))
+    events = list(prune(with_owl, PruneConfig("wanda", 0.5, options=("owl",)), calibration()))
     targets = next(e for e in events if isinstance(e, TargetsChosen)).sparsities
 
     class Fixed:
@@ -118,7 +120,7 @@ def test_owl_leaves_the_runs_hidden_states_alone():
         def after_stage(self, ctx, index): ...
 
     plain = four_blocks(1)
-    run_to_end(prune(plain, PruneConfig("wanda", 0.5), calibration(), steps=(Fixed(),)))
+    drain(prune(plain, PruneConfig("wanda", 0.5), calibration(), steps=(Fixed(),)))
     for a, b in zip(with_owl.parameters(), plain.parameters()):
         assert torch.equal(a, b)
 
@@ -132,13 +134,13 @@ def test_owl_reads_a_copy_of_the_calibration_inputs():
             seen.append(ctx.hidden.clone())
 
     model = four_blocks(0)
-    run_to_end(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(Snapshot(), OWL(), Snapshot())))
+    drain(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(Snapshot(), OWL(), Snapshot())))
     assert torch.equal(seen[0], seen[1])
 
 
 def test_the_lm_head_keeps_the_runs_target():
     model = four_blocks(3)
-    events = list(prune(model, PruneConfig("wanda", 0.6, owl=True, prune_head=True), calibration()))
+    events = list(prune(model, PruneConfig("wanda", 0.6, options=("owl",), prune_head=True), calibration()))
     chosen = next(e for e in events if isinstance(e, TargetsChosen))
     assert len(chosen.sparsities) == 5 and chosen.sparsities[4] == 0.6 and chosen.basis[4] == 0.0
     assert chosen.sparsities.index(min(chosen.sparsities[:4])) == 3
@@ -147,7 +149,7 @@ def test_the_lm_head_keeps_the_runs_target():
 
 def test_a_block_with_nothing_to_prune_is_left_out_of_the_allocation():
     model = four_blocks(2)
-    events = list(prune(model, PruneConfig("wanda", 0.5, owl=True, exclude=("model.layers.0.*",)), calibration()))
+    events = list(prune(model, PruneConfig("wanda", 0.5, options=("owl",), exclude=("model.layers.0.*",)), calibration()))
     chosen = next(e for e in events if isinstance(e, TargetsChosen))
     assert chosen.sparsities[0] == 0.5 and chosen.basis[0] == 0.0
     assert sum(chosen.sparsities[1:]) / 3 == pytest.approx(0.5, abs=1e-9) and len(set(chosen.sparsities[1:])) == 3
@@ -159,7 +161,7 @@ def test_stopping_during_owls_pass_restores_the_model():
     dense = [p.clone() for p in model.parameters()]
     cancel = threading.Event()
     events = []
-    for event in prune(model, PruneConfig("wanda", 0.5, owl=True), calibration(), cancel=cancel):
+    for event in prune(model, PruneConfig("wanda", 0.5, options=("owl",)), calibration(), cancel=cancel):
         events.append(event)
         if isinstance(event, Progress):
             cancel.set()
@@ -186,16 +188,16 @@ def test_owl_refuses_settings_out_of_range(kwargs):
 ])
 def test_owl_refuses_what_it_cannot_do(kwargs, message):
     with pytest.raises(UserError, match=message):
-        PruneConfig(owl=True, **kwargs)
+        PruneConfig(options=("owl",), **kwargs)
 
 
 def test_a_sweep_with_owl_applies_it_to_unstructured_runs_only():
-    from wanda_gui.core.sweep import plan
+    from wanda_gui.core.sweep import sweep_runs
 
-    specs = plan(["wanda", "sparsegpt"], [0.5, 0.6], ["unstructured", "2:4"], owl=True)
-    assert {(s.method, str(s.pattern), s.owl) for s in specs} == {
-        ("wanda", "unstructured", True), ("sparsegpt", "unstructured", True),
-        ("wanda", "2:4", False), ("sparsegpt", "2:4", False)}
-    assert all(s.config().owl == s.owl for s in specs) and "wanda+owl|unstructured|0.5" in {s.key for s in specs}
+    specs = sweep_runs(["wanda", "sparsegpt"], [0.5, 0.6], ["unstructured", "2:4"], ("owl",))
+    assert {(s.method, str(s.pattern), s.options) for s in specs} == {
+        ("wanda", "unstructured", ("owl",)), ("sparsegpt", "unstructured", ("owl",)),
+        ("wanda", "2:4", ()), ("sparsegpt", "2:4", ())}
+    assert all(s.config().options == s.options for s in specs) and "wanda+owl|unstructured|0.5" in {s.key for s in specs}
     with pytest.raises(UserError, match="calibration activations"):
-        plan(["magnitude"], [0.5], ["unstructured"], owl=True)
+        sweep_runs(["magnitude"], [0.5], ["unstructured"], ("owl",))

@@ -9,10 +9,13 @@ import torch
 
 from tests.conftest import tiny_model
 from wanda_gui.core.architecture import find_blocks, find_linears, weight_out_in
-from wanda_gui.core.engine import PruneConfig, prune, run_to_end
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.events import RunCancelled
-from wanda_gui.core.methods import Reconstruct, Step
+from wanda_gui.core.methods import Step
+from wanda_gui.core.methods.reconstruct import Reconstruct
 from wanda_gui.core.methods.reconstruct import refit
 
 
@@ -36,9 +39,9 @@ class Masks(Step):
 def test_reconstruction_lowers_each_blocks_error_and_holds_the_masks(arch, method, pattern, dense_stream):
     plain, fitted = tiny_model(arch), tiny_model(arch)
     dense = {n: p.detach().clone() for n, p in fitted.named_parameters()}
-    run_to_end(prune(plain, PruneConfig(method, 0.5, pattern), calibration()))
+    drain(prune(plain, PruneConfig(method, 0.5, pattern), calibration()))
     step, seen = Reconstruct(epochs=4, lr=3e-4, dense_stream=dense_stream), Masks()
-    run_to_end(prune(fitted, PruneConfig(method, 0.5, pattern), calibration(), steps=(step, seen)))
+    drain(prune(fitted, PruneConfig(method, 0.5, pattern), calibration(), steps=(step, seen)))
     assert len(step.errors) == 2
     for masked, refitted, final in step.errors:
         assert refitted < masked and final < 0.9 * refitted
@@ -59,7 +62,7 @@ def test_reconstruction_lowers_each_blocks_error_and_holds_the_masks(arch, metho
 def test_each_stage_alone_lowers_the_error():
     """The closed-form refit and Adam each help on their own (so neither is dead weight)."""
     for step in (Reconstruct(epochs=0), Reconstruct(epochs=4, lr=1e-3, refit_iterations=0)):
-        run_to_end(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration(), steps=(step,)))
+        drain(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration(), steps=(step,)))
         assert all(final < 0.9 * masked for masked, _, final in step.errors)
 
 
@@ -80,7 +83,7 @@ def test_targets_are_the_dense_models_own_hidden_states(exclude):
             targets.append(super().dense_targets(*args))
             return targets[-1]
 
-    run_to_end(prune(model, PruneConfig("wanda", 0.5, exclude=exclude), calibration(), steps=(Recorded(epochs=1),)))
+    drain(prune(model, PruneConfig("wanda", 0.5, exclude=exclude), calibration(), steps=(Recorded(epochs=1),)))
     torch.testing.assert_close(targets[-1], expected, rtol=1e-4, atol=1e-4)
     assert len(targets) == 2 - len(exclude)
 
@@ -102,10 +105,10 @@ def test_refit_reaches_each_rows_least_squares_optimum():
 
 def test_the_option_is_in_the_config_and_refused_without_calibration():
     model = tiny_model("llama")
-    summary = run_to_end(prune(model, PruneConfig("wanda", 0.5, reconstruct=True), calibration()))
-    assert summary.settings["reconstruct"] and summary.achieved_sparsity == pytest.approx(0.5)
+    summary = drain(prune(model, PruneConfig("wanda", 0.5, options=("reconstruct",)), calibration()))
+    assert summary.settings["options"] == ("reconstruct",) and summary.achieved_sparsity == pytest.approx(0.5)
     with pytest.raises(UserError, match="reconstruction"):
-        PruneConfig("magnitude", 0.5, reconstruct=True)
+        PruneConfig("magnitude", 0.5, options=("reconstruct",))
 
 
 @pytest.mark.parametrize("settings", [dict(epochs=-1), dict(lr=0.0), dict(batch_size=0), dict(refit_iterations=-2)])
@@ -136,7 +139,7 @@ def test_grad_flags_are_left_as_found():
     for name, p in model.named_parameters():
         p.requires_grad_("norm" in name or "q_proj" in name)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    run_to_end(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(Reconstruct(epochs=1),)))
+    drain(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(Reconstruct(epochs=1),)))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
 
@@ -144,7 +147,7 @@ def test_grad_flags_are_left_as_found():
 def test_a_bf16_block_is_fitted_and_returned_in_bf16():
     model = tiny_model("qwen2").to(torch.bfloat16)
     step = Reconstruct(epochs=3, lr=1e-3)
-    run_to_end(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(step,)))
+    drain(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(step,)))
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(final < masked for masked, _, final in step.errors)
     q = weight_out_in(model.model.layers[0].self_attn.q_proj)
@@ -159,10 +162,10 @@ def test_an_apps_pruning_copy_of_inference_tensors_is_fitted_and_the_dense_model
     with torch.inference_mode():
         dense = tiny_model("llama")
     before = {n: p.clone() for n, p in dense.named_parameters()}
-    config = PruneConfig("wanda", 0.5, reconstruct=True)
+    config = PruneConfig("wanda", 0.5, options=("reconstruct",))
     _, plan = select_linears(dense, config)
     copy = pruning_copy(dense, [linear for stage in plan for linear in stage.values()])
-    summary = run_to_end(prune(copy, config, torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))))
+    summary = drain(prune(copy, config, torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))))
     assert summary.achieved_sparsity == pytest.approx(0.5)
     assert copy.model.layers[0].input_layernorm.weight is dense.model.layers[0].input_layernorm.weight  # still shared
     assert all(torch.equal(p, before[n]) for n, p in dense.named_parameters())

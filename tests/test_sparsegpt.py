@@ -6,9 +6,13 @@ import torch
 from conftest import tiny_model
 from wanda_gui.core import events as ev
 from wanda_gui.core.architecture import capture_block_inputs, find_blocks, find_linears, weight_out_in
-from wanda_gui.core.engine import PruneConfig, collect_input_stats, prune, run_to_end
-from wanda_gui.core.masks import Pattern, select
-from wanda_gui.core.methods import get_method, wanda_score
+from wanda_gui.core.config import PruneConfig
+from wanda_gui.core.engine import prune
+from wanda_gui.core.passes import collect_input_stats
+from wanda_gui.core.runs import drain
+from wanda_gui.core.masks import Pattern, Selection, select
+from wanda_gui.core.methods import get_method
+from wanda_gui.core.methods.wanda import wanda_score
 from wanda_gui.core.methods.sparsegpt import SPARSEGPT, block_mask, inverse_hessian, sparsegpt_prune
 from wanda_gui.core.statistics import Hessian, SquaredMean
 
@@ -41,10 +45,10 @@ def direct_obs(W, H, sparsity, pattern, blocksize):
     d2 = torch.tensor([inv[0, 0] for inv in inverses], dtype=torch.float64)  # [H_F^-1]_ii = U_ii^2: the d^2
     mask = torch.zeros_like(W, dtype=torch.bool)
     for i in range(cols):
-        if not pattern.structured and i % blocksize == 0:
+        if not pattern.nm and i % blocksize == 0:
             sal = W[:, i:i + blocksize] ** 2 / d2[i:i + blocksize]
             mask[:, i:i + blocksize] = sal <= sal.flatten().sort().values[int(sal.numel() * sparsity)]
-        if pattern.structured and i % pattern.m == 0:
+        if pattern.nm and i % pattern.m == 0:
             sal = W[:, i:i + pattern.m] ** 2 / d2[i:i + pattern.m]
             mask[:, i:i + pattern.m].scatter_(1, sal.argsort(dim=1)[:, :pattern.m - pattern.n], True)
         err = torch.where(mask[:, i], W[:, i], 0) / inverses[i][0, 0]
@@ -126,7 +130,7 @@ def test_update_lowers_reconstruction_error_below_mask_alone_and_wanda(pattern):
     _, mask = sparsegpt_prune(weight, inverse_hessian(hessian(X)), 0.5, pattern)
     sq_mean = SquaredMean(64, torch.device("cpu"))
     sq_mean.add(X)
-    wanda = W.masked_fill(select(wanda_score(W, sq_mean.result()), 0.5, pattern), 0)
+    wanda = W.masked_fill(select(wanda_score(W, sq_mean.result()), Selection(0.5, pattern)), 0)
     assert output_error(weight, W, X) < output_error(W.masked_fill(mask, 0), W, X)
     assert output_error(weight, W, X) < output_error(wanda, W, X)
 
@@ -167,7 +171,7 @@ def test_engine_prepares_each_shared_hessian_once(monkeypatch):
     calls = []
     real = SPARSEGPT.prepare
     monkeypatch.setattr(type(SPARSEGPT), "prepare", lambda self, stat: calls.append(stat) or real(stat))
-    run_to_end(prune(tiny_model("llama"), PruneConfig(method="sparsegpt"), CALIB))
+    drain(prune(tiny_model("llama"), PruneConfig(method="sparsegpt"), CALIB))
     assert len(calls) == 2 * 4  # per block: q/k/v, o, gate/up, down
 
 
@@ -184,7 +188,7 @@ def test_engine_runs_sparsegpt_and_reports_achieved_sparsity(arch, pattern):
     for b in find_blocks(model)[1]:
         for m in find_linears(b).values():
             w = weight_out_in(m)
-            if p.structured:
+            if p.nm:
                 assert ((w != 0).view(w.shape[0], -1, p.m).sum(-1) <= p.n).all()
             else:
                 assert 0.5 <= float((w == 0).float().mean()) < 0.52
@@ -215,7 +219,7 @@ def test_sparsegpt_2_4_beats_wanda_2_4_on_the_builtin_model(builtin_dir):
     for method in ("wanda", "sparsegpt"):
         loaded = load_model("builtin")
         windows, _ = calibration_windows(loaded.tokenizer, "builtin", nsamples=16, seqlen=128, seed=0)
-        summary = run_to_end(prune(loaded.model, PruneConfig(method=method, pattern="2:4"), windows))
+        summary = drain(prune(loaded.model, PruneConfig(method=method, pattern="2:4"), windows))
         assert 0.5 <= summary.achieved_sparsity < 0.5001
         results[method] = perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=4).perplexity
     assert results["sparsegpt"] < 0.8 * results["wanda"], results

@@ -16,7 +16,7 @@ from wanda_gui.core.copies import pruning_copy, shared_bytes, tensor_bytes
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.models import load_model
 from wanda_gui.core.sweep import (DenseMeasured, RunDone, RunSkipped, RunStarting, SweepFinished, SweepStarted, chart_figure,
-                                  plan, run_sweep)
+                                  run_sweep, sweep_runs)
 
 METHODS = ["wanda", "magnitude", "sparsegpt"]
 EVAL = dict(eval_nwindows=3, eval_seqlen=32)
@@ -37,30 +37,29 @@ def swept(loaded, calibration, tmp_path_factory):
     """One sweep of three methods x two sparsities plus 2:4, with the dense weights taken before it."""
     out = tmp_path_factory.mktemp("sweep")
     dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    specs = plan(METHODS, [0.3, 0.6], ["unstructured", "2:4"])
+    specs = sweep_runs(METHODS, [0.3, 0.6], ["unstructured", "2:4"])
     events = list(run_sweep(loaded, specs, *calibration, out_dir=out, **EVAL))
     return out, specs, events, dense
 
 
-def test_plan_takes_every_combination_and_one_run_per_nm_pattern():
-    specs = plan(["wanda", "magnitude", "sparsegpt"], [0.3, 0.5, 0.6, 0.7, 0.5], ["unstructured", "2:4", "4:8"])
+def test_sweep_runs_takes_every_combination_and_one_run_per_nm_pattern():
+    specs = sweep_runs(["wanda", "magnitude", "sparsegpt"], [0.3, 0.5, 0.6, 0.7, 0.5], ["unstructured", "2:4", "4:8"])
     keys = [s.key for s in specs]
     assert len(keys) == len(set(keys)) == 3 * 4 + 3 * 2
     assert "wanda|2:4|0.5" in keys and "sparsegpt|4:8|0.5" in keys and "magnitude|unstructured|0.7" in keys
     assert not any(k.startswith("wanda|2:4|0.3") for k in keys)
-    assert {s.sparsity for s in specs if s.pattern.structured} == {0.5}
-    assert plan(["wanda"], [0.5], ["1:3"])[0].key == "wanda|1:3|0.666667"
+    assert {s.sparsity for s in specs if s.pattern.nm} == {0.5}
+    assert sweep_runs(["wanda"], [0.5], ["1:3"])[0].key == "wanda|1:3|0.666667"
 
 
-def test_plan_carries_every_option_into_its_runs_and_keys():
+def test_sweep_runs_carries_every_option_into_its_runs_and_keys():
     """OWL leaves N:M runs alone (they fix their sparsity); DSnoT and reconstruction apply to every pattern."""
-    specs = plan(["wanda"], [0.5], ["unstructured", "2:4"], owl=True, dsnot=True, reconstruct=True)
+    specs = sweep_runs(["wanda"], [0.5], ["unstructured", "2:4"], ("reconstruct", "owl", "dsnot"))
     assert [s.key for s in specs] == ["wanda+owl+dsnot+reconstruct|unstructured|0.5", "wanda+dsnot+reconstruct|2:4|0.5"]
-    config = specs[0].config()
-    assert (config.owl, config.dsnot, config.reconstruct) == (True, True, True)
-    assert specs[1].options == ("dsnot", "reconstruct") and not specs[1].config().owl
+    assert specs[0].config().options == ("owl", "dsnot", "reconstruct")
+    assert specs[1].options == ("dsnot", "reconstruct") and specs[1].config().options == ("dsnot", "reconstruct")
     with pytest.raises(UserError, match="DSnoT"):
-        plan(["magnitude"], [0.5], ["unstructured"], dsnot=True)
+        sweep_runs(["magnitude"], [0.5], ["unstructured"], ("dsnot",))
 
 
 @pytest.mark.parametrize("methods, sparsities, patterns", [
@@ -72,9 +71,9 @@ def test_plan_carries_every_option_into_its_runs_and_keys():
     (["wanda"], [], ["unstructured"]),
     ([], [0.5], ["unstructured"]),
 ])
-def test_plan_refuses_bad_input(methods, sparsities, patterns):
+def test_sweep_runs_refuses_bad_input(methods, sparsities, patterns):
     with pytest.raises(UserError):
-        plan(methods, sparsities, patterns)
+        sweep_runs(methods, sparsities, patterns)
 
 
 def test_the_dense_model_is_bit_identical_after_a_sweep(loaded, swept):
@@ -121,7 +120,7 @@ def test_a_rerun_runs_nothing_new_and_an_added_spec_runs_alone(loaded, calibrati
     assert not any(isinstance(e, (RunDone, RunStarting)) for e in events)
     assert (out / "results.json").read_text() == before
 
-    more = specs + plan(["magnitude"], [0.5], ["unstructured"])
+    more = specs + sweep_runs(["magnitude"], [0.5], ["unstructured"])
     events = list(run_sweep(loaded, more, *calibration, out_dir=out, **EVAL))
     assert [e.row["key"] for e in events if isinstance(e, RunDone)] == ["magnitude|unstructured|0.5"]
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -146,12 +145,12 @@ def test_a_changed_setting_is_refused(loaded, calibration, swept, change):
 def test_a_foreign_results_file_is_refused(loaded, calibration, tmp_path):
     (tmp_path / "results.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="not a sweep's results"):
-        list(run_sweep(loaded, plan(["magnitude"], [0.5], ["unstructured"]), *calibration, out_dir=tmp_path, **EVAL))
+        list(run_sweep(loaded, sweep_runs(["magnitude"], [0.5], ["unstructured"]), *calibration, out_dir=tmp_path, **EVAL))
 
 
 def test_a_stop_keeps_the_finished_runs(loaded, calibration, tmp_path):
     cancel = threading.Event()
-    specs = plan(["magnitude"], [0.3, 0.5, 0.7], ["unstructured"])
+    specs = sweep_runs(["magnitude"], [0.3, 0.5, 0.7], ["unstructured"])
     events = []
     for event in run_sweep(loaded, specs, *calibration, out_dir=tmp_path, cancel=cancel, **EVAL):
         events.append(event)
@@ -188,7 +187,7 @@ def test_chart_draws_nm_runs_as_markers_and_dense_as_a_line():
 
 def test_each_run_prunes_a_copy_sharing_the_untouched_tensors(loaded, calibration, tmp_path, monkeypatch):
     """Only the linears to prune are copied: embeddings and norms stay the dense model's own tensors."""
-    from wanda_gui.core import sweep
+    from wanda_gui.core import runs
 
     copies = []
 
@@ -198,14 +197,14 @@ def test_each_run_prunes_a_copy_sharing_the_untouched_tensors(loaded, calibratio
         copies.append((shared_bytes(copy, model), tensor_bytes(model), sum(l.weight.nbytes for l in linears)))
         return copy
 
-    monkeypatch.setattr(sweep, "pruning_copy", spy)
-    list(run_sweep(loaded, plan(["magnitude"], [0.5], ["unstructured"]), *calibration, out_dir=tmp_path, **EVAL))
+    monkeypatch.setattr(runs, "pruning_copy", spy)
+    list(run_sweep(loaded, sweep_runs(["magnitude"], [0.5], ["unstructured"]), *calibration, out_dir=tmp_path, **EVAL))
     [(shared, total, pruned)] = copies
     assert shared == total - pruned
 
 
 def test_a_pattern_the_model_cannot_take_is_refused_before_anything_runs(loaded, calibration, tmp_path):
-    specs = plan(["magnitude"], [0.5], ["unstructured", "3:5"])  # the tiny model's widths are 64 and 128
+    specs = sweep_runs(["magnitude"], [0.5], ["unstructured", "3:5"])  # the tiny model's widths are 64 and 128
     with pytest.raises(UserError, match="3:5"):
         list(run_sweep(loaded, specs, *calibration, out_dir=tmp_path / "out", **EVAL))
     assert not (tmp_path / "out").exists()
@@ -213,7 +212,7 @@ def test_a_pattern_the_model_cannot_take_is_refused_before_anything_runs(loaded,
 
 def test_an_output_path_that_is_a_file_is_refused(loaded, calibration, tmp_path):
     (tmp_path / "file").write_text("x")
-    specs = plan(["magnitude"], [0.5], ["unstructured"])
+    specs = sweep_runs(["magnitude"], [0.5], ["unstructured"])
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):
         with pytest.raises(UserError, match="file"):
             list(run_sweep(loaded, specs, *calibration, out_dir=out, **EVAL))

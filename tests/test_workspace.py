@@ -8,11 +8,12 @@ import weakref
 import pytest
 
 from test_engine import checksum
-from wanda_gui.app.sessions import ModelPool, Sessions
+from wanda_gui.app.pool import ModelPool
+from wanda_gui.app.sessions import Sessions
 from wanda_gui.app.workspace import Workspace
 from wanda_gui.core import events as ev
 from wanda_gui.core.copies import shared_bytes, tensor_bytes
-from wanda_gui.core.engine import PruneConfig
+from wanda_gui.core.config import PruneConfig
 from wanda_gui.core.errors import UserError
 
 
@@ -21,7 +22,7 @@ def run(ws, text_file, **config):
 
 
 def test_pruning_works_on_a_copy_that_shares_every_untouched_tensor(tiny_model_dir, text_file):
-    ws = Workspace()
+    ws = Workspace(ModelPool())
     ws.load(str(tiny_model_dir), "cpu", None)
     dense = ws.loaded.model
     before = checksum(dense)
@@ -45,7 +46,7 @@ def test_pruning_works_on_a_copy_that_shares_every_untouched_tensor(tiny_model_d
 
 def test_without_room_for_a_copy_it_prunes_in_place_and_says_so(tiny_model_dir, text_file, monkeypatch):
     monkeypatch.setattr(Workspace, "copy_fits", lambda self, config: False)
-    ws = Workspace()
+    ws = Workspace(ModelPool())
     ws.load(str(tiny_model_dir), "cpu", None)
     before = checksum(ws.loaded.model)
 
@@ -131,7 +132,7 @@ def test_a_closed_session_is_gone_from_the_table_and_an_idle_one_is_reaped(tiny_
 
 
 def test_one_activity_at_a_time_per_session(tiny_model_dir, text_file):
-    ws = Workspace()
+    ws = Workspace(ModelPool())
     ws.load(str(tiny_model_dir), "cpu", None)
     stream = ws.prune(PruneConfig(), str(text_file), 4, 32, 0)
     next(stream)  # the run has started
@@ -142,7 +143,7 @@ def test_one_activity_at_a_time_per_session(tiny_model_dir, text_file):
 
 
 def test_actions_before_their_step_are_explained():
-    ws = Workspace()
+    ws = Workspace(ModelPool())
     with pytest.raises(UserError, match="Load a model first"):
         list(ws.prune(PruneConfig(), "builtin", 4, 32, 0))
     with pytest.raises(UserError, match="Load a model first"):

@@ -21,7 +21,9 @@ from .workspace import Workspace
 WHY_EMPTY = "Why it works: input-feature norms and Wanda vs magnitude, as each linear is pruned"
 MAPS_EMPTY = "Score and mask maps appear as each linear is pruned"
 COMPARE_EMPTY = "Perplexity against sparsity fills in as each run finishes"
-DRAW_INTERVAL = 0.25  # seconds between live plot updates
+STATUS_INTERVAL = 0.25  # seconds between live status lines (a few bytes each)
+DRAW_INTERVAL = 1.0  # seconds between live map updates: each is ~100 KiB of figure that the browser redraws, and
+# at 4 a second (with maps twice as fine) a run's page stopped answering and its tab grew to 2 GiB
 
 
 class Page:
@@ -42,12 +44,17 @@ class Page:
     def out(self, names: tuple[str, ...]) -> list:
         return [self.c[name] for name in names]
 
-    def queued(self, trigger, status: str, what: str, fn, inputs, outputs, **kwargs):
+    def inputs_of(self, fn) -> list:
+        """The components a callback reads: its parameters, by name (so a callback and its wiring can never
+        disagree on the order); `request`, Gradio's own, is not a component."""
+        return self.out(tuple(name for name in inspect.signature(fn).parameters if name != "request"))
+
+    def queued(self, trigger, status: str, what: str, fn, outputs, **kwargs):
         """trigger -> at once, a status line saying the click was taken -> fn in its queue, whose place and wait
-        Gradio shows on that same status line."""
+        Gradio shows on that same status line. fn's inputs are the components its parameters name."""
         note = f"… Waiting for the server to {what}; other sessions' work goes first (your place in the queue shows here)."
         return trigger(lambda: note, None, self.c[status], queue=False, api_visibility="private").then(
-            fn, inputs, outputs, show_progress_on=[self.c[status]], **kwargs)
+            fn, self.inputs_of(fn), outputs, show_progress_on=[self.c[status]], **kwargs)
 
 
 # Heavy work (load, prune, evaluate, export, compare) takes turns in one queue; chat has its own, so it never waits
@@ -137,7 +144,7 @@ def buttons(ws: Workspace, running: bool = False, stop: str | None = None) -> di
     pruned = not running and ws.pruned is not None
     dense = not running and ws.loaded is not None and ws.dense_kept
     return dict(load_btn=gr.update(interactive=not running), start_btn=gr.update(interactive=dense),
-                send_btn=gr.update(interactive=pruned), export_btn=gr.update(interactive=pruned),
+                send_btn=gr.update(interactive=dense or pruned), export_btn=gr.update(interactive=pruned),
                 eval_btn=gr.update(interactive=pruned), stop_btn=gr.update(interactive=stop == "stop_btn"),
                 compare_btn=gr.update(interactive=dense and not ws.offloaded),
                 compare_stop=gr.update(interactive=stop == "compare_stop"),

@@ -5,11 +5,14 @@ subtitle and legend inside a top margin of exactly TOP px, and nothing else in i
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..core.methods import get_method
+from ..core.sweep import DENSE, chart_figure
 
 ACCENT = "#0f766e"
 SECOND = "#f59e0b"
@@ -110,6 +113,24 @@ def layer_maps(name: str, shape: tuple[int, int], sparsity: float, score_map: np
     return fig
 
 
+LIVE_CELLS = 64  # a live map's cells per side: a quarter of the picker's, so that a run's updates stay light
+
+
+def coarser(cells: np.ndarray, most: int = LIVE_CELLS) -> np.ndarray:
+    """A pooled map averaged again, 2x2 at a time, until no side exceeds `most` cells (a trailing odd row or column
+    joins as its own cell)."""
+    while max(cells.shape) > most:
+        rows, cols = cells.shape
+        pad = np.pad(cells, ((0, rows % 2), (0, cols % 2)), mode="edge")
+        cells = pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2).mean(axis=(1, 3)).astype(np.float32)
+    return cells
+
+
+def coarser_explanation(explanation):
+    """The explanation with its difference map as coarse as a live map."""
+    return dataclasses.replace(explanation, difference_map=coarser(explanation.difference_map))
+
+
 def empty(title: str) -> go.Figure:
     fig = go.Figure()
     fig.update_layout(**{**LAYOUT, "height": 260}, title=title, xaxis=dict(visible=False), yaxis=dict(visible=False))
@@ -208,8 +229,6 @@ def comparison_chart(rows: list[dict]) -> go.Figure:
     """core.sweep's chart (perplexity against sparsity, log scale, a line per method, the dense line), titled like
     the page's other figures. Its legend goes to the right, one entry a line: a comparison may have many entries,
     and a row of them above the plot would wrap up onto the title in a narrow window."""
-    from ..core.sweep import DENSE, chart_figure
-
     dense = next((row["perplexity"] for row in rows if row["key"] == DENSE), None)
     fig = chart_figure([row for row in rows if row["key"] != DENSE], dense)
     fig.update_layout(**{**LAYOUT, "height": 420, "margin": dict(l=65, r=30, t=TOP, b=45)},

@@ -1,126 +1,24 @@
-"""Who holds what in a served app: one read-only dense model per (source, revision, device, dtype, access) shared by
-every session that loads it, at most `max_sessions` sessions holding models, and a session's models freed as soon
-as its tab closes (or after it sits idle)."""
+"""Who holds what in a served app: each browser tab's (or API client's) Workspace, its models freed as soon as its tab
+closes (or after it sits idle); the dense models themselves are shared through pool.ModelPool."""
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import hashlib
-import platform
 import threading
 import time
-from typing import Callable
 
-from ..core.errors import UserError
+from .pool import ModelPool
+from .workspace import Workspace
 
 IDLE_SECONDS = 1800  # a session nobody has used for this long (its tab likely gone without saying so) is freed
 REAP_INTERVAL = 20
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (the engine asks glibc to keep them, for speed)."""
-    gc.collect()
-    if platform.system() == "Linux":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
-
-
-def model_key(source: str, revision: str | None, device: str, dtype: str | None, token: str | None,
-              trust_remote_code: bool) -> tuple:
-    """What makes two loads the same model. The token is part of it (hashed), so that a session without access to a
-    gated model never gets the copy another session loaded with a token."""
-    from ..core.devices import resolve_device, resolve_dtype
-
-    torch_device = resolve_device(device)
-    access = hashlib.sha256(token.encode()).hexdigest() if token else None
-    return (source, revision or None, str(torch_device), str(resolve_dtype(dtype, torch_device)), access, trust_remote_code)
-
-
-class ModelPool:
-    """Dense models shared read-only between sessions, with a cap on how many sessions hold models at once.
-
-    A holder is any hashable owner (a Workspace). A holder may also take its model private (pruning in place when
-    no copy fits): it then leaves the sharing table, and still counts against the cap until it releases.
-    """
-
-    def __init__(self, max_sessions: int = 4):
-        self.max_sessions = max_sessions
-        self._lock = threading.Lock()
-        self._models: dict[tuple, object] = {}
-        self._holders: dict[tuple, set] = {}
-        self._private: dict[object, object] = {}
-        self._loading: dict[tuple, threading.Lock] = {}
-        self._admitted: set = set()  # holders admitted and loading, so two can't slip under the cap together
-
-    def _holding(self) -> set:
-        return {h for hs in self._holders.values() for h in hs} | set(self._private) | self._admitted
-
-    def acquire(self, holder, key: tuple, load: Callable[[], object]):
-        """The shared dense model for key, loading it once however many sessions ask at the same time."""
-        with self._lock:
-            if holder not in self._holding() and len(self._holding()) >= self.max_sessions:
-                raise UserError(f"The server is busy: {self.max_sessions} sessions hold models now (its limit). "
-                                "Try again in a few minutes; models are freed when their tabs close.")
-            self._admitted.add(holder)
-            key_lock = self._loading.setdefault(key, threading.Lock())
-        try:
-            with key_lock:
-                with self._lock:
-                    loaded = self._models.get(key)
-                if loaded is None:
-                    loaded = load()
-                with self._lock:
-                    self._models[key] = loaded
-                    self._holders.setdefault(key, set()).add(holder)
-            return loaded
-        finally:
-            with self._lock:
-                self._admitted.discard(holder)
-
-    def holders(self, loaded) -> int:
-        with self._lock:
-            return sum(len(self._holders.get(k, ())) for k, m in self._models.items() if m is loaded)
-
-    def take_private(self, holder, loaded) -> bool:
-        """Make `loaded` the holder's alone (to prune it in place); False when another session shares it."""
-        with self._lock:
-            keys = [k for k, m in self._models.items() if m is loaded]
-            if any(self._holders.get(k, set()) - {holder} for k in keys):
-                return False
-            for k in keys:
-                self._models.pop(k)
-                self._holders.pop(k, None)
-            self._private[holder] = loaded
-            return True
-
-    def release(self, holder) -> None:
-        """Drop the holder's claims; a model nobody holds any more is freed."""
-        with self._lock:
-            self._private.pop(holder, None)
-            for key in list(self._holders):
-                self._holders[key].discard(holder)
-                if not self._holders[key]:
-                    del self._holders[key]
-                    self._models.pop(key, None)
-        release_memory()
-
-    def sessions_holding(self) -> int:
-        with self._lock:
-            return len(self._holding())
 
 
 class Sessions:
     """Each browser tab's (or API client's) Workspace, by Gradio session hash."""
 
     def __init__(self, pool: ModelPool, idle_seconds: float = IDLE_SECONDS):
-        from .workspace import Workspace
-
         self.pool = pool
         self.idle_seconds = idle_seconds
-        self._new = lambda: Workspace(pool)
         self._lock = threading.Lock()
         self._workspaces: dict[str, object] = {}
         self._used: dict[str, float] = {}
@@ -129,7 +27,7 @@ class Sessions:
     def get(self, session_id: str):
         with self._lock:
             if session_id not in self._workspaces:
-                self._workspaces[session_id] = self._new()
+                self._workspaces[session_id] = Workspace(self.pool)
             self._used[session_id] = time.monotonic()
             if self._reaper is None:
                 self._reaper = threading.Thread(target=self._reap, daemon=True, name="wanda-gui-session-reaper")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..core.devices import format_bytes, read_telemetry
+from ..core.devices import read_telemetry
+from ..core.memory import format_bytes
 from .common import Page, close_session
 from .policy import ServePolicy
-from .sessions import ModelPool, Sessions
+from .pool import ModelPool
+from .sessions import Sessions
 from .steps import chat, compare, export, live, method, model, results
 from .steps.model import device_choices
 

@@ -5,6 +5,7 @@ No Gradio here: the callbacks in ui.py translate between this and components.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -12,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,12 +21,23 @@ import numpy as np
 import torch
 
 from ..core import events as ev
+from ..core import sweep
+from ..core.calibration import calibration_windows
+from ..core.config import PruneConfig
+from ..core.engine import prune, select_linears, validate
 from ..core.errors import UserError
+from ..core.estimate import memory_parts, refuse_if_over
+from ..core.evaluate import perplexity
 from ..core.explain import Explanation
+from ..core.export import export_into, export_model, make_report, write_rest
+from ..core.memory import free_bytes, parse_bytes, release_memory, resident_bytes
+from ..core.methods import get_method
+from ..core import models
+from ..core.offload import open_lazy
+from ..core.runs import MEMORY_MODES, MemoryNeed, decide_offload, prune_offloaded, pruned_copy
+from .pool import ModelPool, model_key
 
 HEADROOM = 1.15  # the pruned linears' copy must fit with this margin (allocator slack, activations)
-MEMORY_MODES = {"memory": "In memory", "offload": "On disk, block by block",
-                "auto": "Automatic: on disk if it does not fit"}
 
 
 @dataclasses.dataclass
@@ -63,8 +76,6 @@ def pruned_root() -> Path:
     the app serves files from: nobody downloads a session's weights but through its own export."""
     global _pruned_root
     if _pruned_root is None:
-        import atexit
-
         _pruned_root = Path(tempfile.mkdtemp(prefix="wanda-gui-pruned-")).resolve()
         atexit.register(shutil.rmtree, _pruned_root, True)
     return _pruned_root
@@ -75,21 +86,17 @@ def disk_model(dense, folder: Path, trust_remote_code: bool, on_demand: bool = T
     lazy dense model). on_demand: for chat, it reads each block as generation reaches it (its own hooks, so it
     never disturbs a run or an evaluation loading `dense`'s blocks); else the LazyModel, for a block-by-block
     evaluation."""
-    from ..core.offload import open_lazy
-
     lazy = open_lazy(folder, dense.model.config, dense.device, dense.dtype, trust_remote_code)
     lazy.share_resident(dense)
     return lazy.read_blocks_on_demand() if on_demand else lazy
 
 
-def refuse_on_disk(config) -> None:
+def refuse_on_disk(config: PruneConfig) -> None:
     """What a run on a model kept on disk cannot do, in the app's words."""
-    from ..core.offload import refuse_with_offload
-
     if config.prune_head:
         raise UserError("The LM head stays in memory, shared by the dense and the pruned model, when the model is "
                         "read block by block from disk: untick 'Also prune the LM head', or load the model whole.")
-    refuse_with_offload(dataclasses.replace(config, restore_on_abort=False))
+    config.refuse_offloaded()
 
 
 class Workspace:
@@ -104,10 +111,8 @@ class Workspace:
     held, once for both; chat reads each block from disk as a token passes through it.
     """
 
-    def __init__(self, pool=None):
-        from .sessions import ModelPool
-
-        self.pool = pool if pool is not None else ModelPool()
+    def __init__(self, pool: ModelPool):
+        self.pool = pool
         self.cancel = threading.Event()
         self.stop_chat = threading.Event()
         self._work = threading.Lock()  # one run (load, prune, evaluate, export) at a time per session
@@ -171,20 +176,14 @@ class Workspace:
     # -- model
     def load(self, source: str, device: str, dtype: str | None, revision: str | None = None, token: str | None = None,
              trust_remote_code: bool = False, progress=None, memory: str = "memory", budget: str | None = None):
-        """memory: a key of MEMORY_MODES; budget: what this session's models may hold ('3GiB'), or None for
+        """memory: a key of MEMORY_MODES; budget: the most the app's process may hold ('3GiB'), or None for
         whatever is free."""
-        import time
-
-        from ..core.models import load_model
-        from ..core.offload import parse_bytes
-        from .sessions import model_key
-
         if memory not in MEMORY_MODES:
             raise UserError(f"Memory must be one of {', '.join(MEMORY_MODES)}; got {memory!r}.")
         budget_bytes = parse_bytes(budget) if (budget or "").strip() else None
         started = time.perf_counter()
         key = model_key(source, revision, device, dtype, token, trust_remote_code)
-        load = functools.partial(load_model, source, device, dtype, revision or None, token or None, trust_remote_code,
+        load = functools.partial(models.load_model, source, device, dtype, revision or None, token or None, trust_remote_code,
                                  progress=progress)
         with self.doing("loading a model"):
             self._reset()
@@ -209,26 +208,12 @@ class Workspace:
     @staticmethod
     def plan_offload(sized, memory: str, budget: int | None) -> bool:
         """Whether to keep the model on disk: as asked, or (auto) when the dense model and its pruned linears' copy
-        do not fit in the budget (or in free memory). Refuses, with the numbers, what cannot fit either way."""
-        from ..core.devices import format_bytes
-        from ..core.estimate import free_memory
-
+        do not fit in the budget (or in what is free). Refuses, with the numbers, what cannot fit either way."""
         lazy, info = sized.lazy, sized.info
-        room = budget if budget is not None else free_memory(info.device)
-        limit = f"the budget is {format_bytes(room)}" if budget is not None else f"{format_bytes(room)} is free"
-        copy = info.linear_parameters * lazy.model.dtype.itemsize
-        whole = info.memory_bytes + copy
-        offload = memory == "offload" or (memory == "auto" and whole > room)
-        if not offload and whole > room:
-            raise UserError(f"The model ({format_bytes(info.memory_bytes)}) and its pruned linears' copy "
-                            f"({format_bytes(copy)}) need {format_bytes(whole)} but {limit}: "
-                            "choose Memory 'On disk, block by block' or 'Automatic', or raise the budget.")
-        by_block = lazy.resident_bytes() + 2 * lazy.block_bytes()
-        if offload and by_block > room:
-            raise UserError(f"Even block by block the model needs {format_bytes(by_block)} (what lies outside its "
-                            f"blocks {format_bytes(lazy.resident_bytes())} + two blocks "
-                            f"{format_bytes(2 * lazy.block_bytes())}) but {limit}.")
-        return offload
+        copy = {"its pruned linears' copy": info.linear_parameters * lazy.model.dtype.itemsize}
+        return decide_offload(MemoryNeed.of(lazy, info.memory_bytes, {}, whole_only=copy), memory, budget,
+                              info.device, "the budget", "choose Memory 'On disk, block by block' or 'Automatic', "
+                              "or raise the budget")
 
     def require_model(self):
         if self.loaded is None:
@@ -254,15 +239,21 @@ class Workspace:
 
     def copy_bytes(self, config) -> int:
         """What the pruned copy costs: the weights of the linears pruning will change."""
-        from ..core.engine import select_linears
-
         _, plan = select_linears(self.require_model().model, config)
         return sum(m.weight.numel() * m.weight.element_size() for linears in plan for m in linears.values())
 
     def copy_fits(self, config) -> bool:
-        from ..core.estimate import free_memory
+        return self.room() > self.copy_bytes(config) * HEADROOM
 
-        return free_memory(self.require_model().info.device) > self.copy_bytes(config) * HEADROOM
+    def room(self) -> int:
+        """What may still be allocated on the model's device: what is free, and under the budget asked for at load
+        (the most the process may hold), what the process can still take."""
+        device = self.require_model().info.device
+        free = free_bytes(device)
+        if self.budget is not None:
+            held = resident_bytes() if torch.device(device).type == "cpu" else torch.cuda.memory_allocated(device)
+            free = min(free, max(0, self.budget - held))
+        return free
 
     # -- pruning
     def prune(self, config, calibration_source, nsamples: int, seqlen: int, seed: int) -> Iterator[ev.Event]:
@@ -272,11 +263,6 @@ class Workspace:
             yield from self._prune(config, calibration_source, nsamples, seqlen, seed)
 
     def _prune(self, config, calibration_source, nsamples, seqlen, seed) -> Iterator[ev.Event]:
-        from ..core.calibration import calibration_windows
-        from ..core.copies import pruning_copy
-        from ..core.engine import prune, select_linears, validate
-        from ..core.methods import get_method
-
         loaded = self.require_model()
         if not self.dense_kept:
             raise UserError("The model was pruned in place (no room for a copy); reload it before pruning again.")
@@ -299,11 +285,7 @@ class Workspace:
         if in_place and not self.pool.take_private(self, loaded):
             raise UserError("Not enough free memory for this session's pruned copy, and the dense model is shared with "
                             "other sessions, so it cannot be pruned in place. Try again when the server is less busy.")
-        if in_place:
-            model = loaded.model
-        else:
-            _, plan = select_linears(loaded.model, config)
-            model = pruning_copy(loaded.model, [m for linears in plan for m in linears.values()])
+        model = loaded.model if in_place else pruned_copy(loaded.model, config)
         config = dataclasses.replace(config, restore_on_abort=in_place)
         self.run["in_place"] = in_place
         for event in prune(model, config, windows, self.cancel, loaded.name):
@@ -316,31 +298,19 @@ class Workspace:
     def _prune_on_disk(self, config, windows) -> Iterator[ev.Event]:
         """The offloaded run: each block read from the dense checkpoint, pruned, written into a private folder and
         released; the pruned model is then read from that folder, block by block, for chat and evaluation."""
-        from ..core.engine import prune
-        from ..core.export import StreamedWeights
-        from ..core.offload import Offload
-
         loaded = self.loaded
         lazy = loaded.lazy
-        config = dataclasses.replace(config, restore_on_abort=False)  # the source on disk is never changed
         folder = Path(tempfile.mkdtemp(dir=pruned_root()))
         try:
-            with StreamedWeights(folder, lazy.specs()) as weights:
-                for event in prune(lazy.model, config, windows, self.cancel, loaded.name,
-                                   steps=(Offload(lazy, weights.write),)):
-                    if isinstance(event, ev.RunFinished):
-                        weights.write(lazy.resident_tensors())
-                        weights.finish()
-                        self.pruned_lazy = disk_model(lazy, folder, self.trust_remote_code, on_demand=False)
-                        self.pruned, self.pruned_folder = disk_model(lazy, folder, self.trust_remote_code), folder
-                    self._record(event)
-                    yield event
+            for event in prune_offloaded(lazy, config, windows, folder, self.cancel, loaded.name):
+                if isinstance(event, ev.RunFinished):
+                    self.pruned_lazy = disk_model(lazy, folder, self.trust_remote_code, on_demand=False)
+                    self.pruned, self.pruned_folder = disk_model(lazy, folder, self.trust_remote_code), folder
+                self._record(event)
+                yield event
         finally:
             if self.pruned_folder != folder:  # stopped or failed: nothing of it is kept
                 shutil.rmtree(folder, ignore_errors=True)
-                for index, block in enumerate(lazy.blocks):
-                    if any(not p.is_meta for p in block.parameters()):
-                        lazy.release_block(index)  # the block the run stopped in
 
     def _record(self, event: ev.Event) -> None:
         """What the page shows of a run: each linear's maps as it is pruned, the summary at the end."""
@@ -354,8 +324,6 @@ class Workspace:
 
     def drop_pruned(self) -> None:
         """Let the pruned copy (or its folder on disk) and everything measured on it go (the dense model stays)."""
-        from .sessions import release_memory
-
         self.pruned, self.summary, self.maps, self.perplexity, self.generation, self.run = None, None, {}, {}, {}, None
         self.pruned_lazy = None
         if self.pruned_folder is not None:
@@ -372,10 +340,6 @@ class Workspace:
             yield from self._compare(specs, calibration_source, nsamples, seqlen, seed, eval_nwindows, folder)
 
     def _compare(self, specs, calibration_source, nsamples, seqlen, seed, eval_nwindows, folder) -> Iterator:
-        from ..core import sweep
-        from ..core.calibration import calibration_windows
-        from ..core.engine import validate
-
         loaded = self.require_model()
         if not self.dense_kept:
             raise UserError("The model was pruned in place (no room for a copy); reload it before comparing.")
@@ -415,22 +379,15 @@ class Workspace:
         yield from self.prune(config, comparison.source, comparison.nsamples, comparison.seqlen, comparison.seed)
 
     def check_memory(self, config, nsamples: int, seqlen: int) -> None:
-        """Refuse up front, with the numbers, a run that cannot fit in free memory (and in the budget asked for at
-        load) even when pruning in place; offloaded, with two blocks in memory and no copy."""
-        from ..core.estimate import free_memory, memory_parts, refuse_if_over
-
+        """Refuse up front, with the numbers, a run that cannot fit in what may still be allocated (room()) even when
+        pruning in place; offloaded, with two blocks in memory and no copy."""
         loaded = self.require_model()
         info = loaded.info
         parts = memory_parts(info, config.method, nsamples, seqlen, dense_copy=not self.offloaded,
                              batch_size=config.batch_size)
-        held = info.memory_bytes
         if self.offloaded:
             parts["two blocks"] = 2 * loaded.lazy.block_bytes()
-            held = loaded.lazy.resident_bytes()
-        free = free_memory(info.device)
-        if self.budget is not None:
-            free = min(free, max(0, self.budget - held))
-        refuse_if_over(parts, info.device, free, "lower the samples or the sequence length")
+        refuse_if_over(parts, info.device, self.room(), "lower the samples or the sequence length")
 
     def stop(self) -> None:
         self.cancel.set()
@@ -440,8 +397,6 @@ class Workspace:
     def evaluate(self, nwindows: int, progress=None) -> dict:
         """Dense (memoised per window setting, it never changes) and pruned perplexity on PROTOCOL's windows
         (512 tokens, or the model's context when shorter). progress(done, total) counts windows over both models."""
-        from ..core.evaluate import perplexity
-
         with self.doing("measuring perplexity"):
             loaded = self.require_model()
             pruned = self.require_pruned()
@@ -475,8 +430,6 @@ class Workspace:
         self.generation[column] = round(tokens_per_second, 2)
 
     def report(self) -> dict:
-        from ..core.export import make_report
-
         loaded = self.require_model()
         if self.summary is None:
             raise UserError("Prune the model first (step 2).")
@@ -489,8 +442,6 @@ class Workspace:
         return report
 
     def export(self, folder: Path, overwrite: bool, overwrite_control: str) -> Path:
-        from ..core.export import export_into, export_model, write_rest
-
         with self.doing("exporting"):
             loaded = self.require_model()
             pruned = self.require_pruned()

@@ -112,11 +112,3 @@ def read_telemetry() -> Telemetry:
         process_rss_bytes=psutil.Process().memory_info().rss,
         gpus=_gpu_readings(),
     )
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

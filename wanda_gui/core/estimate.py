@@ -16,9 +16,9 @@ import time
 import psutil
 import torch
 
-from .devices import format_bytes
-from .engine import default_batch_size
+from .config import default_batch_size
 from .errors import UserError
+from .memory import format_bytes, free_bytes
 from .methods import get_method
 
 # P1 (SmolLM2, 64 x 512, 2 cores) took 55 s: the linears' matmuls 34.2 s at the measured rate, attention 17% and
@@ -55,20 +55,45 @@ def matmul_rate(device: str, dtype: torch.dtype, tokens: int = 1024, width: int 
     return 2 * tokens * width * 4 * width / best
 
 
+def other_cpu_use(interval: float = 0.3) -> float:
+    """The share (0..1) of the CPU's cores that other work used over a short look, this process's own excluded."""
+    me = psutil.Process()
+    system, own, started = psutil.cpu_times(), me.cpu_times(), time.monotonic()
+    time.sleep(interval)
+    system_now, own_now, seconds = psutil.cpu_times(), me.cpu_times(), time.monotonic() - started
+    busy = (sum(system_now) - system_now.idle - getattr(system_now, "iowait", 0.0)) - \
+        (sum(system) - system.idle - getattr(system, "iowait", 0.0))
+    mine = (own_now.user + own_now.system) - (own.user + own.system)
+    return min(1.0, max(0.0, (busy - mine) / (seconds * (psutil.cpu_count() or 1))))
+
+
+MOST_BUSY = 0.9  # beyond this share taken by others, the estimate says "at least" ten times the idle time
+
+
 @dataclasses.dataclass
 class Estimate:
-    seconds: float
+    seconds: float  # on an idle device
     parts: dict[str, int]  # bytes on top of the loaded model, by what holds them
+    busy: float = 0.0  # the share of the CPU other work took when the estimate was made
 
     @property
     def extra_bytes(self) -> int:
         return sum(self.parts.values())
 
+    @property
+    def seconds_now(self) -> float:
+        """As long as the run takes if other work keeps its share of the cores: the run gets the rest."""
+        return self.seconds / (1 - min(self.busy, MOST_BUSY))
+
     def breakdown(self) -> str:
         return describe(self.parts)
 
     def __str__(self) -> str:
-        return f"about {self.seconds:.0f} s and {format_bytes(self.extra_bytes)} more memory"
+        memory = f"{format_bytes(self.extra_bytes)} more memory"
+        if self.busy < 0.1:
+            return f"about {self.seconds:.0f} s (an idle CPU) and {memory}"
+        return (f"about {self.seconds_now:.0f} s while other work takes {self.busy:.0%} of the CPU ({self.seconds:.0f} s "
+                f"on an idle one) and {memory}")
 
 
 def describe(parts: dict[str, int]) -> str:
@@ -129,36 +154,29 @@ def prune_seconds(info, method: str, nsamples: int, seqlen: int) -> float:
     return factor * (LINEAR_OVERHEAD * linear_flops + ATTENTION_OVERHEAD * attention_flops) / rate + masking
 
 
-def estimate(info, method: str, nsamples: int, seqlen: int, dense_copy: bool, batch_size: int | None = None) -> Estimate:
+def estimate(info, method: str, nsamples: int, seqlen: int, dense_copy: bool, batch_size: int | None = None,
+             busy: float = 0.0) -> Estimate:
     """Time and memory of a pruning run; dense_copy: a second copy of the pruned linears is held (the app's pruned
-    model beside the dense one, or the engine's restore copy)."""
+    model beside the dense one, or the engine's restore copy); busy: the share of the CPU other work takes now."""
     return Estimate(prune_seconds(info, method, nsamples, seqlen),
-                    memory_parts(info, method, nsamples, seqlen, dense_copy, batch_size))
+                    memory_parts(info, method, nsamples, seqlen, dense_copy, batch_size), busy)
 
 
-def free_memory(device: str | torch.device) -> int:
-    """Bytes free now: available RAM on CPU, the GPU's free memory on CUDA."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
-
-
-def refuse_if_over(parts: dict[str, int], device: str, free_bytes: int | None, hint: str) -> None:
+def refuse_if_over(parts: dict[str, int], device: str, free_now: int | None, hint: str) -> None:
     """UserError with the numbers when the parts add up to more than is free on the device."""
     need = sum(parts.values())
-    free = free_memory(device) if free_bytes is None else free_bytes
+    free = free_bytes(device) if free_now is None else free_now
     if need > free:
         raise UserError(f"This run needs about {format_bytes(need)} ({describe(parts)}) but {format_bytes(free)} is free on "
                         f"{device}; {hint}.")
 
 
 def check_fits(info, method: str, nsamples: int, seqlen: int, dense_copy: bool = False, batch_size: int | None = None,
-               free_bytes: int | None = None, hint: str = "lower the number of samples or the sequence length") -> dict[str, int]:
+               free_now: int | None = None, hint: str = "lower the number of samples or the sequence length") -> dict[str, int]:
     """Refuse up front, with the numbers, a pruning run whose memory exceeds what is free on the model's device;
     return the bytes it needs, by part."""
     parts = memory_parts(info, method, nsamples, seqlen, dense_copy, batch_size)  # no matmul timed: instant
-    refuse_if_over(parts, info.device, free_bytes, hint)
+    refuse_if_over(parts, info.device, free_now, hint)
     return parts
 
 
@@ -168,7 +186,7 @@ def evaluation_parts(info, vocab_size: int, seqlen: int, batch_size: int = EVAL_
     return {"logits": 3 * logits, "block activations": block_activation_bytes(info, seqlen, batch_size)}
 
 
-def check_eval_fits(info, vocab_size: int, seqlen: int, batch_size: int = EVAL_BATCH, free_bytes: int | None = None,
+def check_eval_fits(info, vocab_size: int, seqlen: int, batch_size: int = EVAL_BATCH, free_now: int | None = None,
                     hint: str = "lower the sequence length") -> None:
     """Refuse up front, with the numbers, a perplexity measurement whose batch exceeds what is free."""
-    refuse_if_over(evaluation_parts(info, vocab_size, seqlen, batch_size), info.device, free_bytes, hint)
+    refuse_if_over(evaluation_parts(info, vocab_size, seqlen, batch_size), info.device, free_now, hint)

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .masks import Pattern, select
+from .masks import Selection, select
 
 OUTLIER_FACTOR = 5.0  # a feature is an outlier when its norm exceeds this many times the layer's median norm
 
@@ -22,13 +22,14 @@ class Explanation:
 
 
 @torch.no_grad()
-def explain(weight: torch.Tensor, input_sq_mean: torch.Tensor, sparsity: float, pattern: Pattern,
-            pool) -> Explanation:
-    """Compare the masks Wanda and magnitude would choose on these weights (before this linear is pruned)."""
+def explain(weight: torch.Tensor, input_sq_mean: torch.Tensor, selection: Selection, pool) -> Explanation:
+    """Compare the masks Wanda and magnitude would choose on these weights (before this linear is pruned), both
+    per row as Wanda compares."""
     norms = input_sq_mean.float().sqrt()
     magnitude = weight.float().abs()
     wanda = magnitude * norms.unsqueeze(0)
-    differ = select(wanda, sparsity, pattern, False) ^ select(magnitude, sparsity, pattern, False)
+    per_row = Selection(selection.sparsity, selection.pattern)
+    differ = select(wanda, per_row) ^ select(magnitude, per_row)
     median = norms.median()
     outliers = torch.nonzero(norms > OUTLIER_FACTOR * median).flatten() if median > 0 else torch.empty(0, dtype=torch.long)
     return Explanation(norms.cpu().numpy(), outliers.cpu().numpy(), float(differ.float().mean()), pool(differ))

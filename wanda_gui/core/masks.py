@@ -18,11 +18,12 @@ class Pattern:
     m: int = 0
 
     @property
-    def structured(self) -> bool:
+    def nm(self) -> bool:
+        """N:M: the pattern fixes every group's count (and so the sparsity)."""
         return self.m > 0
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.structured else "unstructured"
+        return f"{self.n}:{self.m}" if self.nm else "unstructured"
 
     @classmethod
     def parse(cls, text: str) -> "Pattern":
@@ -39,7 +40,7 @@ class Pattern:
 
     def sparsity(self, target: float) -> float:
         """The sparsity this pattern actually produces."""
-        return 1 - self.n / self.m if self.structured else target
+        return 1 - self.n / self.m if self.nm else target
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -90,8 +91,45 @@ def nm_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     return mask.view(rows, cols)
 
 
-def select(score: torch.Tensor, sparsity: float, pattern: Pattern, layerwise: bool = False) -> torch.Tensor:
+def alpha_mask(score: torch.Tensor, sparsity: float, tolerance: float = 0.001) -> torch.Tensor:
+    """Wanda's α-variant (the reference's use_variant): prune, in every row, the lowest scores whose cumulative
+    sum stays within α of the row's total, with α bisected (from 0.4 in [0, 0.8]) until the layer's sparsity is
+    within `tolerance` of the target. Rows then differ in sparsity."""
+    ordered = torch.sort(score, dim=-1, stable=True).values
+    cumulative, totals = ordered.cumsum(dim=1), score.sum(dim=1, keepdim=True)
+
+    def given(alpha: float) -> tuple[torch.Tensor, float]:
+        count = (cumulative <= totals * alpha).sum(dim=1, keepdim=True)
+        mask = score <= ordered.gather(1, (count - 1).clamp_(min=0))  # the reference fails on an empty row
+        return mask, float(mask.float().mean())
+
+    alpha, low, high = 0.4, 0.0, 0.8
+    mask, current = given(alpha)
+    while abs(current - sparsity) > tolerance and high - low >= tolerance:
+        if current > sparsity:
+            alpha, high = (alpha + low) / 2, alpha
+        else:
+            alpha, low = (alpha + high) / 2, alpha
+        mask, current = given(alpha)
+    return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """How one linear's weights are chosen for pruning: all a method reads of the run's settings."""
+
+    sparsity: float  # this stage's target (per-block under OWL); N:M fixes its own
+    pattern: Pattern = Pattern()
+    layerwise: bool = False  # one threshold for the whole layer instead of one per row (magnitude)
+    alpha: bool = False  # Wanda's α-variant: rows differ, the layer meets the target
+
+
+def select(score: torch.Tensor, selection: Selection) -> torch.Tensor:
     """True where a weight is pruned."""
-    if pattern.structured:
-        return nm_mask(score, pattern)
-    return layerwise_mask(score, sparsity) if layerwise else unstructured_mask(score, sparsity)
+    if selection.pattern.nm:
+        return nm_mask(score, selection.pattern)
+    if selection.alpha:
+        return alpha_mask(score, selection.sparsity)
+    if selection.layerwise:
+        return layerwise_mask(score, selection.sparsity)
+    return unstructured_mask(score, selection.sparsity)

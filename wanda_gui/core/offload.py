@@ -8,33 +8,25 @@ is about one block's weights + the resident part + the calibration activations, 
 from __future__ import annotations
 
 import json
-import re
+import math
 from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from .architecture import find_blocks
-from .devices import format_bytes
-from .engine import return_freed_memory
 from .errors import UserError
 from .export import SAFETENSORS_DTYPES
+from .memory import keep_freed_memory_mapped, release_memory
 from .methods.base import RunContext, Step
 
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
-         "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
-
-
-def parse_bytes(text: str) -> int:
-    """'3GiB', '2.5GB', '512MiB' or a plain number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise UserError(f"Cannot read the memory size {text!r}: write it like 3GiB, 2.5GB or 512MiB.")
-    return int(float(match[1]) * UNITS[(match[2] or "").lower()])
 
 
 class Checkpoint:
@@ -152,8 +144,6 @@ class LazyModel:
         return keys
 
     def _place(self, tensors: dict[str, torch.Tensor]) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         for key, value in tensors.items():
             set_module_tensor_to_device(self.model, key, self.device, value=value)
 
@@ -170,11 +160,15 @@ class LazyModel:
         return {self.stored[key]: state[key].detach() for key in self.resident_keys}
 
     def release_block(self, index: int) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         for key in self.block_keys[index]:
             set_module_tensor_to_device(self.model, key, "meta")
-        return_freed_memory()
+        release_memory(collect=False)
+
+    def release_loaded_blocks(self) -> None:
+        """Every block still in memory back to disk (the one a stopped run was in)."""
+        for index, block in enumerate(self.blocks):
+            if any(not p.is_meta for p in block.parameters()):
+                self.release_block(index)
 
     def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Each tensor's dtype and shape by checkpoint name, as the export will hold it, in the model's order."""
@@ -192,13 +186,16 @@ class LazyModel:
     def resident_bytes(self) -> int:
         return self._bytes(self.resident_keys)
 
+    def largest_read_copy(self) -> int:
+        """Reading a tensor stored in another dtype than the run's holds it twice for a moment: the largest such."""
+        entries = [self.checkpoint.entries[self.stored[key]] for key in self.keys]
+        return max((math.prod(shape) * dtype.itemsize for _, dtype, shape, _ in entries if dtype != self.dtype),
+                   default=0)
+
 
 def open_lazy(path: Path, config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> LazyModel:
     """The model built from its config with empty weights (buffers such as rotary frequencies are real); nothing
     is read until load_resident and load_block."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     path = Path(path)
     checkpoint = Checkpoint(path)
     with init_empty_weights(include_buffers=False):
@@ -223,6 +220,9 @@ class Offload(Step):
     def __init__(self, lazy: LazyModel, sink: Callable[[dict[str, torch.Tensor]], None] | None):
         self.lazy, self.sink = lazy, sink
 
+    def before_pruning(self, ctx: RunContext) -> None:
+        keep_freed_memory_mapped(False)  # memory bounded by a block, not by what the allocator keeps
+
     def before_stage(self, ctx: RunContext, index: int) -> None:
         if index < len(self.lazy.blocks):
             self.lazy.load_block(index)
@@ -232,32 +232,3 @@ class Offload(Step):
             if self.sink is not None:
                 self.sink(self.lazy.block_tensors(index))
             self.lazy.release_block(index)
-
-
-def refuse_with_offload(config) -> None:
-    """What cannot run block by block, refused before anything is loaded."""
-    if config.owl:
-        raise UserError("OWL measures every block of the dense model before pruning starts, which offloading would "
-                        "read twice: run OWL on the model loaded whole (without offload).")
-    if config.reconstruct:
-        raise UserError("Block reconstruction holds the dense and the pruned block together and is not supported "
-                        "with offload yet: run it on the model loaded whole (without offload).")
-    if config.restore_on_abort:
-        raise UserError("An offloaded run keeps no restore copy (the source on disk is never changed); "
-                        "turn restore_on_abort off.")
-
-
-def plan_memory(model_bytes: int, resident_bytes: int, block_bytes: int, run_parts: dict[str, int],
-                budget: int, offload: bool, where: str) -> bool:
-    """Whether to offload under a memory budget: as asked, or automatically when the model does not fit whole.
-    Refuses, with the numbers, what cannot fit even block by block."""
-    run = sum(run_parts.values())
-    offload = offload or model_bytes + run > budget
-    by_block = resident_bytes + 2 * block_bytes + run  # a block in, and the next one's read while it is freed
-    if offload and by_block > budget:
-        parts = " + ".join(f"{name} {format_bytes(n)}" for name, n in run_parts.items() if n)
-        raise UserError(f"Even block by block this run needs about {format_bytes(by_block)} on {where} (what lies "
-                        f"outside the blocks {format_bytes(resident_bytes)} + two blocks {format_bytes(2 * block_bytes)} "
-                        f"+ {parts}) but --max-memory is {format_bytes(budget)}: raise it, or lower --nsamples or "
-                        "--seqlen.")
-    return offload

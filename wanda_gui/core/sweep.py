@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gc
 import io
 import json
 import os
@@ -15,19 +14,23 @@ from typing import Iterator
 
 import torch
 
-from . import events as ev
-from .copies import pruning_copy
-from .engine import PruneConfig, prune, select_linears, validate
+from .config import PruneConfig
+from .engine import prune, select_linears, validate
 from .errors import UserError
 from .evaluate import perplexity
+from .events import LinearPruned
 from .masks import Pattern, check_sparsity
-from .methods import get_method
+from .memory import release_memory
+from .methods import OPTIONS, get_method, get_option
+from .passes import Cancelled
+from .calibration import check_seqlen
+from .estimate import check_eval_fits, check_fits
+from .runs import CalibrationSpec, ModelSource, outcome, pruned_copy, vocab_size
 
 DENSE = "dense"
 RESULTS_JSON, RESULTS_CSV, CHART_HTML = "results.json", "results.csv", "chart.html"
-COLUMNS = ("key", "method", "pattern", "owl", "dsnot", "reconstruct", "target_sparsity", "achieved_sparsity",
-           "perplexity", "prune_seconds", "eval_seconds")
-OPTION_LABELS = {"owl": "OWL", "dsnot": "DSnoT", "reconstruct": "reconstruction"}  # PruneConfig's option fields
+COLUMNS = ("key", "method", "pattern", *OPTIONS, "target_sparsity", "achieved_sparsity", "perplexity",
+           "prune_seconds", "eval_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +40,7 @@ class RunSpec:
     method: str
     pattern: Pattern
     sparsity: float
-    owl: bool = False
-    dsnot: bool = False
-    reconstruct: bool = False
-
-    @property
-    def options(self) -> tuple[str, ...]:
-        return tuple(name for name in OPTION_LABELS if getattr(self, name))
+    options: tuple[str, ...] = ()  # keys of methods.OPTIONS, in their order
 
     @property
     def key(self) -> str:
@@ -51,8 +48,13 @@ class RunSpec:
         return f"{self.method}{''.join('+' + o for o in self.options)}|{self.pattern}|{self.sparsity:g}"
 
     def config(self) -> PruneConfig:
-        return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, owl=self.owl,
-                           dsnot=self.dsnot, reconstruct=self.reconstruct, restore_on_abort=False)
+        return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, options=self.options,
+                           restore_on_abort=False)
+
+    def row(self, **measured) -> dict:
+        """A results row: the run's settings (a column per option) and what was measured."""
+        return {"key": self.key, "method": self.method, "pattern": str(self.pattern),
+                **{key: key in self.options for key in OPTIONS}, **measured}
 
 
 @dataclasses.dataclass
@@ -94,28 +96,31 @@ class RunDone:
 @dataclasses.dataclass
 class SweepFinished:
     rows: list[dict]  # every row of results.json, the dense one first
+    header: dict  # the settings that make the rows comparable
     cancelled: bool = False
 
 
 SweepEvent = SweepStarted | DenseMeasured | RunStarting | RunProgress | RunSkipped | RunDone | SweepFinished
 
 
-def plan(methods: list[str], sparsities: list[float], patterns: list[str | Pattern], owl: bool = False,
-         dsnot: bool = False, reconstruct: bool = False) -> list[RunSpec]:
+def sweep_runs(methods: list[str], sparsities: list[float], patterns: list[str | Pattern],
+               options: tuple[str, ...] = ()) -> list[RunSpec]:
     """Every method x pattern x sparsity, each with the options asked for; an N:M pattern has one sparsity of its
-    own, so it ignores the sparsity axis (and OWL, which chooses sparsities, leaves it alone)."""
+    own, so it ignores the sparsity axis (and an option that refuses N:M, such as OWL, leaves those runs alone)."""
     names = [get_method(m).name for m in methods]
+    chosen = tuple(key for key in OPTIONS if key in {get_option(o).key for o in options})
     parsed = [p if isinstance(p, Pattern) else Pattern.parse(p) for p in patterns]
     levels = [check_sparsity(s) for s in sparsities]
     if not names or not parsed:
         raise UserError("A sweep needs at least one method and one pattern.")
-    if not levels and any(not p.structured for p in parsed):
+    if not levels and any(not p.nm for p in parsed):
         raise UserError("An unstructured sweep needs at least one sparsity, e.g. 0.5.")
     specs: dict[str, RunSpec] = {}
     for name in names:
         for pattern in parsed:
-            for sparsity in ([pattern.sparsity(0.0)] if pattern.structured else levels):
-                spec = RunSpec(name, pattern, sparsity, owl and not pattern.structured, dsnot, reconstruct)
+            kept = tuple(key for key in chosen if not (pattern.nm and OPTIONS[key].unstructured_only))
+            for sparsity in ([pattern.sparsity(0.0)] if pattern.nm else levels):
+                spec = RunSpec(name, pattern, sparsity, kept)
                 spec.config()  # refused here, before anything runs, when the combination is invalid
                 specs.setdefault(spec.key, spec)
     return list(specs.values())
@@ -217,45 +222,33 @@ def measure(loaded, model: torch.nn.Module, eval_seqlen: int, eval_nwindows: int
 
 def dense_row(loaded, eval_seqlen: int, eval_nwindows: int, cancel: threading.Event | None) -> dict:
     ppl, seconds = measure(loaded, loaded.model, eval_seqlen, eval_nwindows, cancel)
-    return {"key": DENSE, "method": DENSE, "pattern": "", "owl": False, "dsnot": False, "reconstruct": False,
-            "target_sparsity": 0.0, "achieved_sparsity": zero_fraction(loaded.model), "perplexity": ppl,
-            "prune_seconds": 0.0, "eval_seconds": seconds}
+    return {"key": DENSE, "method": DENSE, "pattern": "", **{key: False for key in OPTIONS}, "target_sparsity": 0.0,
+            "achieved_sparsity": zero_fraction(loaded.model), "perplexity": ppl, "prune_seconds": 0.0,
+            "eval_seconds": seconds}
 
 
 def run_one(loaded, spec: RunSpec, windows: torch.Tensor, eval_seqlen: int, eval_nwindows: int,
             cancel: threading.Event | None) -> Iterator[RunProgress | RunDone]:
     """Prune a copy that shares every untouched tensor with the dense model, measure it, free it."""
     config = spec.config()
-    _, stages = select_linears(loaded.model, config)
-    copy = pruning_copy(loaded.model, [linear for linears in stages for linear in linears.values()])
+    copy = pruned_copy(loaded.model, config)
     started = time.perf_counter()
     try:
-        summary = None
-        for event in prune(copy, config, windows, cancel=cancel, model_name=loaded.name):
-            if isinstance(event, ev.LinearPruned):
-                yield RunProgress(spec.key, event.done, event.total)
-            elif isinstance(event, ev.RunFinished):
-                summary = event.summary
-            elif isinstance(event, ev.RunCancelled):
-                raise Stopped
-            elif isinstance(event, ev.RunFailed):
-                raise UserError(f"Run {spec.key} failed: {event.reason}. The finished runs are kept; rerun to resume.")
-        if summary is None:
-            raise UserError(f"Run {spec.key} did not finish. The finished runs are kept; rerun to resume.")
+        try:
+            summary = yield from outcome(prune(copy, config, windows, cancel=cancel, model_name=loaded.name),
+                                         lambda e: RunProgress(spec.key, e.done, e.total)
+                                         if isinstance(e, LinearPruned) else None)
+        except Cancelled:
+            raise Stopped from None
+        except UserError as e:
+            raise UserError(f"Run {spec.key} failed: {e}. The finished runs are kept; rerun to resume.") from None
         prune_seconds = time.perf_counter() - started
         ppl, eval_seconds = measure(loaded, copy, eval_seqlen, eval_nwindows, cancel)
     finally:
         del copy
-        free_memory()
-    yield RunDone({"key": spec.key, "method": spec.method, "pattern": str(spec.pattern), "owl": spec.owl,
-                   "dsnot": spec.dsnot, "reconstruct": spec.reconstruct, "target_sparsity": summary.target_sparsity, "achieved_sparsity": summary.achieved_sparsity,
-                   "perplexity": ppl, "prune_seconds": prune_seconds, "eval_seconds": eval_seconds})
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        release_memory()
+    yield RunDone(spec.row(target_sparsity=summary.target_sparsity, achieved_sparsity=summary.achieved_sparsity,
+                           perplexity=ppl, prune_seconds=prune_seconds, eval_seconds=eval_seconds))
 
 
 def run_sweep(loaded, specs: list[RunSpec], windows: torch.Tensor, calibration_info: dict, eval_nwindows: int,
@@ -291,14 +284,14 @@ def run_sweep(loaded, specs: list[RunSpec], windows: torch.Tensor, calibration_i
                     save(out_dir, header, rows)
                 yield event
     except Stopped:
-        yield SweepFinished(rows, cancelled=True)
+        yield SweepFinished(rows, header, cancelled=True)
         return
-    yield SweepFinished(rows)
+    yield SweepFinished(rows, header)
 
 
 def trace_name(row: dict) -> str:
     """One legend entry per method (with its options) and pattern."""
-    method = row["method"] + "".join(f" + {label}" for name, label in OPTION_LABELS.items() if row.get(name))
+    method = row["method"] + "".join(f" + {option.label}" for key, option in OPTIONS.items() if row.get(key))
     return method if row["pattern"] == "unstructured" else f"{method} {row['pattern']}"
 
 
@@ -333,3 +326,36 @@ def chart_figure(rows: list[dict], dense_ppl: float | None):
 def chart_html(rows: list[dict], dense_ppl: float | None) -> str:
     """The chart as one HTML file with plotly.js inlined, so it opens offline."""
     return chart_figure(rows, dense_ppl).to_html(include_plotlyjs=True, full_html=True)
+
+
+@dataclasses.dataclass
+class SweepJob:
+    """A headless sweep: the model, the calibration, the runs, where the results go and how each is measured."""
+
+    model: ModelSource
+    calibration: CalibrationSpec
+    runs: list[RunSpec]
+    out: Path
+    eval_nwindows: int = 64
+    eval_seqlen: int = 512  # PROTOCOL.md's evaluation windows
+
+    def check(self) -> None:
+        """Everything that needs no model, before the model is loaded."""
+        self.model.check()
+        self.calibration.check()
+        check_out_dir(self.out)
+
+
+def run_job(job: SweepJob, progress=None) -> Iterator[SweepEvent]:
+    """Load, check that every run fits, draw the calibration windows, then run_sweep's events."""
+    job.check()
+    text = job.calibration.text()
+    loaded = job.model.load(progress=progress)
+    check_seqlen(job.eval_seqlen, loaded.info.context_length)
+    c = job.calibration
+    for method in dict.fromkeys(spec.method for spec in job.runs):
+        check_fits(loaded.info, method, c.nsamples, c.seqlen, dense_copy=True, hint="lower --nsamples or --seqlen")
+    check_eval_fits(loaded.info, vocab_size(loaded.model), job.eval_seqlen, hint="lower --eval-seqlen")
+    windows, calibration = c.windows(loaded, text)
+    yield from run_sweep(loaded, job.runs, windows, calibration, job.eval_nwindows, job.out,
+                         eval_seqlen=job.eval_seqlen)

@@ -8,6 +8,7 @@ import time
 import gradio as gr
 
 from ...core.errors import UserError
+from ...core.generation import GenerationSettings, StreamingGeneration
 from ..common import CHATTING, Page, check_count, session, updates, user_errors
 
 EXAMPLES = ["What is the capital of France?", "Write a haiku about autumn leaves.",
@@ -28,30 +29,35 @@ def plain_history(history: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
 
 
-@user_errors()
-def chat(prompt, dense_history, pruned_history, max_new_tokens, greedy, temperature, top_p, seed, request: gr.Request):
-    """Send one prompt to both models and stream both replies at once, round-robin on this thread."""
-    from ...core.generation import GenerationSettings, StreamingGeneration
+NO_DENSE = "(The dense model was not kept: no memory for a copy. Reload to chat with it.)"
+NO_PRUNED = "(No pruned model yet: start pruning in step 2, then ask again to compare the two.)"
 
+
+def chat_failed(ws, message: str):
+    return updates(CHAT_OUTPUTS, chat_status=f"✗ {message}")
+
+
+@user_errors(chat_failed)
+def chat(prompt, dense_chat, pruned_chat, max_new, greedy, temperature, top_p, chat_seed, request: gr.Request):
+    """Send one prompt to both models (the dense one alone before a run) and stream the replies at once,
+    round-robin on this thread."""
     ws = session(request)
     out = functools.partial(updates, CHAT_OUTPUTS)
     if not (prompt or "").strip():
         yield out(chat_status="Type a prompt first.")
         return
     loaded = ws.require_model()
-    if ws.activity == "pruning":
-        raise UserError("This session is pruning; chat once the run has finished.")
-    pruned = ws.require_pruned()
-    settings = GenerationSettings(check_count(max_new_tokens, "Max new tokens"), bool(greedy), float(temperature),
-                                  float(top_p), check_count(seed, "Seed", 0))
+    if ws.activity in ("pruning", "comparing methods"):
+        raise UserError(f"This session is {ws.activity}; chat once it has finished (or press its Stop).")
+    settings = GenerationSettings(check_count(max_new, "Max new tokens"), bool(greedy), float(temperature),
+                                  float(top_p), check_count(chat_seed, "Seed", 0))
     ws.stop_chat.clear()
-    columns = [("dense", dense_history or [], ws.dense_model), ("pruned", pruned_history or [], pruned)]
+    columns = [(dense_chat, ws.dense_model, NO_DENSE), (pruned_chat, ws.pruned, NO_PRUNED)]
     runs, histories = [], []
-    for _, history, model in columns:
+    for history, model, missing in columns:
         history = plain_history(history) + [{"role": "user", "content": prompt}]
         runs.append(StreamingGeneration(model, loaded.tokenizer, history, settings, ws.stop_chat) if model is not None else None)
-        histories.append(history + [{"role": "assistant", "content": "" if model is not None else
-                                     "(The dense model was not kept: no memory for a copy. Reload to chat with it.)"}])
+        histories.append(history + [{"role": "assistant", "content": "" if model is not None else missing}])
     yield out(prompt="", dense_chat=histories[0], pruned_chat=histories[1], chat_status="… Generating…")
     try:
         while True:
@@ -61,21 +67,24 @@ def chat(prompt, dense_history, pruned_history, max_new_tokens, greedy, temperat
                     history[-1]["content"] = run.text + (f"\n\n⚠ {run.error}" if run.error else "")
                     changed = True
             if changed:
-                yield out(dense_chat=histories[0], pruned_chat=histories[1],
-                          dense_stats=runs[0].stats() if runs[0] else "", pruned_stats=runs[1].stats())
+                yield out(dense_chat=histories[0], pruned_chat=histories[1], **stats(runs))
             if all(run is None or run.done for run in runs):
                 break
             time.sleep(0.03)
-        for (column, _, _), run in zip(columns, runs):
+        for column, run in zip(("dense", "pruned"), runs):
             if run is not None and run.tokens_per_second is not None:
                 ws.record_generation(column, run.tokens_per_second)
-        yield out(dense_chat=histories[0], pruned_chat=histories[1], dense_stats=runs[0].stats() if runs[0] else "",
-                  pruned_stats=runs[1].stats(), chat_status="■ Stopped." if ws.stop_chat.is_set() else "")
+        yield out(dense_chat=histories[0], pruned_chat=histories[1], **stats(runs),
+                  chat_status="■ Stopped." if ws.stop_chat.is_set() else "")
     finally:
         ws.stop_chat.set()  # a Stop, a closed tab or an error ends both generations
         for run in runs:
             if run is not None:
                 run.join(timeout=5)
+
+
+def stats(runs) -> dict:
+    return {f"{column}_stats": run.stats() if run is not None else "" for column, run in zip(("dense", "pruned"), runs)}
 
 
 def stop_chat(request: gr.Request):
@@ -97,7 +106,7 @@ def layout(page: Page) -> None:
                                               placeholder="The pruned model answers here."))
                 add("pruned_stats", gr.Markdown(elem_id="pruned-stats"))
         with gr.Row():
-            add("prompt", gr.Textbox(show_label=False, placeholder="Ask both models something (after pruning)…",
+            add("prompt", gr.Textbox(show_label=False, placeholder="Ask both models something (the dense one alone before pruning)…",
                                      scale=6, elem_id="prompt"))
             add("send_btn", gr.Button("Send", variant="primary", interactive=False, scale=1, elem_id="send"))
             add("chat_stop", gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop"))
@@ -114,10 +123,9 @@ def layout(page: Page) -> None:
 
 
 def wire(page: Page) -> None:
-    inputs = page.out(("prompt", "dense_chat", "pruned_chat", "max_new", "greedy", "temperature", "top_p", "chat_seed"))
-    send_event = page.queued(page["send_btn"].click, "chat_status", "answer", chat, inputs, page.out(CHAT_OUTPUTS),
+    send_event = page.queued(page["send_btn"].click, "chat_status", "answer", chat, page.out(CHAT_OUTPUTS),
                              api_name="chat", **CHATTING)
-    submit_event = page.queued(page["prompt"].submit, "chat_status", "answer", chat, inputs, page.out(CHAT_OUTPUTS),
+    submit_event = page.queued(page["prompt"].submit, "chat_status", "answer", chat, page.out(CHAT_OUTPUTS),
                                api_visibility="private", **CHATTING)
     page["chat_stop"].click(stop_chat, None, page["chat_status"], cancels=[send_event, submit_event],
                             api_name="stop_chat", queue=False)

@@ -12,11 +12,13 @@ import gradio as gr
 
 from ...core.errors import UserError
 from .. import plots
-from ..common import (AFTER_RUN, BUTTONS, COMPARE_EMPTY, COMPARE_VIEW, DRAW_INTERVAL, RUN_VIEW, WORK, Page, buttons, check_count,
+from ..common import (AFTER_RUN, BUTTONS, COMPARE_EMPTY, COMPARE_VIEW, STATUS_INTERVAL, RUN_VIEW, WORK, Page, buttons, check_count,
                       cleared, served, session, updates, user_errors)
 from ..workspace import Workspace
+from ...core import sweep
+from ...core.methods import OPTIONS, get_method
 from .live import PRUNE_OUTPUTS, prune_stream
-from .method import METHOD_NAMES, OPTION_NAMES, calibration_source, option_fields
+from .method import METHOD_NAMES, OPTION_NAMES, calibration_source, option_keys
 
 SPARSITIES = [(f"{level}%", level / 100) for level in range(10, 100, 10)]
 PATTERNS = ["unstructured", "2:4", "4:8"]
@@ -32,9 +34,6 @@ TAKE_OUTPUTS = (*PRUNE_OUTPUTS, "compare_status")
 def runs_of(methods, options, baseline, sparsities, patterns) -> tuple[list, list[str]]:
     """The sweep's runs for what the page asks: each method with the chosen options (where it reads activations,
     which every option needs) and, when asked or without options, plain; and notes on what was left out."""
-    from ...core.methods import get_method
-    from ...core.sweep import plan
-
     unknown = [m for m in methods or () if m not in METHOD_NAMES]
     if unknown:
         raise UserError(f"Unknown method {unknown[0]!r}: choose from {', '.join(METHOD_NAMES)}.")
@@ -42,50 +41,45 @@ def runs_of(methods, options, baseline, sparsities, patterns) -> tuple[list, lis
         raise UserError("Choose at least one method to compare.")
     if not patterns:
         raise UserError("Choose at least one pattern to compare.")
-    fields = option_fields(options)
+    keys = option_keys(options)
     sparsities = sorted(float(s) for s in sparsities or ())
     specs, notes = {}, []
     for label in methods:
         name = METHOD_NAMES[label]
-        settings = [{}] if baseline or not fields else []
-        if fields and get_method(name).needs_activations:
-            settings.append(fields)
-        elif fields:
+        settings = [()] if baseline or not keys else []
+        if keys and get_method(name).needs_activations:
+            settings.append(keys)
+        elif keys:
             notes.append(f"{label} reads no activations, so it runs without the options.")
-            settings = [{}]
+            settings = [()]
         for setting in settings:
-            for spec in plan([name], sparsities, list(patterns), **setting):
+            for spec in sweep.sweep_runs([name], sparsities, list(patterns), setting):
                 specs.setdefault(spec.key, spec)
-    if fields.get("owl") and any(p != "unstructured" for p in patterns):
-        notes.append("OWL chooses per-block sparsities, so N:M runs go without it.")
+    if any(p != "unstructured" for p in patterns):
+        notes += [f"{OPTIONS[key].label} {OPTIONS[key].unstructured_only}, so N:M runs go without it."
+                  for key in keys if OPTIONS[key].unstructured_only]
     return list(specs.values()), notes
 
 
 def spec_name(spec) -> str:
     """A run's method, options and pattern as the chart's legend names them."""
-    from ...core.sweep import trace_name
-
-    return trace_name({"method": spec.method, "pattern": str(spec.pattern), **{o: True for o in spec.options}})
+    return sweep.trace_name(spec.row())
 
 
 def run_label(row: dict) -> str:
-    from ...core.sweep import trace_name
-
-    return f"{trace_name(row)} · {row['target_sparsity']:.0%} · perplexity {row['perplexity']:.2f}"
+    return f"{sweep.trace_name(row)} · {row['target_sparsity']:.0%} · perplexity {row['perplexity']:.2f}"
 
 
 def table_markdown(rows: list[dict]) -> str:
     """Every finished run beside the dense model: sparsity reached, perplexity and its ratio to dense, times."""
-    from ...core.sweep import DENSE, trace_name
-
     if not rows:
         return ""
-    dense = next((row["perplexity"] for row in rows if row["key"] == DENSE), None)
+    dense = next((row["perplexity"] for row in rows if row["key"] == sweep.DENSE), None)
     lines = ["| run | target | achieved | perplexity | × dense | prune s | eval s |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = f"{row['perplexity'] / dense:.2f}x" if dense else "–"
-        name, target, prune = ("dense", "–", "–") if row["key"] == DENSE else \
-            (trace_name(row), f"{row['target_sparsity']:.0%}", f"{row['prune_seconds']:.1f}")
+        name, target, prune = ("dense", "–", "–") if row["key"] == sweep.DENSE else \
+            (sweep.trace_name(row), f"{row['target_sparsity']:.0%}", f"{row['prune_seconds']:.1f}")
         lines.append(f"| {name} | {target} | {row['achieved_sparsity']:.2%} | **{row['perplexity']:.2f}** | {ratio} "
                      f"| {prune} | {row['eval_seconds']:.1f} |")
     return "\n".join(lines)
@@ -108,17 +102,15 @@ def compare_failed(ws: Workspace, message: str):
 
 
 @user_errors(compare_failed)
-def compare(methods, options, baseline, sparsities, patterns, nwindows, calib_kind, files, dataset, nsamples, seqlen,
-            seed, request: gr.Request):
-    from ...core import sweep
-
+def compare(compare_methods, compare_options, compare_baseline, compare_sparsities, compare_patterns, compare_windows,
+            calib_kind, files, dataset, nsamples, seqlen, seed, request: gr.Request):
     ws = session(request)
     policy = served(request).policy
     ws.require_model()
-    specs, notes = runs_of(methods, options, baseline, sparsities, patterns)
+    specs, notes = runs_of(compare_methods, compare_options, compare_baseline, compare_sparsities, compare_patterns)
     source = calibration_source(policy, calib_kind, files, dataset)
     nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
-    seed, nwindows = check_count(seed, "Seed", 0), check_count(nwindows, "Evaluation windows")
+    seed, nwindows = check_count(seed, "Seed", 0), check_count(compare_windows, "Evaluation windows")
     ws.check_idle()
     out = lambda **values: updates(COMPARE_OUTPUTS, **values)  # noqa: E731
     noted = "".join(f" {note}" for note in notes)
@@ -140,7 +132,7 @@ def compare(methods, options, baseline, sparsities, patterns, nwindows, calib_ki
             current = f"run {event.index}/{event.of}: {spec_name(event.spec)} at {event.spec.sparsity:.0%}"
             yield out(compare_status=f"… {current} · {elapsed}")
         elif isinstance(event, sweep.RunProgress):
-            if time.perf_counter() - last_drawn < DRAW_INTERVAL and event.done < event.total:
+            if time.perf_counter() - last_drawn < STATUS_INTERVAL and event.done < event.total:
                 continue
             last_drawn = time.perf_counter()
             doing = (f"linear {event.done}/{event.total}" if event.done < event.total else
@@ -162,8 +154,9 @@ def take_failed(ws: Workspace, message: str):
 
 
 @user_errors(take_failed)
-def take(key, request: gr.Request):
+def take(compare_pick, request: gr.Request):
     """Prune the picked run again into the session's model, shown live in step 3; then chat and export use it."""
+    key = compare_pick
     ws = session(request)
     ws.check_idle()
     comparison = ws.comparison
@@ -223,11 +216,8 @@ def layout(page: Page) -> None:
 
 
 def wire(page: Page) -> None:
-    page.queued(page["compare_btn"].click, "compare_status", "compare", compare,
-                page.out(("compare_methods", "compare_options", "compare_baseline", "compare_sparsities",
-                          "compare_patterns", "compare_windows", "calib_kind", "files", "dataset", "nsamples",
-                          "seqlen", "seed")),
-                page.out(COMPARE_OUTPUTS), api_name="compare", **WORK)
+    page.queued(page["compare_btn"].click, "compare_status", "compare", compare, page.out(COMPARE_OUTPUTS),
+                api_name="compare", **WORK)
     page["compare_stop"].click(stop_compare, None, page["compare_stop"], api_name="stop_compare", queue=False)
-    page.queued(page["take_btn"].click, "compare_status", "take the run", take, page["compare_pick"],
-                page.out(TAKE_OUTPUTS), api_name="take", **WORK)
+    page.queued(page["take_btn"].click, "compare_status", "take the run", take, page.out(TAKE_OUTPUTS),
+                api_name="take", **WORK)

@@ -20,10 +20,10 @@ def export_failed(ws: Workspace, message: str):
 
 
 @user_errors(export_failed)
-def export(folder, overwrite, request: gr.Request):
+def export(export_dir, overwrite, request: gr.Request):
     ws = session(request)
     policy = served(request).policy
-    target = policy.export_target(folder or "")
+    target = policy.export_target(export_dir or "")
     yield updates(EXPORT_OUTPUTS, export_status=f"… Exporting to `{target}`…")
     out = ws.export(target, bool(overwrite), OVERWRITE_CONTROL)
     report = Path(tempfile.mkdtemp(prefix="report-", dir=policy.files_dir)) / "pruning_report.json"
@@ -50,5 +50,5 @@ def layout(page: Page) -> None:
 
 
 def wire(page: Page) -> None:
-    page.queued(page["export_btn"].click, "export_status", "export", export, page.out(("export_dir", "overwrite")),
-                page.out(EXPORT_OUTPUTS), api_name="export", **WORK)
+    page.queued(page["export_btn"].click, "export_status", "export", export, page.out(EXPORT_OUTPUTS),
+                api_name="export", **WORK)

@@ -1,5 +1,6 @@
 """Step 3 · Live: the run under way (per-block chart, the linear's score and mask maps, the why-it-works view), and
-any pruned linear picked afterwards. Its callback, `prune`, is what the method step's Start button runs."""
+any pruned linear picked afterwards. `prune_stream` turns a run's events into what the page shows; the method step's
+Start and Compare's Take feed it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import gradio as gr
 
 from ...core.errors import UserError
 from .. import plots
-from ..common import (AFTER_RUN, BUTTONS, DRAW_INTERVAL, MAPS_EMPTY, RUN_VIEW, WHY_EMPTY, WORK, Page, buttons,
-                      check_count, cleared, served, session, updates, user_errors)
+from ..common import (AFTER_RUN, BUTTONS, DRAW_INTERVAL, MAPS_EMPTY, RUN_VIEW, STATUS_INTERVAL, WHY_EMPTY, Page, buttons,
+                      cleared, session, updates, user_errors)
 from ..workspace import Workspace
-from .method import calibration_source, prune_config
 from .results import results_markdown
 
 PRUNE_OUTPUTS = ("prune_status", *RUN_VIEW, *BUTTONS, *AFTER_RUN)
@@ -32,7 +32,7 @@ def prune_stream(ws: Workspace, events: Iterator, method: str) -> Iterator[dict]
     yield dict(prune_status="… Drawing calibration windows…", **buttons(ws, running=True),
                **cleared(RUN_VIEW, AFTER_RUN))
     sparsity_by_block, seconds_by_block, targets, differing, block_target = {}, {}, None, {}, None
-    blocks, target, started, heatmap, why, last_drawn = 1, None, time.perf_counter(), gr.update(), gr.update(), 0.0
+    blocks, target, started, heatmap, why, last_drawn, last_status = 1, None, time.perf_counter(), gr.update(), gr.update(), 0.0, 0.0
     owl_figure = None  # OWL's choice per block; a fresh gr.update each time (Gradio consumes an update's value)
 
     def block_plot():
@@ -57,21 +57,24 @@ def prune_stream(ws: Workspace, events: Iterator, method: str) -> Iterator[dict]
         elif isinstance(event, ev.LinearPruned):
             if event.explanation is not None:
                 differing[event.name] = event.explanation.differing
-            if time.perf_counter() - last_drawn < DRAW_INTERVAL and event.done < event.total:
-                continue  # drawing every linear would slow a fast run down; the picker shows them all afterwards
-            last_drawn = time.perf_counter()
-            elapsed = time.perf_counter() - started
+            now, last = time.perf_counter(), event.done == event.total
+            if now - last_status < STATUS_INTERVAL and not last:
+                continue  # a line per linear would slow a fast run down; the picker shows them all afterwards
+            last_status, elapsed = now, now - started
             finished = len(seconds_by_block)  # blocks cost alike (two passes each); linears do not (1 s to 7 s)
             eta = (f"ETA {elapsed / finished * (blocks - finished):.0f} s" if finished else
                    "ETA after the first block")
-            heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, event.score_map, event.mask_map,
-                                       method=method)
-            if event.explanation is not None:
-                why = plots.why_chart(event.name, event.explanation, differing)
             own_target = f" (target {block_target:.1%})" if targets and block_target is not None else ""
-            yield dict(prune_status=f"… block {event.block + 1}/{blocks}{own_target} · linear {event.done}/"
-                                    f"{event.total} ({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · {eta}",
-                       map_plot=heatmap, why_plot=why)
+            shown = dict(prune_status=f"… block {event.block + 1}/{blocks}{own_target} · linear {event.done}/"
+                                      f"{event.total} ({event.done / event.total:.0%}) · {elapsed:.0f} s elapsed · {eta}")
+            if now - last_drawn >= DRAW_INTERVAL or last:  # the maps, far heavier, less often
+                last_drawn = now
+                heatmap = plots.layer_maps(event.name, event.shape, event.sparsity, plots.coarser(event.score_map),
+                                           plots.coarser(event.mask_map), method=method)
+                if event.explanation is not None:
+                    why = plots.why_chart(event.name, plots.coarser_explanation(event.explanation), differing)
+                shown.update(map_plot=heatmap, why_plot=why)
+            yield shown
         elif isinstance(event, ev.BlockFinished):
             sparsity_by_block[event.index] = event.sparsity
             seconds_by_block[event.index] = event.seconds
@@ -93,35 +96,15 @@ def prune_stream(ws: Workspace, events: Iterator, method: str) -> Iterator[dict]
                             "The dense model is intact.")
 
 
-@user_errors(prune_failed)
-def prune(method, sparsity, pattern_choice, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed,
-          include, exclude, prune_head, batch_size, wanda_variant, options, request: gr.Request):
-    ws = session(request)
-    ws.require_model()
-    config = prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size,
-                          wanda_variant, options)
-    source = calibration_source(served(request).policy, calib_kind, files, dataset)
-    nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
-    seed = check_count(seed, "Seed", 0)
-    for shown in prune_stream(ws, ws.prune(config, source, nsamples, seqlen, seed), config.method):
-        yield updates(PRUNE_OUTPUTS, **shown)
-
-
-def stop_pruning(request: gr.Request):
-    """Ask the run to stop; its own stream then says what became of the model (no race with that message)."""
-    session(request).cancel.set()
-    return gr.update(interactive=False)
-
-
 @user_errors()
-def show_layer(name, request: gr.Request):
+def show_layer(layer_pick, request: gr.Request):
     ws = session(request)
-    if not name or name not in ws.maps:
+    if not layer_pick or layer_pick not in ws.maps:
         return plots.empty("Pick a pruned linear"), plots.empty(WHY_EMPTY)
-    m = ws.maps[name]
+    m = ws.maps[layer_pick]
     differing = {n: v.explanation.differing for n, v in ws.maps.items() if v.explanation is not None}
-    return (plots.layer_maps(name, m.shape, m.sparsity, m.score_map, m.mask_map, method=ws.summary.method),
-            plots.why_chart(name, m.explanation, differing) if m.explanation is not None else
+    return (plots.layer_maps(layer_pick, m.shape, m.sparsity, m.score_map, m.mask_map, method=ws.summary.method),
+            plots.why_chart(layer_pick, m.explanation, differing) if m.explanation is not None else
             plots.empty("No explanation for this linear (its method reads no activations)"))
 
 
@@ -140,10 +123,4 @@ def layout(page: Page) -> None:
 
 
 def wire(page: Page) -> None:
-    page.queued(page["start_btn"].click, "prune_status", "start pruning", prune,
-                page.out(("method", "sparsity", "pattern", "custom_nm", "calib_kind", "files", "dataset", "nsamples",
-                          "seqlen", "seed", "include", "exclude", "prune_head", "batch_size", "wanda_variant",
-                          "options")),
-                page.out(PRUNE_OUTPUTS), api_name="prune", **WORK)
-    page["stop_btn"].click(stop_pruning, None, page["stop_btn"], api_name="stop", queue=False)
     page["layer_pick"].change(show_layer, page["layer_pick"], page.out(("map_plot", "why_plot")), api_name="show_layer")

@@ -1,16 +1,21 @@
-"""Step 2 · Method and calibration: method, pattern, sparsity, options (OWL, DSnoT, block reconstruction), calibration
-data, the estimate, and Start/Stop (the run itself shows in the Live step)."""
+"""Step 2 · Method and calibration: method, pattern, sparsity, options (methods.OPTIONS), calibration data, the
+estimate, and Start/Stop (the run itself shows in the Live step)."""
 
 from __future__ import annotations
 
 import gradio as gr
 
+from ...core.config import PruneConfig
 from ...core.errors import UserError
-from ..common import Page, check_count, session, user_errors
+from ...core.estimate import estimate, other_cpu_use
+from ...core.masks import Pattern
+from ...core.methods import METHODS, OPTIONS, get_method
+from ..common import WORK, Page, check_count, served, session, updates, user_errors
 from ..policy import ServePolicy
+from .live import PRUNE_OUTPUTS, prune_failed, prune_stream
 
-METHOD_NAMES = {"Wanda": "wanda", "Magnitude": "magnitude", "SparseGPT": "sparsegpt", "RIA": "ria"}
-OPTION_NAMES = {"OWL": "owl", "DSnoT": "dsnot", "Block reconstruction": "reconstruct"}  # PruneConfig's fields
+METHOD_NAMES = {method.label: name for name, method in METHODS.items()}  # the page's label -> the method's name
+OPTION_NAMES = {option.label: key for key, option in OPTIONS.items()}  # the page's label -> the option's key
 PATTERNS = ["unstructured", "2:4", "4:8", "custom N:M"]
 CALIBRATION = ["Built-in corpus (State of the Union, 1900-1999)", "Text files", "Hub dataset"]
 
@@ -19,29 +24,31 @@ def globs(text: str) -> tuple[str, ...]:
     return tuple(g.strip() for g in (text or "").replace(",", " ").split() if g.strip())
 
 
-def option_fields(options) -> dict[str, bool]:
-    """The page's option labels as PruneConfig's boolean fields."""
-    unknown = [o for o in options or () if o not in OPTION_NAMES]
+def option_keys(labels) -> tuple[str, ...]:
+    """The page's option labels as PruneConfig's option keys."""
+    unknown = [label for label in labels or () if label not in OPTION_NAMES]
     if unknown:
         raise UserError(f"Unknown option {unknown[0]!r}: choose from {', '.join(OPTION_NAMES)}.")
-    return {OPTION_NAMES[o]: True for o in options or ()}
+    return tuple(OPTION_NAMES[label] for label in labels or ())
 
 
-def prune_config(method, sparsity, pattern_choice, custom_nm, include, exclude, prune_head, batch_size, wanda_variant,
-                 options=()):
-    from ...core.engine import PruneConfig
+def method_name(label: str) -> str:
+    """The page's method label (or a method's own name, as API callers send it) as the method's name."""
+    return METHOD_NAMES.get(label, label)
 
-    return PruneConfig(method=method, sparsity=sparsity, pattern=custom_nm if pattern_choice == "custom N:M" else pattern_choice,
-                       include=globs(include), exclude=globs(exclude), prune_head=bool(prune_head),
+
+def prune_config(method, sparsity, pattern, custom_nm, include, exclude, prune_head, batch_size, wanda_variant,
+                 options=()) -> PruneConfig:
+    return PruneConfig(method=method_name(method), sparsity=sparsity,
+                       pattern=custom_nm if pattern == "custom N:M" else pattern, include=globs(include),
+                       exclude=globs(exclude), prune_head=bool(prune_head),
                        batch_size=check_count(batch_size, "Batch size", 0) or None, wanda_variant=bool(wanda_variant),
-                       explain=True, **option_fields(options))
+                       explain=True, options=option_keys(options))
 
 
-def method_description(name: str) -> str:
+def method_description(method: str) -> str:
     """One line under the method choice: what it does, and its paper."""
-    from ...core.methods import get_method
-
-    return get_method(name).description
+    return get_method(method_name(method)).description
 
 
 def calibration_source(policy: ServePolicy, kind, files, dataset):
@@ -59,20 +66,18 @@ def calibration_source(policy: ServePolicy, kind, files, dataset):
 
 @user_errors()
 def estimate_text(method, nsamples, seqlen, request: gr.Request):
-    from ...core.estimate import estimate
-
     ws = session(request)
     if ws.loaded is None:
         return "Load a model to see an estimate."
-    e = estimate(ws.loaded.info, method.lower(), check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2),
-                 not ws.offloaded)
-    return f"Estimate on {ws.loaded.info.device}: {e} ({e.breakdown()})."
+    device = ws.loaded.info.device
+    e = estimate(ws.loaded.info, method_name(method), check_count(nsamples, "Samples"),
+                 check_count(seqlen, "Sequence length", 2), not ws.offloaded,
+                 busy=other_cpu_use() if device == "cpu" else 0.0)
+    return f"Estimate on {device}: {e} ({e.breakdown()})."
 
 
 def sparsity_label(pattern_choice: str, custom_nm: str):
     """The slider applies to unstructured pruning only; N:M fixes the sparsity at 1 - N/M."""
-    from ...core.masks import Pattern
-
     if pattern_choice == "unstructured":
         return gr.update(interactive=True, label="Sparsity (unstructured)")
     try:
@@ -126,9 +131,28 @@ def layout(page: Page) -> None:
 
 def options_note() -> str:
     """The options' own one-line descriptions (the same as --help's), one per line."""
-    from ...core.methods import OPTIONS
+    return "\n".join(f"- {option.description}" for option in OPTIONS.values())
 
-    return "\n".join(f"- {OPTIONS[field].description}" for field in OPTION_NAMES.values())
+
+@user_errors(prune_failed)
+def prune(method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed, include, exclude,
+          prune_head, batch_size, wanda_variant, options, request: gr.Request):
+    """Start: prune the session's model as the page says; step 3 shows the run."""
+    ws = session(request)
+    ws.require_model()
+    config = prune_config(method, sparsity, pattern, custom_nm, include, exclude, prune_head, batch_size,
+                          wanda_variant, options)
+    source = calibration_source(served(request).policy, calib_kind, files, dataset)
+    nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
+    seed = check_count(seed, "Seed", 0)
+    for shown in prune_stream(ws, ws.prune(config, source, nsamples, seqlen, seed), config.method):
+        yield updates(PRUNE_OUTPUTS, **shown)
+
+
+def stop_pruning(request: gr.Request):
+    """Ask the run to stop; its own stream then says what became of the model (no race with that message)."""
+    session(request).cancel.set()
+    return gr.update(interactive=False)
 
 
 def wire(page: Page) -> None:
@@ -141,7 +165,9 @@ def wire(page: Page) -> None:
                           api_visibility="private")
     page["calib_kind"].change(lambda k: (gr.update(visible=k == CALIBRATION[1]), gr.update(visible=k == CALIBRATION[2])),
                               page["calib_kind"], page.out(("files", "dataset")), queue=False, api_visibility="private")
-    estimate_inputs = page.out(("method", "nsamples", "seqlen"))
-    page.events["load"].then(estimate_text, estimate_inputs, page["estimate"], api_visibility="private")
+    page.events["load"].then(estimate_text, page.inputs_of(estimate_text), page["estimate"], api_visibility="private")
     for name in ("method", "nsamples", "seqlen"):
-        page[name].change(estimate_text, estimate_inputs, page["estimate"], api_visibility="private")
+        page[name].change(estimate_text, page.inputs_of(estimate_text), page["estimate"], api_visibility="private")
+    page.queued(page["start_btn"].click, "prune_status", "start pruning", prune, page.out(PRUNE_OUTPUTS),
+                api_name="prune", **WORK)
+    page["stop_btn"].click(stop_pruning, None, page["stop_btn"], api_name="stop", queue=False)

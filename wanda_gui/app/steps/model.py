@@ -7,11 +7,13 @@ import html
 
 import gradio as gr
 
-from ...core.devices import format_bytes, list_devices
+from ...core.devices import list_devices
+from ...core.memory import format_bytes
 from ..common import (AFTER_RUN, BUTTONS, COMPARE_VIEW, RUN_VIEW, WORK, Page, buttons, cleared, on_a_thread, served, session, updates,
                       user_errors)
 from ..policy import ServePolicy
-from ..workspace import MEMORY_MODES, Workspace
+from ...core.runs import MEMORY_MODES
+from ..workspace import Workspace
 
 SOURCES = ["Built-in (SmolLM2-135M-Instruct)", "Local folder", "Hugging Face hub"]
 
@@ -42,13 +44,13 @@ def load_failed(ws: Workspace, message: str):
 
 
 @user_errors(load_failed)
-def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype, memory="auto", budget="",
+def load(source_kind, folder, hub_id, revision, token, trust, device, dtype, memory="auto", budget="",
          request: gr.Request = None):
     """Load on a worker thread so that progress messages stream into the status line."""
     ws = session(request)
     policy = served(request).policy
-    source = source_of(policy, kind, folder, hub_id)
-    trust = policy.remote_code(bool(trust_remote_code))
+    source = source_of(policy, source_kind, folder, hub_id)
+    trust = policy.remote_code(bool(trust))
     ws.check_idle()
     yield updates(LOAD_OUTPUTS, load_status="… Loading…", card="", compare_status="", **buttons(ws, running=True),
                   **cleared(RUN_VIEW, AFTER_RUN, COMPARE_VIEW))
@@ -115,8 +117,5 @@ def show_source(kind):
 def wire(page: Page) -> None:
     page["source_kind"].change(show_source, page["source_kind"], page.out(("folder", "hub_row", "hub_row2")),
                                queue=False, api_visibility="private")
-    page.events["load"] = page.queued(
-        page["load_btn"].click, "load_status", "load the model", load,
-        page.out(("source_kind", "folder", "hub_id", "revision", "token", "trust", "device", "dtype", "memory",
-                  "budget")),
-        page.out(LOAD_OUTPUTS), api_name="load", **WORK)
+    page.events["load"] = page.queued(page["load_btn"].click, "load_status", "load the model", load,
+                                      page.out(LOAD_OUTPUTS), api_name="load", **WORK)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ...core.devices import format_bytes
+from ...core.copies import shared_bytes, tensor_bytes
+from ...core.memory import format_bytes
 from ..common import BUTTONS, WORK, Page, buttons, check_count, on_a_thread, session, updates, user_errors
 from ..workspace import Workspace
-from .method import OPTION_NAMES
+from ...core.methods import OPTIONS
 
 HONEST_NOTE = ("Zeros stored densely do not shrink the files or make a dense runtime faster. 2:4 can be accelerated on "
                "NVIDIA Ampere or newer GPUs with semi-structured sparse kernels (modest, shape-dependent gains); on a "
@@ -26,15 +27,13 @@ def results_markdown(ws: Workspace) -> str:
                   f"block by block as they were pruned, and only what lies outside the blocks "
                   f"({format_bytes(ws.loaded.lazy.resident_bytes())}) is held, once for both.")
     elif ws.dense_kept and ws.pruned is not None:
-        from ...core.copies import shared_bytes, tensor_bytes
-
         own = tensor_bytes(ws.pruned) - shared_bytes(ws.pruned, ws.dense_model)
         shared = (f" The pruned copy adds {format_bytes(own)}: it shares the embeddings, norms and every untouched "
                   "tensor with the dense model.")
     dense = "kept for side-by-side chat" if ws.dense_kept else \
         "**not kept** (no memory for a copy: the model was pruned in place; reload it to chat with the dense model)"
     variant = " (α-variant)" if s.settings.get("wanda_variant") else ""
-    variant += "".join(f" + {label}" for label, field in OPTION_NAMES.items() if s.settings.get(field))
+    variant += "".join(f" + {OPTIONS[key].label}" for key in s.settings.get("options", ()))
     return (f"**{s.method}{variant} · {s.pattern}** · target {s.target_sparsity:.1%} · achieved **{s.achieved_sparsity:.2%}** "
             f"over {s.pruned_parameters:,} weights in {s.seconds:.1f} s. Dense model: {dense}.{shared}\n\n{table}\n\n"
             f"{HONEST_NOTE}")
@@ -84,5 +83,5 @@ def layout(page: Page) -> None:
 
 
 def wire(page: Page) -> None:
-    page.queued(page["eval_btn"].click, "ppl_md", "measure perplexity", evaluate, page["nwindows"],
-                page.out(EVAL_OUTPUTS), api_name="evaluate", **WORK)
+    page.queued(page["eval_btn"].click, "ppl_md", "measure perplexity", evaluate, page.out(EVAL_OUTPUTS),
+                api_name="evaluate", **WORK)

@@ -1,4 +1,5 @@
-"""Pruning methods by name: each one small object (methods/base.py says its shape), one file per family."""
+"""Every pruning method and option, registered once: the CLI's flags, the app's choices, the sweep's columns and the
+refusals all loop over these two tables. A new method or option is one file and one entry here."""
 
 from __future__ import annotations
 
@@ -7,17 +8,12 @@ from .base import BlockMasked, Method, RunContext, ScoreMethod, Step
 from .dsnot import DSnoT
 from .owl import OWL
 from .reconstruct import Reconstruct
-from .ria import RIA, ria_score
+from .ria import RIA
 from .sparsegpt import SPARSEGPT
-from .wanda import MAGNITUDE, WANDA, magnitude_score, wanda_score
+from .wanda import MAGNITUDE, WANDA
 
 METHODS: dict[str, Method] = {m.name: m for m in (WANDA, MAGNITUDE, SPARSEGPT, RIA)}
-OPTIONS: dict[str, type[Step]] = {"owl": OWL, "dsnot": DSnoT, "reconstruct": Reconstruct}  # PruneConfig's boolean field -> its step, in the order they act
-
-
-def option_steps(config) -> tuple[Step, ...]:
-    """The whole-model steps a PruneConfig's options ask for, fresh for each run."""
-    return tuple(step() for name, step in OPTIONS.items() if getattr(config, name))
+OPTIONS: dict[str, type[Step]] = {o.key: o for o in (OWL, DSnoT, Reconstruct)}  # in the order they act
 
 
 def get_method(name: str) -> Method:
@@ -27,5 +23,16 @@ def get_method(name: str) -> Method:
         raise UserError(f"Unknown method {name!r}: use one of {', '.join(METHODS)}.") from None
 
 
-__all__ = ["METHODS", "OPTIONS", "OWL", "DSnoT", "Reconstruct", "BlockMasked", "Method", "RunContext", "ScoreMethod", "Step", "get_method",
-           "magnitude_score", "option_steps", "ria_score", "wanda_score"]
+def get_option(key: str) -> type[Step]:
+    try:
+        return OPTIONS[(key or "").strip().lower()]
+    except KeyError:
+        raise UserError(f"Unknown option {key!r}: use one of {', '.join(OPTIONS)}.") from None
+
+
+def methods_reading_activations() -> list[str]:
+    return [name for name, method in METHODS.items() if method.needs_activations]
+
+
+__all__ = ["METHODS", "OPTIONS", "BlockMasked", "Method", "RunContext", "ScoreMethod", "Step", "get_method",
+           "get_option", "methods_reading_activations"]

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..masks import select
+from ..masks import Pattern, Selection, select
 
 if TYPE_CHECKING:
     from ..architecture import BlockCall
-    from ..engine import PruneConfig
+    from ..config import PruneConfig
     from ..events import Event
 
 
@@ -25,7 +25,7 @@ class RunContext:
     model: nn.Module
     config: "PruneConfig"
     blocks: nn.ModuleList
-    plan: list[dict[str, nn.Module]]  # per stage, the linears to prune by qualified name
+    stages: list[dict[str, nn.Module]]  # per stage (the blocks, then the LM head if pruned), its linears by name
     calibration: torch.Tensor | None  # (nsamples, seqlen) token ids
     hidden: torch.Tensor | None  # the current stage's inputs, (nsamples, seqlen, hidden); None without calibration
     calls: list["BlockCall"] | None  # how to replay each block
@@ -52,16 +52,27 @@ class BlockMasked:
 
 
 class Step:
-    """Whole-model hook points around the block loop; an option (OWL, DSnoT, reconstruction, offload) overrides
-    them. `statistic`: a class from core.statistics (or alike: add(x), result()) this hook needs of every pruned
-    linear's input, collected in the same pass as the method's own and handed over in BlockMasked.statistics."""
+    """Whole-model hook points around the block loop; an option (OWL, DSnoT, reconstruction) or the engine's caller
+    (offload) overrides them. `statistic`: a class from core.statistics (or alike: add(x), result()) this hook needs
+    of every pruned linear's input, collected in the same pass as the method's own and handed over in
+    BlockMasked.statistics.
+
+    An option is a Step registered in methods.OPTIONS: everything else (its CLI flag, its app checkbox, its sweep
+    column, its refusals) is read from these attributes."""
 
     statistic: type | None = None
-    description: str = ""  # an option's one line for the app and --help, citing its paper
+    key: str = ""  # an option's name: its --flag, its entry in PruneConfig.options, its column in a sweep
+    label: str = ""  # how the page and the charts name it
+    description: str = ""  # one line for the app and --help, citing its paper
+    needs_activations: bool = False  # an option that does is refused with a method that reads no calibration data
+    reads: str = ""  # what it reads of the activations, for that refusal: "<label> <reads>: choose a method..."
+    unstructured_only: str = ""  # why it refuses N:M patterns ("" : it takes them)
+    offload_refusal: str | None = None  # why it cannot run on a model read block by block from disk; None: it can
+    torchrun_refusal: str | None = None  # why it cannot run split over torchrun processes; None: it can
 
     @classmethod
-    def check(cls, pattern, needs_activations: bool) -> None:
-        """Refuse, before a model is loaded, a run this option cannot serve (PruneConfig calls it when it is on)."""
+    def check(cls, pattern: Pattern) -> None:
+        """Refuse, before a model is loaded, a pattern this option cannot serve (PruneConfig calls it when on)."""
 
     def before_pruning(self, ctx: RunContext) -> Iterator[Event] | None:
         """Called once, the model still dense, after the first block's inputs are captured. A hook with work of its
@@ -79,9 +90,11 @@ class Step:
 
 class Method(Step):
     """A pruning method: which statistic it needs per linear input (None: no calibration), and how it prunes
-    one linear given that statistic. Linears fed the same tensor share one statistic and one `prepare`."""
+    one linear given that statistic. Linears fed the same tensor share one statistic and one `prepare`.
+    Registered in methods.METHODS by `name`."""
 
     name: str = ""
+    label: str = ""  # how the page names it
     description: str = ""  # one line for the app and --help, citing the paper
     score_label: str = ""  # what the LinearPruned score map shows
     statistic: type | None = None  # a class from core.statistics, or None
@@ -94,8 +107,7 @@ class Method(Step):
         """Work that depends only on the statistic, done once per shared input (SparseGPT: H's inverse)."""
         return stat
 
-    def prune(self, weight: torch.Tensor, prepared: Any, sparsity: float,
-              config: "PruneConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, weight: torch.Tensor, prepared: Any, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
         """Prune (and possibly update) a (C_out, C_in) weight in place; return (score map, True where pruned)."""
         raise NotImplementedError
 
@@ -103,17 +115,13 @@ class Method(Step):
 class ScoreMethod(Method):
     """A method that scores each weight and zeroes the lowest: no update of the others."""
 
-    def __init__(self, name: str, description: str, score: Callable[..., torch.Tensor], statistic: type | None,
-                 score_label: str):
-        self.name, self.description, self.score, self.statistic, self.score_label = (
-            name, description, score, statistic, score_label)
+    def __init__(self, name: str, label: str, description: str, score: Callable[..., torch.Tensor],
+                 statistic: type | None, score_label: str):
+        self.name, self.label, self.description, self.score, self.statistic, self.score_label = (
+            name, label, description, score, statistic, score_label)
 
-    def prune(self, weight, prepared, sparsity, config):
+    def prune(self, weight, prepared, selection):
         score = self.score(weight, prepared)
-        mask = self.select(score, sparsity, config)
+        mask = select(score, selection)
         weight.masked_fill_(mask, 0)
         return score, mask
-
-    def select(self, score: torch.Tensor, sparsity: float, config: "PruneConfig") -> torch.Tensor:
-        """True where pruned: per row (or the whole layer), or per N:M group."""
-        return select(score, sparsity, config.pattern, config.layerwise)

@@ -170,15 +170,11 @@ def dense_out_in(linear: torch.nn.Module, dense: torch.Tensor) -> torch.Tensor:
 class DSnoT(Step):
     """The option: after each stage's masks, DSnoT on every linear of the stage with the reference's settings."""
 
-    @classmethod
-    def check(cls, pattern, needs_activations: bool) -> None:
-        if not needs_activations:
-            raise UserError("DSnoT weighs swaps with the calibration inputs' mean and variance: choose a method that "
-                            "reads them (wanda, sparsegpt, ria), or turn DSnoT off.")
-
+    key, label = "dsnot", "DSnoT"
     description = ("DSnoT (Zhang et al. 2024): after masking, swap pruned and kept weights of each row while that "
                    "shrinks its expected reconstruction error; counts per row or N:M group kept")
-
+    needs_activations = True
+    reads = "weighs swaps with the calibration inputs' mean and variance"
     statistic = MeanVariance
 
     def __init__(self, max_cycles: int = MAX_CYCLES, threshold: float = UPDATE_THRESHOLD,
@@ -189,9 +185,6 @@ class DSnoT(Step):
             raise UserError(f"DSnoT's threshold and variance power must be 0 or more; got {threshold!r} and "
                             f"{pow_of_var!r}.")
         self.max_cycles, self.threshold, self.pow_of_var = max_cycles, threshold, pow_of_var
-
-    def before_pruning(self, ctx: RunContext) -> None:
-        self.check(ctx.config.pattern, ctx.calibration is not None)
 
     def after_masking(self, ctx: RunContext, block: BlockMasked) -> None:
         moments = block.statistics[MeanVariance]

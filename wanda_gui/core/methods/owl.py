@@ -11,15 +11,12 @@ import torch
 from ..architecture import weight_out_in
 from ..errors import UserError
 from ..events import Progress
-from ..masks import Pattern
 from ..passes import Cancelled, collect_input_stats, run_block
 from ..statistics import SquaredMean
 from .base import RunContext, Step
 from .wanda import wanda_score
 
 LAMBDA, M = 0.08, 5.0  # the reference's settings for LLaMA (its README's scripts)
-NEEDS_ACTIVATIONS = ("OWL measures outliers in calibration activations (Wanda's |W| x input norm): choose a method "
-                     "that reads them (wanda, sparsegpt, ria), or turn OWL off.")
 
 
 def owl_sparsities(outlier_ratios: list[float], sizes: list[int], target: float, lam: float = LAMBDA) -> list[float]:
@@ -76,16 +73,14 @@ def outlier_ratio(weights: list[torch.Tensor], input_sq_means: list[torch.Tensor
 class OWL(Step):
     """Sets ctx.sparsities per block from a pass over the dense model on a copy of the calibration inputs."""
 
-    @classmethod
-    def check(cls, pattern: Pattern, needs_activations: bool) -> None:
-        if pattern.structured:
-            raise UserError(f"OWL chooses a sparsity per block, but {pattern} fixes every row's sparsity: use the "
-                            "unstructured pattern with OWL, or turn OWL off.")
-        if not needs_activations:
-            raise UserError(NEEDS_ACTIVATIONS)
-
+    key, label = "owl", "OWL"
     description = ("OWL (Yin et al. 2024): per-block sparsities from each block's share of outlier scores (lambda "
                    "0.08, M 5), their size-weighted mean the target; unstructured only")
+    needs_activations = True
+    reads = "measures outliers in calibration activations (Wanda's |W| x input norm)"
+    unstructured_only = "chooses a sparsity per block"
+    offload_refusal = ("OWL measures every block of the dense model before pruning starts, which offloading would "
+                       "read twice: run OWL on the model loaded whole (without offload).")
 
     def __init__(self, lam: float = LAMBDA, m: float = M):
         if not 0 <= lam < 1:
@@ -97,15 +92,13 @@ class OWL(Step):
         self.lam, self.m = lam, m
 
     def before_pruning(self, ctx: RunContext):
-        if ctx.hidden is None or ctx.calls is None:
-            raise UserError(NEEDS_ACTIVATIONS)
         hidden = ctx.hidden.clone()  # the dense model's own hidden states; the run's stay as they are
         blocks = len(ctx.blocks)
         ratios, sizes = [0.0] * blocks, [0] * blocks
         for i, block in enumerate(ctx.blocks):
             if ctx.cancel is not None and ctx.cancel.is_set():
                 raise Cancelled
-            linears = ctx.plan[i]
+            linears = ctx.stages[i]
             if linears:
                 stats = collect_input_stats(block, linears, hidden, ctx.calls[i], ctx.batch_size, ctx.cancel,
                                             SquaredMean)

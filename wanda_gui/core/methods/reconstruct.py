@@ -118,15 +118,16 @@ class Reconstruct(Step):
     the pruned inputs). `errors` records per block that MSE on the first batch of samples: after masking, after the
     refit, after Adam."""
 
-    @classmethod
-    def check(cls, pattern, needs_activations: bool) -> None:
-        if not needs_activations:
-            raise UserError("Block reconstruction fits each pruned block to the dense model's outputs on calibration "
-                            "inputs: choose a method that reads them (wanda, sparsegpt, ria), or turn it off.")
-
+    key, label = "reconstruct", "Block reconstruction"
     description = ("Block reconstruction: after each block is masked, refit its kept weights (least squares on the "
                    "inputs, then a few epochs of Adam) to the dense model's outputs, masks held; the regional "
                    "optimisation of Wanda++, Yang et al. 2025")
+    needs_activations = True
+    reads = "fits each pruned block to the dense model's outputs on calibration inputs"
+    offload_refusal = ("Block reconstruction holds the dense and the pruned block together and is not supported "
+                       "with offload yet: run it on the model loaded whole (without offload).")
+    torchrun_refusal = ("Block reconstruction fits weights on each process's own windows, so the processes would "
+                        "end with different models: run it in one process.")
 
     def __init__(self, epochs: int = 2, lr: float = 1e-4, batch_size: int = 4, refit_iterations: int = 30,
                  dense_stream: bool = True):

@@ -20,5 +20,5 @@ def ria_score(weight: torch.Tensor, input_sq_mean: torch.Tensor, power: float = 
     return relative.mul_(input_sq_mean.sqrt().pow(power).unsqueeze(0))
 
 
-RIA = ScoreMethod("ria", "RIA: |W| relative to its row and column totals x input-feature norm^0.5, per row "
+RIA = ScoreMethod("ria", "RIA", "RIA: |W| relative to its row and column totals x input-feature norm^0.5, per row "
                   "(Zhang et al. 2024, Plug-and-Play)", ria_score, SquaredMean, "RIA: relative |W| x ||X_j||^0.5")

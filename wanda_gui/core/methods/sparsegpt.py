@@ -74,7 +74,7 @@ def sparsegpt_prune(weight: torch.Tensor, hinv: InverseHessian, sparsity: float,
                     blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune and update a (C_out, C_in) weight in place; return (w^2/U_jj^2 when each column was selected,
     True where pruned)."""
-    if pattern.structured:  # whole N:M groups per block (the reference's 128 for 2:4 and 4:8)
+    if pattern.nm:  # whole N:M groups per block (the reference's 128 for 2:4 and 4:8)
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
     W = weight.float().clone()
     W[:, hinv.dead] = 0
@@ -96,10 +96,10 @@ def prune_columns(W: torch.Tensor, U: torch.Tensor, score: torch.Tensor, mask: t
         d1 = U1.diagonal()
         Err1 = torch.zeros_like(W1)
         mask1 = mask[:, i1:i2]
-        if not pattern.structured:
+        if not pattern.nm:
             score[:, i1:i2], mask1[:] = block_mask(W1, d1, sparsity)
         for i in range(i2 - i1):
-            if pattern.structured and i % pattern.m == 0:
+            if pattern.nm and i % pattern.m == 0:
                 group = W1[:, i:i + pattern.m] ** 2 / d1[i:i + pattern.m].unsqueeze(0) ** 2
                 score[:, i1 + i:i1 + i + pattern.m] = group
                 mask1.scatter_(1, i + group.topk(pattern.m - pattern.n, dim=1, largest=False).indices, True)
@@ -114,6 +114,7 @@ def prune_columns(W: torch.Tensor, U: torch.Tensor, score: torch.Tensor, mask: t
 
 class SparseGPT(Method):
     name = "sparsegpt"
+    label = "SparseGPT"
     description = "SparseGPT: prunes by w^2/[H^-1]_jj^2 and updates the kept weights to compensate (Frantar & Alistarh 2023)"
     score_label = "w^2 / [H^-1]_jj^2 when the column was selected"
     statistic = Hessian
@@ -121,8 +122,8 @@ class SparseGPT(Method):
     def prepare(self, stat):
         return inverse_hessian(stat)
 
-    def prune(self, weight, prepared, sparsity, config):
-        return sparsegpt_prune(weight, prepared, sparsity, config.pattern)
+    def prune(self, weight, prepared, selection):
+        return sparsegpt_prune(weight, prepared, selection.sparsity, selection.pattern)
 
 
 SPARSEGPT = SparseGPT()
