@@ -21,6 +21,7 @@ from wanda_gui.app.policy import ServePolicy, app_files_dir, policy_from_args
 from wanda_gui.app.steps.method import CALIBRATION
 from wanda_gui.app.steps.model import SOURCES
 from wanda_gui.cli import main
+from wanda_gui.core.calibration import HubDataset
 from wanda_gui.core.errors import UserError
 
 AUTH = ("alice", "a-long-passphrase")
@@ -125,9 +126,9 @@ def served(tmp_path):
 
 def test_exposed_policy_loads_folders_only_inside_models_dir(served):
     policy = served.policy
-    assert policy.model_source("folder", "tiny", "") == str(served.models / "tiny")
-    assert policy.model_source("folder", "inner", "") == str(served.models / "tiny")  # a symlink that stays inside
-    assert policy.model_source("folder", str(served.models / "tiny"), "") == str(served.models / "tiny")
+    assert policy.model_source("folder", "tiny", "") == (str(served.models / "tiny"), False)
+    assert policy.model_source("folder", "inner", "").source == str(served.models / "tiny")  # a symlink inside
+    assert policy.model_source("folder", str(served.models / "tiny"), "").source == str(served.models / "tiny")
     missing = refusal(lambda: policy.model_source("folder", "nothing-here", ""))
     for outside in ("../outside/private", str(served.outside / "private"), "escape", "tiny/../../outside/private"):
         message = refusal(lambda: policy.model_source("folder", outside, ""))
@@ -138,21 +139,23 @@ def test_exposed_policy_loads_folders_only_inside_models_dir(served):
         "This server loads no local folders")
 
 
-def test_exposed_policy_takes_hub_ids_that_are_not_server_paths(served, monkeypatch):
+def test_exposed_policy_takes_hub_ids_by_their_spelling_and_only_from_the_hub(served, monkeypatch):
     policy = served.policy
-    assert policy.model_source("hub", "", " org/name ") == "org/name"
-    assert policy.model_source("builtin", "whatever", "") == "builtin"
+    assert policy.model_source("hub", "", " org/name ") == ("org/name", True)
+    assert policy.model_source("builtin", "whatever", "") == ("builtin", False)
     monkeypatch.chdir(served.root)
-    assert "not a hub id" in refusal(lambda: policy.model_source("hub", "", "outside/private"))  # exists relative here
-    assert "not a hub id" in refusal(lambda: policy.model_source("hub", "", "/etc/passwd"))
-    assert ServePolicy().model_source("hub", "", "outside/private") == "outside/private"  # local mode: as before
+    # A hub id that names a server folder too is still a hub id, never read from the disk: nothing tells them apart.
+    assert policy.model_source("hub", "", "outside/private") == ("outside/private", True)
+    for name in ("/etc/passwd", "outside", "../outside", "outside/..", "~/x", "a/b/c"):
+        assert "not a hub id" in refusal(lambda: policy.model_source("hub", "", name))
+    assert ServePolicy().model_source("hub", "", "outside/private") == ("outside/private", False)  # local: as before
 
 
 def test_local_policy_takes_any_folder_and_target(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     local = ServePolicy()
-    assert local.model_source("folder", "models/x", "") == str(tmp_path / "models" / "x")
-    assert local.model_source("folder", "~/m", "") == str(Path.home() / "m")
+    assert local.model_source("folder", "models/x", "") == (str(tmp_path / "models" / "x"), False)
+    assert local.model_source("folder", "~/m", "").source == str(Path.home() / "m")
     assert local.export_target("out/a") == tmp_path / "out" / "a"
     assert local.export_target("/srv/x") == Path("/srv/x")
     assert "Give the folder" in refusal(lambda: local.export_target("  "))
@@ -172,13 +175,13 @@ def test_exposed_export_name_lands_under_exports_dir_and_no_symlink_leads_out(se
     assert "cannot be used" in refusal(lambda: policy.export_target("link"))
 
 
-def test_exposed_calibration_datasets_are_hub_names_not_server_folders(served, monkeypatch):
+def test_exposed_calibration_datasets_are_hub_names_read_from_the_hub_only(served, monkeypatch):
     monkeypatch.chdir(served.root)
-    for spec in ("wikitext2", "c4", "org/name:config"):
-        assert served.policy.calibration_dataset(f" {spec} ") == spec
-    for spec in ("/etc", "outside/private", "./models", "~/data", "../x:y", ""):
+    for spec in ("wikitext2", "c4", "org/name:config", "outside/private"):  # the last one names a server folder too
+        assert served.policy.calibration_dataset(f" {spec} ") == HubDataset(spec, hub_only=True)
+    for spec in ("/etc", "./models", "~/data", "../x:y", "", "json", "outside"):  # 'json' reads the working folder
         assert "not a hub dataset name" in refusal(lambda: served.policy.calibration_dataset(spec))
-    assert ServePolicy().calibration_dataset("outside/private") == "outside/private"  # local mode: as before
+    assert ServePolicy().calibration_dataset("outside/private") == HubDataset("outside/private")  # local: as before
 
 
 def test_remote_code_runs_only_when_the_operator_allowed_it():
@@ -276,3 +279,36 @@ def test_exposed_server_reads_no_server_folder_as_a_calibration_dataset(tiny_mod
                                                   api_name="/prune"))
         assert "not a hub dataset name" in message and "secret_column" not in message
         client.close()
+
+
+# -- a shared server says nothing about its files -----------------------------------------------------------------
+
+def test_exposed_server_answers_a_name_alike_whether_or_not_the_server_has_it(tiny_model_dir, tmp_path, monkeypatch):
+    """Hub ids and hub datasets: one answer for a name the server's disk holds and for one it does not."""
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    (tmp_path / "outside" / "private").mkdir(parents=True)
+    (tmp_path / "outside" / "private" / "table.csv").write_text("text,secret_column\nhello,1\n")
+    (tmp_path / "table.json").write_text('{"text": "hello", "secret_column": 1}\n')
+    monkeypatch.chdir(tmp_path)  # the server's working folder: relative names are looked up here
+    policy = ServePolicy(exposed=True, models_dir=tmp_path / "models", exports_dir=tmp_path / "exports")
+    pairs = [("outside/private", "nobody/nothing"), ("outside", "nowhere"),  # hub ids; plain names
+             (str(tmp_path / "outside" / "private"), str(tmp_path / "missing" / "private"))]  # absolute paths
+    with serving(policy=policy, auth=":".join(AUTH)) as demo:
+        client = Client(demo.local_url, auth=AUTH, verbose=False)
+        client.predict(*load_args(SOURCES[1], "tiny"), api_name="/load")
+
+        def load(name):
+            return error_of(lambda: client.predict(*load_args(SOURCES[2], hub_id=name), api_name="/load"))
+
+        def calibrate(name):
+            return error_of(lambda: client.predict(*prune_args([], calib_kind=CALIBRATION[2], dataset=name),
+                                                   api_name="/prune"))
+
+        json_files = calibrate("json")  # `datasets` would read the working folder's JSON files
+        for ask in (calibrate, load):  # a failed load unloads the model: calibration first
+            for there, missing in pairs:
+                answer = ask(there)
+                assert answer.replace(there, "X") == ask(missing).replace(missing, "X"), answer
+                assert "Load a model first" not in answer
+        client.close()
+    assert "not a hub dataset name" in json_files and "secret_column" not in json_files

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..core import events as ev
+from ..core.calibration import HubDataset
 from ..core.errors import UserError
 from ..core.explain import Explanation
 
@@ -43,7 +44,7 @@ class Comparison:
     used, so that any finished run can be pruned again, identically, into the session's model."""
 
     specs: dict  # run key -> core.sweep.RunSpec
-    source: str | list[str]
+    source: str | list[str] | HubDataset
     nsamples: int
     seqlen: int
     seed: int
@@ -170,9 +171,10 @@ class Workspace:
 
     # -- model
     def load(self, source: str, device: str, dtype: str | None, revision: str | None = None, token: str | None = None,
-             trust_remote_code: bool = False, progress=None, memory: str = "memory", budget: str | None = None):
+             trust_remote_code: bool = False, progress=None, memory: str = "memory", budget: str | None = None,
+             hub_only: bool = False):
         """memory: a key of MEMORY_MODES; budget: what this session's models may hold ('3GiB'), or None for
-        whatever is free."""
+        whatever is free; hub_only: the source is a hub id, never a path (core.models.resolve_source)."""
         import time
 
         from ..core.models import load_model
@@ -185,7 +187,7 @@ class Workspace:
         started = time.perf_counter()
         key = model_key(source, revision, device, dtype, token, trust_remote_code)
         load = functools.partial(load_model, source, device, dtype, revision or None, token or None, trust_remote_code,
-                                 progress=progress)
+                                 progress=progress, hub_only=hub_only)
         with self.doing("loading a model"):
             self._reset()
             self.pool.release(self)

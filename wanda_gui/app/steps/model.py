@@ -10,7 +10,7 @@ import gradio as gr
 from ...core.devices import format_bytes, list_devices
 from ..common import (AFTER_RUN, BUTTONS, COMPARE_VIEW, RUN_VIEW, WORK, Page, buttons, cleared, on_a_thread, served, session, updates,
                       user_errors)
-from ..policy import ServePolicy
+from ..policy import ModelSource, ServePolicy
 from ..workspace import MEMORY_MODES, Workspace
 
 SOURCES = ["Built-in (SmolLM2-135M-Instruct)", "Local folder", "Hugging Face hub"]
@@ -29,7 +29,7 @@ def device_choices() -> list[tuple[str, str]]:
     return [(f"{d.label} · {format_bytes(d.free_bytes)} free of {format_bytes(d.total_bytes)}", d.id) for d in list_devices()]
 
 
-def source_of(policy: ServePolicy, kind: str, folder: str, hub_id: str) -> str:
+def source_of(policy: ServePolicy, kind: str, folder: str, hub_id: str) -> ModelSource:
     return policy.model_source({SOURCES[0]: "builtin", SOURCES[1]: "folder"}.get(kind, "hub"), folder or "",
                                hub_id or "")
 
@@ -47,13 +47,13 @@ def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype
     """Load on a worker thread so that progress messages stream into the status line."""
     ws = session(request)
     policy = served(request).policy
-    source = source_of(policy, kind, folder, hub_id)
+    source, hub_only = source_of(policy, kind, folder, hub_id)
     trust = policy.remote_code(bool(trust_remote_code))
     ws.check_idle()
     yield updates(LOAD_OUTPUTS, load_status="… Loading…", card="", compare_status="", **buttons(ws, running=True),
                   **cleared(RUN_VIEW, AFTER_RUN, COMPARE_VIEW))
     work = functools.partial(ws.load, source, device, None if dtype == "auto" else dtype, revision, token, trust,
-                             memory=memory, budget=budget)
+                             memory=memory, budget=budget, hub_only=hub_only)
     for message in on_a_thread(lambda report: work(progress=lambda m, f: report(m + (f" {f:.0%}" if f else "")))):
         if isinstance(message, str):
             yield updates(LOAD_OUTPUTS, load_status=f"… {message}")
