@@ -312,3 +312,42 @@ def test_exposed_server_answers_a_name_alike_whether_or_not_the_server_has_it(ti
                 assert "Load a model first" not in answer
         client.close()
     assert "not a hub dataset name" in json_files and "secret_column" not in json_files
+
+
+def test_exposed_server_names_its_folders_relative_to_models_and_exports_dirs(tiny_model_dir, text_file, tmp_path):
+    models, exports = tmp_path / "models", tmp_path / "exports"
+    shutil.copytree(tiny_model_dir, models / "tiny")
+    shutil.copytree(tiny_model_dir, models / "damaged")
+    (models / "damaged" / "config.json").write_text("{")
+    (models / "empty").mkdir()
+    (exports / "foreign").mkdir(parents=True)
+    for name in ("notes.txt", "photo.jpg"):
+        (exports / "foreign" / name).write_text("not an export")
+    policy = ServePolicy(exposed=True, models_dir=models, exports_dir=exports)
+    with serving(policy=policy, auth=":".join(AUTH)) as demo:
+        client = Client(demo.local_url, auth=AUTH, verbose=False)
+        empty = error_of(lambda: client.predict(*load_args(SOURCES[1], "empty"), api_name="/load"))
+        damaged = error_of(lambda: client.predict(*load_args(SOURCES[1], "damaged"), api_name="/load"))
+        client.predict(*load_args(SOURCES[1], "tiny"), api_name="/load")
+        client.predict(*prune_args([text_file]), api_name="/prune")
+        job = client.submit("x", False, api_name="/export")
+        statuses = [update[0] for update in job]
+        exported = job.result()[0]
+        foreign = error_of(lambda: client.predict("foreign", False, api_name="/export"))
+        client.close()
+    assert empty.startswith("models/empty is not a model folder")
+    assert damaged.startswith("models/damaged/config.json is not valid JSON")
+    assert "… Exporting to `exports/x`…" in statuses and exported.startswith("✓ Exported to `exports/x`")
+    assert foreign.startswith("exports/foreign is not empty and is not a previous export of wanda_gui; choose")
+    assert "notes.txt" not in foreign  # no listing of the folder's files
+    for message in (empty, damaged, *statuses, exported, foreign):
+        assert str(tmp_path) not in message
+
+
+def test_a_message_names_no_absolute_server_path():
+    policy = ServePolicy(exposed=True, models_dir=Path("/srv/models"), exports_dir=Path("/srv/exports"))
+    assert policy.shown("Cannot create /srv/exports/x: Permission denied.") == "Cannot create exports/x: Permission denied."
+    assert policy.shown("/srv/models-old/m and /home/op/.cache/hub/config.json") == "…/m and …/config.json"
+    kept = "see https://huggingface.co/org/name, 2:4 and 1/2"
+    assert policy.shown(kept) == kept
+    assert ServePolicy().shown("/srv/models/m") == "/srv/models/m"  # local mode: the full path

@@ -10,6 +10,7 @@ import argparse
 import atexit
 import dataclasses
 import ipaddress
+import re
 import shutil
 import socket
 import tempfile
@@ -48,6 +49,10 @@ def is_loopback(host: str) -> bool:
 def inside(path: Path, folder: Path) -> bool:
     """True when path, with every symlink followed, lies in folder."""
     return path.resolve().is_relative_to(folder.resolve())
+
+
+# An absolute path in a message (not the '//' of a URL, nor the '/' inside 'org/name'): all but its last part is cut.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\-])/(?:[^\s/'\"`]+/)*(?P<last>[^\s/'\"`]+)")
 
 
 class ModelSource(NamedTuple):
@@ -130,6 +135,19 @@ class ServePolicy:
             raise UserError(f"{spec!r} is not a hub dataset name this server fetches: give NAME[:CONFIG] "
                             "(wikitext2, c4, or a hub id like 'org/name').")
         return HubDataset(spec, hub_only=self.exposed)
+
+    def shown(self, text: str) -> str:
+        """A message as a visitor sees it. Shared, it names the server's folders relative to models-dir and
+        exports-dir (`exports/x`) and cuts any other absolute path to its last part: nothing of the disk's layout."""
+        if not self.exposed:
+            return text
+        names = {}
+        for folder in filter(None, (self.models_dir, self.exports_dir)):
+            for spelling in (folder.absolute(), folder.resolve()):
+                names[str(spelling)] = folder.name
+        for root in sorted(names, key=len, reverse=True):  # a folder inside another one first
+            text = re.sub(re.escape(root) + r"(?![\w.-])", lambda _: names[root], text)
+        return ABSOLUTE_PATH.sub(lambda m: f"…/{m['last']}", text)
 
     def remote_code(self, requested: bool) -> bool:
         """Whether a model's own Python may run: only when asked for and the operator allowed it."""

@@ -490,7 +490,8 @@ class Workspace:
                                  "max_memory": self.budget}
         return report
 
-    def export(self, folder: Path, overwrite: bool, overwrite_control: str) -> Path:
+    def export(self, folder: Path, overwrite: bool, overwrite_control: str, list_contents: bool = True) -> Path:
+        """list_contents: a refusal of a foreign folder may name its files (core.export.check_target)."""
         from ..core.export import export_into, export_model, write_rest
 
         with self.doing("exporting"):
@@ -498,8 +499,9 @@ class Workspace:
             pruned = self.require_pruned()
             if not self.offloaded:
                 return export_model(pruned, loaded.tokenizer, folder, self.report(), overwrite, source=loaded.path,
-                                    overwrite_control=overwrite_control)
-            with export_into(folder, overwrite, loaded.path, overwrite_control=overwrite_control) as target:
+                                    overwrite_control=overwrite_control, list_contents=list_contents)
+            with export_into(folder, overwrite, loaded.path, overwrite_control=overwrite_control,
+                             list_contents=list_contents) as target:
                 for weights in self.pruned_folder.iterdir():  # written block by block as the run went
                     try:
                         os.link(weights, target / weights.name)

@@ -56,7 +56,7 @@ def load(kind, folder, hub_id, revision, token, trust_remote_code, device, dtype
                              memory=memory, budget=budget, hub_only=hub_only)
     for message in on_a_thread(lambda report: work(progress=lambda m, f: report(m + (f" {f:.0%}" if f else "")))):
         if isinstance(message, str):
-            yield updates(LOAD_OUTPUTS, load_status=f"… {message}")
+            yield updates(LOAD_OUTPUTS, load_status=f"… {policy.shown(message)}")
     loaded = message.result
     info = loaded.info
     shared = ws.pool.holders(loaded) - 1
