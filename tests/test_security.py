@@ -1,11 +1,15 @@
 """Serving safely: files only from the app's own folder, remote code only when the operator allows it, exposed mode
 only with a login and only inside the operator's folders, and a bad address answered in words."""
 
+import contextlib
 import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -351,3 +355,98 @@ def test_a_message_names_no_absolute_server_path():
     kept = "see https://huggingface.co/org/name, 2:4 and 1/2"
     assert policy.shown(kept) == kept
     assert ServePolicy().shown("/srv/models/m") == "/srv/models/m"  # local mode: the full path
+
+
+# -- the login ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, words", [
+    (None, "does not exist: give a file holding one line USER:PASS"),
+    ("\n", "is empty: write one line USER:PASS into it"),
+    ("alice\n", "must hold one line USER:PASS"),
+    ("alice:secret-1\nbob:secret-2\n", "must hold one line USER:PASS"),
+])
+def test_a_bad_auth_file_is_answered_in_one_line(tmp_path, capsys, content, words):
+    path = tmp_path / "login"
+    if content is not None:
+        path.write_text(content)
+    assert main(["app", "--auth-file", str(path), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert f"--auth-file {path} {words}" in err and "secret" not in err and len(err.splitlines()) == 1
+
+
+def test_the_login_comes_once_and_a_bad_variable_is_named(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "login"
+    path.write_text("alice:a-long-passphrase\n")
+    assert main(["app", "--auth", "a:b", "--auth-file", str(path), "--port", str(free_port())]) == 2
+    assert "not both" in capsys.readouterr().err
+    monkeypatch.setenv("WANDA_GUI_AUTH", "alice")
+    assert main(["app", "--port", str(free_port())]) == 2
+    assert "WANDA_GUI_AUTH takes USER:PASS" in capsys.readouterr().err
+
+
+def test_an_auth_file_others_can_read_is_used_with_a_warning(tmp_path, capsys):
+    from wanda_gui.app.main import read_auth_file
+
+    path = tmp_path / "login"
+    path.write_text("alice:a-long-passphrase\n")
+    path.chmod(0o600)
+    assert read_auth_file(path) == "alice:a-long-passphrase" and capsys.readouterr().err == ""
+    path.chmod(0o644)
+    assert read_auth_file(path) == "alice:a-long-passphrase"
+    assert "chmod 600" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def server_process(tmp: Path, *options, env=None):
+    """`wanda-gui app` in a subprocess whose temp dir is tmp, up and answering; yields (process, url)."""
+    port = free_port()
+    log = open(tmp.parent / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "wanda_gui", "app", "--port", str(port), *options],
+                               env={**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", **(env or {})},
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while process.poll() is None and not answering(url):
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.5)
+        assert process.poll() is None, (tmp.parent / "server.log").read_text()
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def answering(url: str) -> bool:
+    try:
+        return http_get(url)[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
+def logs_in(url: str, auth) -> bool:
+    try:
+        Client(url, auth=auth, verbose=False).close()
+    except Exception:
+        return False
+    return True
+
+
+def test_an_auth_file_keeps_the_password_out_of_the_process_list(tmp_path):
+    tmp, path = tmp_path / "tmp", tmp_path / "login"
+    tmp.mkdir()
+    path.write_text(":".join(AUTH) + "\n")
+    path.chmod(0o600)
+    with server_process(tmp, "--auth-file", str(path)) as (server, url):
+        assert AUTH[1] not in Path(f"/proc/{server.pid}/cmdline").read_text()
+        assert logs_in(url, AUTH) and not logs_in(url, (AUTH[0], "wrong"))
+
+
+def test_the_login_can_come_from_the_environment(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with server_process(tmp, env={"WANDA_GUI_AUTH": ":".join(AUTH)}) as (server, url):
+        assert AUTH[1] not in Path(f"/proc/{server.pid}/cmdline").read_text()
+        assert logs_in(url, AUTH) and not logs_in(url, (AUTH[0], "wrong"))
