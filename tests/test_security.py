@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -357,7 +358,7 @@ def test_a_message_names_no_absolute_server_path():
     assert ServePolicy().shown("/srv/models/m") == "/srv/models/m"  # local mode: the full path
 
 
-# -- the login ----------------------------------------------------------------------------------------------------
+# -- the login, and the temp folders of a real server process -----------------------------------------------------
 
 @pytest.mark.parametrize("content, words", [
     (None, "does not exist: give a file holding one line USER:PASS"),
@@ -450,3 +451,31 @@ def test_the_login_can_come_from_the_environment(tmp_path):
     with server_process(tmp, env={"WANDA_GUI_AUTH": ":".join(AUTH)}) as (server, url):
         assert AUTH[1] not in Path(f"/proc/{server.pid}/cmdline").read_text()
         assert logs_in(url, AUTH) and not logs_in(url, (AUTH[0], "wrong"))
+
+
+def test_sigterm_removes_the_servers_temp_folders_and_a_start_removes_dead_servers_ones(tmp_path):
+    tmp = tmp_path / "tmp"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = int(ended.stdout), os.getpid()
+    folders = {"dead": tmp / f"wanda-gui-{dead}-abcd1234", "dead pruned": tmp / f"wanda-gui-pruned-{dead}-efgh5678",
+               "live": tmp / f"wanda-gui-{live}-ijkl9012", "older version": tmp / "wanda-gui-mnop3456"}
+    for folder in folders.values():
+        (folder / "gradio").mkdir(parents=True)
+    with server_process(tmp) as (server, url):
+        assert [name for name, folder in folders.items() if folder.exists()] == ["live", "older version"]
+        assert list(tmp.glob(f"wanda-gui-{server.pid}-*"))  # its own, named after it
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 128 + signal.SIGTERM
+    assert not list(tmp.glob(f"wanda-gui-*{server.pid}-*")) and folders["live"].exists()
+
+
+def test_ctrl_c_removes_the_servers_temp_folders_too(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    # A process started ignoring SIGINT (a background job) rightly keeps ignoring it: then SIGTERM stands in.
+    interrupt = signal.SIGTERM if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else signal.SIGINT
+    with server_process(tmp) as (server, url):
+        assert list(tmp.glob(f"wanda-gui-{server.pid}-*"))
+        server.send_signal(interrupt)
+        assert server.wait(60) == 128 + interrupt
+    assert not list(tmp.glob("wanda-gui-*"))

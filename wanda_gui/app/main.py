@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from .policy import ServePolicy, is_loopback, policy_from_args
+from .tempfolders import remove_dead_servers_folders, remove_on_signals
 
 AUTH_ENV = "WANDA_GUI_AUTH"  # USER:PASS, kept out of the process list (where --auth shows)
 
@@ -151,6 +152,9 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth:
     if policy.exposed and credentials is None:
         raise UserError("Serving beyond this machine (--share or a --host other than 127.0.0.1) needs a login: add "
                         f"--auth USER:PASS, --auth-file FILE or {AUTH_ENV}=USER:PASS, or serve on 127.0.0.1 only.")
+    if not prevent_thread_lock:  # this process is the server until it ends: its temp folders go with it
+        remove_dead_servers_folders()
+        remove_on_signals()
     serve_files_from(policy.files_dir)
     from .ui import ASSETS, build
 

@@ -7,17 +7,15 @@ keeps visitors inside the folders the operator named. The server enforces this o
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import ipaddress
 import re
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..core.errors import UserError
+from .tempfolders import private_folder
 
 if TYPE_CHECKING:
     from ..core.calibration import HubDataset
@@ -32,8 +30,7 @@ def app_files_dir() -> Path:
     """This process's private temp folder (0700), the only folder the app serves files from; removed at exit."""
     global _files_dir
     if _files_dir is None:
-        _files_dir = Path(tempfile.mkdtemp(prefix="wanda-gui-")).resolve()
-        atexit.register(shutil.rmtree, _files_dir, True)
+        _files_dir = private_folder()
     return _files_dir
 
 

@@ -22,6 +22,7 @@ from ..core import events as ev
 from ..core.calibration import HubDataset
 from ..core.errors import UserError
 from ..core.explain import Explanation
+from .tempfolders import private_folder
 
 HEADROOM = 1.15  # the pruned linears' copy must fit with this margin (allocator slack, activations)
 MEMORY_MODES = {"memory": "In memory", "offload": "On disk, block by block",
@@ -64,10 +65,7 @@ def pruned_root() -> Path:
     the app serves files from: nobody downloads a session's weights but through its own export."""
     global _pruned_root
     if _pruned_root is None:
-        import atexit
-
-        _pruned_root = Path(tempfile.mkdtemp(prefix="wanda-gui-pruned-")).resolve()
-        atexit.register(shutil.rmtree, _pruned_root, True)
+        _pruned_root = private_folder("pruned-")
     return _pruned_root
 
 
