@@ -1,11 +1,16 @@
 """Serving safely: files only from the app's own folder, remote code only when the operator allows it, exposed mode
 only with a login and only inside the operator's folders, and a bad address answered in words."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +26,7 @@ from wanda_gui.app.policy import ServePolicy, app_files_dir, policy_from_args
 from wanda_gui.app.steps.method import CALIBRATION
 from wanda_gui.app.steps.model import SOURCES
 from wanda_gui.cli import main
+from wanda_gui.core.calibration import HubDataset
 from wanda_gui.core.errors import UserError
 
 AUTH = ("alice", "a-long-passphrase")
@@ -125,9 +131,9 @@ def served(tmp_path):
 
 def test_exposed_policy_loads_folders_only_inside_models_dir(served):
     policy = served.policy
-    assert policy.model_source("folder", "tiny", "") == str(served.models / "tiny")
-    assert policy.model_source("folder", "inner", "") == str(served.models / "tiny")  # a symlink that stays inside
-    assert policy.model_source("folder", str(served.models / "tiny"), "") == str(served.models / "tiny")
+    assert policy.model_source("folder", "tiny", "") == (str(served.models / "tiny"), False)
+    assert policy.model_source("folder", "inner", "").source == str(served.models / "tiny")  # a symlink inside
+    assert policy.model_source("folder", str(served.models / "tiny"), "").source == str(served.models / "tiny")
     missing = refusal(lambda: policy.model_source("folder", "nothing-here", ""))
     for outside in ("../outside/private", str(served.outside / "private"), "escape", "tiny/../../outside/private"):
         message = refusal(lambda: policy.model_source("folder", outside, ""))
@@ -138,21 +144,23 @@ def test_exposed_policy_loads_folders_only_inside_models_dir(served):
         "This server loads no local folders")
 
 
-def test_exposed_policy_takes_hub_ids_that_are_not_server_paths(served, monkeypatch):
+def test_exposed_policy_takes_hub_ids_by_their_spelling_and_only_from_the_hub(served, monkeypatch):
     policy = served.policy
-    assert policy.model_source("hub", "", " org/name ") == "org/name"
-    assert policy.model_source("builtin", "whatever", "") == "builtin"
+    assert policy.model_source("hub", "", " org/name ") == ("org/name", True)
+    assert policy.model_source("builtin", "whatever", "") == ("builtin", False)
     monkeypatch.chdir(served.root)
-    assert "not a hub id" in refusal(lambda: policy.model_source("hub", "", "outside/private"))  # exists relative here
-    assert "not a hub id" in refusal(lambda: policy.model_source("hub", "", "/etc/passwd"))
-    assert ServePolicy().model_source("hub", "", "outside/private") == "outside/private"  # local mode: as before
+    # A hub id that names a server folder too is still a hub id, never read from the disk: nothing tells them apart.
+    assert policy.model_source("hub", "", "outside/private") == ("outside/private", True)
+    for name in ("/etc/passwd", "outside", "../outside", "outside/..", "~/x", "a/b/c"):
+        assert "not a hub id" in refusal(lambda: policy.model_source("hub", "", name))
+    assert ServePolicy().model_source("hub", "", "outside/private") == ("outside/private", False)  # local: as before
 
 
 def test_local_policy_takes_any_folder_and_target(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     local = ServePolicy()
-    assert local.model_source("folder", "models/x", "") == str(tmp_path / "models" / "x")
-    assert local.model_source("folder", "~/m", "") == str(Path.home() / "m")
+    assert local.model_source("folder", "models/x", "") == (str(tmp_path / "models" / "x"), False)
+    assert local.model_source("folder", "~/m", "").source == str(Path.home() / "m")
     assert local.export_target("out/a") == tmp_path / "out" / "a"
     assert local.export_target("/srv/x") == Path("/srv/x")
     assert "Give the folder" in refusal(lambda: local.export_target("  "))
@@ -172,13 +180,13 @@ def test_exposed_export_name_lands_under_exports_dir_and_no_symlink_leads_out(se
     assert "cannot be used" in refusal(lambda: policy.export_target("link"))
 
 
-def test_exposed_calibration_datasets_are_hub_names_not_server_folders(served, monkeypatch):
+def test_exposed_calibration_datasets_are_hub_names_read_from_the_hub_only(served, monkeypatch):
     monkeypatch.chdir(served.root)
-    for spec in ("wikitext2", "c4", "org/name:config"):
-        assert served.policy.calibration_dataset(f" {spec} ") == spec
-    for spec in ("/etc", "outside/private", "./models", "~/data", "../x:y", ""):
+    for spec in ("wikitext2", "c4", "org/name:config", "outside/private"):  # the last one names a server folder too
+        assert served.policy.calibration_dataset(f" {spec} ") == HubDataset(spec, hub_only=True)
+    for spec in ("/etc", "./models", "~/data", "../x:y", "", "json", "outside"):  # 'json' reads the working folder
         assert "not a hub dataset name" in refusal(lambda: served.policy.calibration_dataset(spec))
-    assert ServePolicy().calibration_dataset("outside/private") == "outside/private"  # local mode: as before
+    assert ServePolicy().calibration_dataset("outside/private") == HubDataset("outside/private")  # local: as before
 
 
 def test_remote_code_runs_only_when_the_operator_allowed_it():
@@ -276,3 +284,198 @@ def test_exposed_server_reads_no_server_folder_as_a_calibration_dataset(tiny_mod
                                                   api_name="/prune"))
         assert "not a hub dataset name" in message and "secret_column" not in message
         client.close()
+
+
+# -- a shared server says nothing about its files -----------------------------------------------------------------
+
+def test_exposed_server_answers_a_name_alike_whether_or_not_the_server_has_it(tiny_model_dir, tmp_path, monkeypatch):
+    """Hub ids and hub datasets: one answer for a name the server's disk holds and for one it does not."""
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    (tmp_path / "outside" / "private").mkdir(parents=True)
+    (tmp_path / "outside" / "private" / "table.csv").write_text("text,secret_column\nhello,1\n")
+    (tmp_path / "table.json").write_text('{"text": "hello", "secret_column": 1}\n')
+    monkeypatch.chdir(tmp_path)  # the server's working folder: relative names are looked up here
+    policy = ServePolicy(exposed=True, models_dir=tmp_path / "models", exports_dir=tmp_path / "exports")
+    pairs = [("outside/private", "nobody/nothing"), ("outside", "nowhere"),  # hub ids; plain names
+             (str(tmp_path / "outside" / "private"), str(tmp_path / "missing" / "private"))]  # absolute paths
+    with serving(policy=policy, auth=":".join(AUTH)) as demo:
+        client = Client(demo.local_url, auth=AUTH, verbose=False)
+        client.predict(*load_args(SOURCES[1], "tiny"), api_name="/load")
+
+        def load(name):
+            return error_of(lambda: client.predict(*load_args(SOURCES[2], hub_id=name), api_name="/load"))
+
+        def calibrate(name):
+            return error_of(lambda: client.predict(*prune_args([], calib_kind=CALIBRATION[2], dataset=name),
+                                                   api_name="/prune"))
+
+        json_files = calibrate("json")  # `datasets` would read the working folder's JSON files
+        for ask in (calibrate, load):  # a failed load unloads the model: calibration first
+            for there, missing in pairs:
+                answer = ask(there)
+                assert answer.replace(there, "X") == ask(missing).replace(missing, "X"), answer
+                assert "Load a model first" not in answer
+        client.close()
+    assert "not a hub dataset name" in json_files and "secret_column" not in json_files
+
+
+def test_exposed_server_names_its_folders_relative_to_models_and_exports_dirs(tiny_model_dir, text_file, tmp_path):
+    models, exports = tmp_path / "models", tmp_path / "exports"
+    shutil.copytree(tiny_model_dir, models / "tiny")
+    shutil.copytree(tiny_model_dir, models / "damaged")
+    (models / "damaged" / "config.json").write_text("{")
+    (models / "empty").mkdir()
+    (exports / "foreign").mkdir(parents=True)
+    for name in ("notes.txt", "photo.jpg"):
+        (exports / "foreign" / name).write_text("not an export")
+    policy = ServePolicy(exposed=True, models_dir=models, exports_dir=exports)
+    with serving(policy=policy, auth=":".join(AUTH)) as demo:
+        client = Client(demo.local_url, auth=AUTH, verbose=False)
+        empty = error_of(lambda: client.predict(*load_args(SOURCES[1], "empty"), api_name="/load"))
+        damaged = error_of(lambda: client.predict(*load_args(SOURCES[1], "damaged"), api_name="/load"))
+        client.predict(*load_args(SOURCES[1], "tiny"), api_name="/load")
+        client.predict(*prune_args([text_file]), api_name="/prune")
+        job = client.submit("x", False, api_name="/export")
+        statuses = [update[0] for update in job]
+        exported = job.result()[0]
+        foreign = error_of(lambda: client.predict("foreign", False, api_name="/export"))
+        client.close()
+    assert empty.startswith("models/empty is not a model folder")
+    assert damaged.startswith("models/damaged/config.json is not valid JSON")
+    assert "… Exporting to `exports/x`…" in statuses and exported.startswith("✓ Exported to `exports/x`")
+    assert foreign.startswith("exports/foreign is not empty and is not a previous export of wanda_gui; choose")
+    assert "notes.txt" not in foreign  # no listing of the folder's files
+    for message in (empty, damaged, *statuses, exported, foreign):
+        assert str(tmp_path) not in message
+
+
+def test_a_message_names_no_absolute_server_path():
+    policy = ServePolicy(exposed=True, models_dir=Path("/srv/models"), exports_dir=Path("/srv/exports"))
+    assert policy.shown("Cannot create /srv/exports/x: Permission denied.") == "Cannot create exports/x: Permission denied."
+    assert policy.shown("/srv/models-old/m and /home/op/.cache/hub/config.json") == "…/m and …/config.json"
+    kept = "see https://huggingface.co/org/name, 2:4 and 1/2"
+    assert policy.shown(kept) == kept
+    assert ServePolicy().shown("/srv/models/m") == "/srv/models/m"  # local mode: the full path
+
+
+# -- the login, and the temp folders of a real server process -----------------------------------------------------
+
+@pytest.mark.parametrize("content, words", [
+    (None, "does not exist: give a file holding one line USER:PASS"),
+    ("\n", "is empty: write one line USER:PASS into it"),
+    ("alice\n", "must hold one line USER:PASS"),
+    ("alice:secret-1\nbob:secret-2\n", "must hold one line USER:PASS"),
+])
+def test_a_bad_auth_file_is_answered_in_one_line(tmp_path, capsys, content, words):
+    path = tmp_path / "login"
+    if content is not None:
+        path.write_text(content)
+    assert main(["app", "--auth-file", str(path), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert f"--auth-file {path} {words}" in err and "secret" not in err and len(err.splitlines()) == 1
+
+
+def test_the_login_comes_once_and_a_bad_variable_is_named(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "login"
+    path.write_text("alice:a-long-passphrase\n")
+    assert main(["app", "--auth", "a:b", "--auth-file", str(path), "--port", str(free_port())]) == 2
+    assert "not both" in capsys.readouterr().err
+    monkeypatch.setenv("WANDA_GUI_AUTH", "alice")
+    assert main(["app", "--port", str(free_port())]) == 2
+    assert "WANDA_GUI_AUTH takes USER:PASS" in capsys.readouterr().err
+
+
+def test_an_auth_file_others_can_read_is_used_with_a_warning(tmp_path, capsys):
+    from wanda_gui.app.main import read_auth_file
+
+    path = tmp_path / "login"
+    path.write_text("alice:a-long-passphrase\n")
+    path.chmod(0o600)
+    assert read_auth_file(path) == "alice:a-long-passphrase" and capsys.readouterr().err == ""
+    path.chmod(0o644)
+    assert read_auth_file(path) == "alice:a-long-passphrase"
+    assert "chmod 600" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def server_process(tmp: Path, *options, env=None):
+    """`wanda-gui app` in a subprocess whose temp dir is tmp, up and answering; yields (process, url)."""
+    port = free_port()
+    log = open(tmp.parent / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "wanda_gui", "app", "--port", str(port), *options],
+                               env={**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", **(env or {})},
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while process.poll() is None and not answering(url):
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.5)
+        assert process.poll() is None, (tmp.parent / "server.log").read_text()
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def answering(url: str) -> bool:
+    try:
+        return http_get(url)[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
+def logs_in(url: str, auth) -> bool:
+    try:
+        Client(url, auth=auth, verbose=False).close()
+    except Exception:
+        return False
+    return True
+
+
+def test_an_auth_file_keeps_the_password_out_of_the_process_list(tmp_path):
+    tmp, path = tmp_path / "tmp", tmp_path / "login"
+    tmp.mkdir()
+    path.write_text(":".join(AUTH) + "\n")
+    path.chmod(0o600)
+    with server_process(tmp, "--auth-file", str(path)) as (server, url):
+        assert AUTH[1] not in Path(f"/proc/{server.pid}/cmdline").read_text()
+        assert logs_in(url, AUTH) and not logs_in(url, (AUTH[0], "wrong"))
+
+
+def test_the_login_can_come_from_the_environment(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with server_process(tmp, env={"WANDA_GUI_AUTH": ":".join(AUTH)}) as (server, url):
+        assert AUTH[1] not in Path(f"/proc/{server.pid}/cmdline").read_text()
+        assert logs_in(url, AUTH) and not logs_in(url, (AUTH[0], "wrong"))
+
+
+def test_sigterm_removes_the_servers_temp_folders_and_a_start_removes_dead_servers_ones(tmp_path):
+    tmp = tmp_path / "tmp"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = int(ended.stdout), os.getpid()
+    folders = {"dead": tmp / f"wanda-gui-{dead}-abcd1234", "dead pruned": tmp / f"wanda-gui-pruned-{dead}-efgh5678",
+               "live": tmp / f"wanda-gui-{live}-ijkl9012", "older version": tmp / "wanda-gui-mnop3456"}
+    for folder in folders.values():
+        (folder / "gradio").mkdir(parents=True)
+    with server_process(tmp) as (server, url):
+        assert [name for name, folder in folders.items() if folder.exists()] == ["live", "older version"]
+        assert list(tmp.glob(f"wanda-gui-{server.pid}-*"))  # its own, named after it
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 128 + signal.SIGTERM
+    assert not list(tmp.glob(f"wanda-gui-*{server.pid}-*")) and folders["live"].exists()
+
+
+def test_ctrl_c_removes_the_servers_temp_folders_too(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    # A process started ignoring SIGINT (a background job) rightly keeps ignoring it: then SIGTERM stands in.
+    interrupt = signal.SIGTERM if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else signal.SIGINT
+    with server_process(tmp) as (server, url):
+        assert list(tmp.glob(f"wanda-gui-{server.pid}-*"))
+        server.send_signal(interrupt)
+        assert server.wait(60) == 128 + interrupt
+    assert not list(tmp.glob("wanda-gui-*"))

@@ -63,21 +63,22 @@ WORK = dict(concurrency_id="work", concurrency_limit=1)
 CHATTING = dict(concurrency_id="chat", concurrency_limit=2)
 
 
-def as_page_error(e: Exception) -> gr.Error:
-    """UserError (and anything unexpected) as a readable message for the page, never a traceback."""
+def as_page_error(e: Exception, policy: ServePolicy) -> gr.Error:
+    """UserError (and anything unexpected) as a readable message for the page, never a traceback; its paths as the
+    policy lets visitors see them."""
     if isinstance(e, gr.Error):
         return e
     if isinstance(e, UserError):
-        return gr.Error(str(e), title="Cannot do that", print_exception=False)
+        return gr.Error(policy.shown(str(e)), title="Cannot do that", print_exception=False)
     traceback.print_exc()
-    return gr.Error(f"Unexpected {type(e).__name__}: {e}. The app is still usable.", title="Something went wrong",
-                    print_exception=False)
+    return gr.Error(policy.shown(f"Unexpected {type(e).__name__}: {e}. The app is still usable."),
+                    title="Something went wrong", print_exception=False)
 
 
 def user_errors(on_error=None):
     """Raise errors as gr.Error (a message box in the page); a callback may first yield (or return) `on_error(ws,
     message)`, the outputs that put the message in its status line and set its buttons right again. The session's
-    Workspace is found from the gr.Request every callback takes last."""
+    Workspace and the serving policy are found from the gr.Request every callback takes last."""
 
     def decorate(fn):
         if inspect.isgeneratorfunction(fn):
@@ -86,7 +87,7 @@ def user_errors(on_error=None):
                 try:
                     yield from fn(*args, **kwargs)
                 except Exception as e:
-                    error = as_page_error(e)
+                    error = as_page_error(e, served(args[-1]).policy)
                     if on_error is not None:
                         yield on_error(session(args[-1]), error.message)
                     raise error from None
@@ -97,7 +98,7 @@ def user_errors(on_error=None):
             try:
                 return fn(*args, **kwargs)
             except Exception as e:
-                raise as_page_error(e) from None
+                raise as_page_error(e, served(args[-1]).policy) from None
         return function
     return decorate
 

@@ -7,9 +7,15 @@ import dataclasses
 import errno
 import os
 import socket
+import stat
+import sys
+from pathlib import Path
 
 from ..core.errors import UserError
 from .policy import ServePolicy, is_loopback, policy_from_args
+from .tempfolders import remove_dead_servers_folders, remove_on_signals
+
+AUTH_ENV = "WANDA_GUI_AUTH"  # USER:PASS, kept out of the process list (where --auth shows)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -37,14 +43,60 @@ def theme():
                              font=system, font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
 
 
+def split_login(login: str) -> tuple[str, str] | None:
+    """USER:PASS as (user, password); None unless both are non-empty."""
+    user, sep, password = login.partition(":")
+    return (user, password) if sep and user.strip() and password else None
+
+
 def credentials_of(auth: str | None) -> tuple[str, str] | None:
     """--auth USER:PASS as Gradio's (user, password), or None for no login."""
     if auth is None:
         return None
-    user, sep, password = auth.partition(":")
-    if not sep or not user.strip() or not password:
+    if (credentials := split_login(auth)) is None:
         raise UserError("--auth takes USER:PASS, both non-empty (e.g. --auth alice:a-long-passphrase).")
-    return user, password
+    return credentials
+
+
+def login_of(args: argparse.Namespace) -> str | None:
+    """The login USER:PASS from --auth, --auth-file or $WANDA_GUI_AUTH (an option wins over the variable), or None.
+    The variable is taken out of the environment once read: no child process inherits it."""
+    from_env = os.environ.pop(AUTH_ENV, None)
+    if args.auth is not None and args.auth_file is not None:
+        raise UserError("Give the login once: --auth USER:PASS or --auth-file FILE, not both.")
+    if args.auth_file is not None:
+        return read_auth_file(Path(args.auth_file).expanduser())
+    if args.auth is not None or not from_env:
+        return args.auth
+    if split_login(from_env) is None:
+        raise UserError(f"{AUTH_ENV} takes USER:PASS, both non-empty (e.g. {AUTH_ENV}=alice:a-long-passphrase).")
+    return from_env
+
+
+def read_auth_file(path: Path) -> str:
+    """The one line USER:PASS of an --auth-file. A file other users can read or change is used with a warning, not
+    refused: containers' secret files are often mounted readable by all."""
+    try:
+        text = path.read_text()
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"--auth-file {path} does not exist: give a file holding one line USER:PASS.") from None
+    except IsADirectoryError:
+        raise UserError(f"--auth-file {path} is a folder: give a file holding one line USER:PASS.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--auth-file {path} is not text: write one line USER:PASS into it.") from None
+    except OSError as e:
+        raise UserError(f"Cannot read --auth-file {path}: {e.strerror}.") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"--auth-file {path} is empty: write one line USER:PASS into it.")
+    if len(lines) > 1 or split_login(lines[0]) is None:
+        raise UserError(f"--auth-file {path} must hold one line USER:PASS, both non-empty (e.g. "
+                        "alice:a-long-passphrase).")
+    if mode & (stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH):
+        print(f"warning: other users of this machine can read or change --auth-file {path}: chmod 600 it.",
+              file=sys.stderr)
+    return lines[0]
 
 
 def check_port(port: int) -> None:
@@ -99,7 +151,10 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth:
     check_address(host, port)
     if policy.exposed and credentials is None:
         raise UserError("Serving beyond this machine (--share or a --host other than 127.0.0.1) needs a login: add "
-                        "--auth USER:PASS, or serve on 127.0.0.1 only.")
+                        f"--auth USER:PASS, --auth-file FILE or {AUTH_ENV}=USER:PASS, or serve on 127.0.0.1 only.")
+    if not prevent_thread_lock:  # this process is the server until it ends: its temp folders go with it
+        remove_dead_servers_folders()
+        remove_on_signals()
     serve_files_from(policy.files_dir)
     from .ui import ASSETS, build
 
@@ -118,7 +173,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true",
                         help="create a public gradio.live link (needs internet and --auth)")
-    parser.add_argument("--auth", default=None, metavar="USER:PASS", help="require a login")
+    parser.add_argument("--auth", default=None, metavar="USER:PASS",
+                        help=f"require a login (shown in the process list: prefer --auth-file or {AUTH_ENV})")
+    parser.add_argument("--auth-file", default=None, metavar="FILE",
+                        help="require the login written in FILE, one line USER:PASS (chmod 600 it)")
     parser.add_argument("--models-dir", default=None, metavar="DIR",
                         help="when serving others: the only folder whose model folders visitors may load")
     parser.add_argument("--exports-dir", default="exports", metavar="DIR",
@@ -131,4 +189,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    launch(host=args.host, port=args.port, share=args.share, auth=args.auth, policy=policy_from_args(args))
+    launch(host=args.host, port=args.port, share=args.share, auth=login_of(args), policy=policy_from_args(args))

@@ -7,15 +7,18 @@ keeps visitors inside the folders the operator named. The server enforces this o
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import ipaddress
-import shutil
+import re
 import socket
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..core.errors import UserError
+from .tempfolders import private_folder
+
+if TYPE_CHECKING:
+    from ..core.calibration import HubDataset
 
 REMOTE_CODE_REFUSED = ("This server does not run a model's own code (trust_remote_code); the operator can start it "
                        "with --allow-remote-code.")
@@ -27,8 +30,7 @@ def app_files_dir() -> Path:
     """This process's private temp folder (0700), the only folder the app serves files from; removed at exit."""
     global _files_dir
     if _files_dir is None:
-        _files_dir = Path(tempfile.mkdtemp(prefix="wanda-gui-")).resolve()
-        atexit.register(shutil.rmtree, _files_dir, True)
+        _files_dir = private_folder()
     return _files_dir
 
 
@@ -46,6 +48,18 @@ def inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
 
+# An absolute path in a message (not the '//' of a URL, nor the '/' inside 'org/name'): all but its last part is cut.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\-])/(?:[^\s/'\"`]+/)*(?P<last>[^\s/'\"`]+)")
+
+
+class VisitorSource(NamedTuple):
+    """What core.models.load_model takes for the visitor's choice: the source, and whether it is a hub id that must
+    never be read as a path on this server."""
+
+    source: str
+    hub_only: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class ServePolicy:
     exposed: bool = False  # --share or a non-loopback --host
@@ -55,14 +69,14 @@ class ServePolicy:
     max_sessions: int = 4  # sessions holding models at once (--max-sessions)
     files_dir: Path = dataclasses.field(default_factory=app_files_dir)  # the only folder files are served from
 
-    def model_source(self, kind: str, folder: str, hub_id: str) -> str:
-        """The string core.models.load_model takes for what the visitor chose, or a UserError when it is not allowed."""
+    def model_source(self, kind: str, folder: str, hub_id: str) -> VisitorSource:
+        """What core.models.load_model takes for what the visitor chose, or a UserError when it is not allowed."""
         if kind == "builtin":
-            return "builtin"
+            return VisitorSource("builtin")
         if kind == "folder":
-            return self._folder_source(folder.strip())
+            return VisitorSource(self._folder_source(folder.strip()))
         if kind == "hub":
-            return self._hub_source(hub_id.strip())
+            return VisitorSource(self._hub_source(hub_id.strip()), hub_only=self.exposed)
         raise UserError(f"Unknown model source {kind!r}: choose the built-in model, a local folder or a hub id.")
 
     def _folder_source(self, text: str) -> str:
@@ -82,12 +96,12 @@ class ServePolicy:
         return str(path.resolve())
 
     def _hub_source(self, hub_id: str) -> str:
-        from ..core.models import HUB_ID  # torch comes with it: not at import, the CLI's parser imports this module
+        from ..core.models import is_hub_id  # torch comes with it: not at import, the CLI's parser imports this module
 
         if not hub_id:
             raise UserError("Give a hub id of the form 'org/name'.")
-        if self.exposed and (not HUB_ID.match(hub_id) or Path(hub_id).expanduser().exists()):
-            # load_model takes an existing path for a folder: a hub id must never name one of the server's folders.
+        if self.exposed and not is_hub_id(hub_id):
+            # Decided by the spelling alone, before any look-up: the answer says nothing about the server's paths.
             raise UserError(f"{hub_id!r} is not a hub id of the form 'org/name' that this server fetches.")
         return hub_id
 
@@ -106,15 +120,31 @@ class ServePolicy:
             raise UserError(f"{text!r} cannot be used as an export name here; choose another name.")
         return target
 
-    def calibration_dataset(self, spec: str) -> str:
-        """A hub dataset 'NAME[:CONFIG]'; exposed, never a server path (`datasets` would read a local folder's files)."""
+    def calibration_dataset(self, spec: str) -> HubDataset:
+        """A hub dataset 'NAME[:CONFIG]'; exposed, a shorthand or a hub id read from the hub only, whatever the server's
+        disk holds (`datasets` reads a local folder of that name first)."""
+        from ..core.calibration import HUB_SHORTHANDS, HubDataset
+        from ..core.models import is_hub_id
+
         spec = (spec or "").strip()
         name = spec.partition(":")[0]
-        if self.exposed and (not name or name.startswith(("/", ".", "~")) or "\\" in name or ".." in name
-                             or Path(name).expanduser().exists()):
+        if self.exposed and name.lower() not in HUB_SHORTHANDS and not is_hub_id(name):
             raise UserError(f"{spec!r} is not a hub dataset name this server fetches: give NAME[:CONFIG] "
                             "(wikitext2, c4, or a hub id like 'org/name').")
-        return spec
+        return HubDataset(spec, hub_only=self.exposed)
+
+    def shown(self, text: str) -> str:
+        """A message as a visitor sees it. Shared, it names the server's folders relative to models-dir and
+        exports-dir (`exports/x`) and cuts any other absolute path to its last part: nothing of the disk's layout."""
+        if not self.exposed:
+            return text
+        names = {}
+        for folder in filter(None, (self.models_dir, self.exports_dir)):
+            for spelling in (folder.absolute(), folder.resolve()):
+                names[str(spelling)] = folder.name
+        for root in sorted(names, key=len, reverse=True):  # a folder inside another one first
+            text = re.sub(re.escape(root) + r"(?![\w.-])", lambda _: names[root], text)
+        return ABSOLUTE_PATH.sub(lambda m: f"…/{m['last']}", text)
 
     def remote_code(self, requested: bool) -> bool:
         """Whether a model's own Python may run: only when asked for and the operator allowed it."""

@@ -5,7 +5,6 @@ No Gradio here: the callbacks in ui.py translate between this and components.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import functools
@@ -22,7 +21,7 @@ import torch
 
 from ..core import events as ev
 from ..core import sweep
-from ..core.calibration import calibration_windows
+from ..core.calibration import HubDataset, calibration_windows
 from ..core.config import PruneConfig
 from ..core.engine import prune, select_linears, validate
 from ..core.errors import UserError
@@ -36,6 +35,7 @@ from ..core import models
 from ..core.offload import open_lazy
 from ..core.runs import MEMORY_MODES, MemoryNeed, decide_offload, prune_offloaded, pruned_copy
 from .pool import ModelPool, model_key
+from .tempfolders import private_folder
 
 HEADROOM = 1.15  # the pruned linears' copy must fit with this margin (allocator slack, activations)
 
@@ -56,7 +56,7 @@ class Comparison:
     used, so that any finished run can be pruned again, identically, into the session's model."""
 
     specs: dict  # run key -> core.sweep.RunSpec
-    source: str | list[str]
+    source: str | list[str] | HubDataset
     nsamples: int
     seqlen: int
     seed: int
@@ -76,8 +76,7 @@ def pruned_root() -> Path:
     the app serves files from: nobody downloads a session's weights but through its own export."""
     global _pruned_root
     if _pruned_root is None:
-        _pruned_root = Path(tempfile.mkdtemp(prefix="wanda-gui-pruned-")).resolve()
-        atexit.register(shutil.rmtree, _pruned_root, True)
+        _pruned_root = private_folder("pruned-")
     return _pruned_root
 
 
@@ -175,16 +174,17 @@ class Workspace:
 
     # -- model
     def load(self, source: str, device: str, dtype: str | None, revision: str | None = None, token: str | None = None,
-             trust_remote_code: bool = False, progress=None, memory: str = "memory", budget: str | None = None):
+             trust_remote_code: bool = False, progress=None, memory: str = "memory", budget: str | None = None,
+             hub_only: bool = False):
         """memory: a key of MEMORY_MODES; budget: the most the app's process may hold ('3GiB'), or None for
-        whatever is free."""
+        whatever is free; hub_only: the source is a hub id, never a path (core.models.resolve_source)."""
         if memory not in MEMORY_MODES:
             raise UserError(f"Memory must be one of {', '.join(MEMORY_MODES)}; got {memory!r}.")
         budget_bytes = parse_bytes(budget) if (budget or "").strip() else None
         started = time.perf_counter()
         key = model_key(source, revision, device, dtype, token, trust_remote_code)
-        load = functools.partial(models.load_model, source, device, dtype, revision or None, token or None, trust_remote_code,
-                                 progress=progress)
+        load = functools.partial(models.load_model, source, device, dtype, revision or None, token or None,
+                                 trust_remote_code, progress=progress, hub_only=hub_only)
         with self.doing("loading a model"):
             self._reset()
             self.pool.release(self)
@@ -441,14 +441,16 @@ class Workspace:
                                  "max_memory": self.budget}
         return report
 
-    def export(self, folder: Path, overwrite: bool, overwrite_control: str) -> Path:
+    def export(self, folder: Path, overwrite: bool, overwrite_control: str, list_contents: bool = True) -> Path:
+        """list_contents: a refusal of a foreign folder may name its files (core.export.check_target)."""
         with self.doing("exporting"):
             loaded = self.require_model()
             pruned = self.require_pruned()
             if not self.offloaded:
                 return export_model(pruned, loaded.tokenizer, folder, self.report(), overwrite, source=loaded.path,
-                                    overwrite_control=overwrite_control)
-            with export_into(folder, overwrite, loaded.path, overwrite_control=overwrite_control) as target:
+                                    overwrite_control=overwrite_control, list_contents=list_contents)
+            with export_into(folder, overwrite, loaded.path, overwrite_control=overwrite_control,
+                             list_contents=list_contents) as target:
                 for weights in self.pruned_folder.iterdir():  # written block by block as the run went
                     try:
                         os.link(weights, target / weights.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import random
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .models import is_hub_id
 
 BUILTIN = "builtin"
 # Shorthands for the hub datasets the Wanda paper used: (path, config, split, text column, data_files).
@@ -67,14 +69,31 @@ def read_text_files(paths: list[str | Path], what: str = "calibration") -> str:
     return text
 
 
-def load_hub_dataset(spec: str, split: str | None = None, column: str | None = None) -> str:
-    """'NAME[:CONFIG]' or a shorthand (wikitext2, c4) through `datasets`; rows of the text column joined."""
+@dataclasses.dataclass(frozen=True)
+class HubDataset:
+    """A hub dataset 'NAME[:CONFIG]' as a calibration source (the CLI's 'hf:NAME[:CONFIG]'). hub_only: read from the
+    hub or its cache only, never from a local folder named like it (a server answering visitors)."""
+
+    spec: str
+    hub_only: bool = False
+
+
+def load_hub_dataset(spec: str, split: str | None = None, column: str | None = None, hub_only: bool = False) -> str:
+    """'NAME[:CONFIG]' or a shorthand (wikitext2, c4) through `datasets`; rows of the text column joined.
+
+    `datasets` reads an existing local folder (or, for names like 'json' or 'text', the working folder's files)
+    before the hub; hub_only takes hub ids 'org/name' and the shorthands only, and only from the hub."""
     name, _, config = spec.partition(":")
     data_files = None
     if name.lower() in HUB_SHORTHANDS:
         name, config, default_split, default_column, data_files = HUB_SHORTHANDS[name.lower()]
+    elif hub_only and not is_hub_id(name):
+        raise UserError(f"{spec!r} is not a hub dataset: give NAME[:CONFIG] (wikitext2, c4, or a hub id like "
+                        "'org/name').")
     else:
         default_split, default_column = "train", "text"
+    if hub_only:
+        name = f"hf://datasets/{name}"  # `datasets`' own spelling for a hub repository and nothing local
     try:
         import datasets
     except ImportError:
@@ -101,8 +120,10 @@ def text_file_sources(source: str | list[str]) -> list[str]:
     return [] if source == BUILTIN or source.startswith("hf:") else [source]
 
 
-def calibration_text(source: str | list[str]) -> tuple[str, str]:
-    """'builtin', 'hf:NAME[:CONFIG]' or text file path(s) -> (text, a label for reports)."""
+def calibration_text(source: str | list[str] | HubDataset) -> tuple[str, str]:
+    """'builtin', 'hf:NAME[:CONFIG]', a HubDataset or text file path(s) -> (text, a label for reports)."""
+    if isinstance(source, HubDataset):
+        return load_hub_dataset(source.spec, hub_only=source.hub_only), f"hf:{source.spec}"
     if isinstance(source, (list, tuple)):
         if len(source) == 1:
             source = source[0]
@@ -195,7 +216,7 @@ def windows_from_text(tokenizer, text: str, label: str, nsamples: int, seqlen: i
     return windows, {"source": label, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
 
 
-def calibration_windows(tokenizer, source: str | list[str], nsamples: int, seqlen: int, seed: int = 0,
+def calibration_windows(tokenizer, source: str | list[str] | HubDataset, nsamples: int, seqlen: int, seed: int = 0,
                         context_length: int | None = None) -> tuple[torch.Tensor, dict]:
     """The (nsamples, seqlen) calibration ids for a source, and how they were drawn (for reports)."""
     return windows_from_text(tokenizer, *calibration_text(source), nsamples, seqlen, seed, context_length)

@@ -98,8 +98,11 @@ def model_card(report: dict) -> str:
     return "\n".join(lines)
 
 
-def check_target(out: Path, overwrite: bool, source: Path | None = None, *, overwrite_control: str = "--overwrite") -> None:
-    """Refuse, before any work, every target whose export would destroy what this tool did not write."""
+def check_target(out: Path, overwrite: bool, source: Path | None = None, *, overwrite_control: str = "--overwrite",
+                 list_contents: bool = True) -> None:
+    """Refuse, before any work, every target whose export would destroy what this tool did not write.
+    list_contents: the refusal of a foreign folder names a few of its files (a server's visitors are told nothing
+    of its files)."""
     out = Path(out).absolute()
     _check_not_in_a_file(out)
     if source is not None:
@@ -117,7 +120,8 @@ def check_target(out: Path, overwrite: bool, source: Path | None = None, *, over
     if ours is None or not set(entries) <= ours:
         foreign = [name for name in entries if ours is None or name not in ours]
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"{out} is not empty and is not a previous export of wanda_gui (it holds {shown}); "
+        holds = f" (it holds {shown})" if list_contents else ""
+        raise UserError(f"{out} is not empty and is not a previous export of wanda_gui{holds}; "
                         f"choose an empty or new folder. {overwrite_control} only replaces a previous export, "
                         "so nothing here was touched.")
     if not overwrite:
@@ -156,9 +160,11 @@ def export_files(folder: Path) -> set[str] | None:
 
 
 def export_model(model: torch.nn.Module, tokenizer, out: str | Path, report: dict, overwrite: bool = False,
-                 source: Path | None = None, *, overwrite_control: str = "--overwrite") -> Path:
+                 source: Path | None = None, *, overwrite_control: str = "--overwrite",
+                 list_contents: bool = True) -> Path:
     """Write model, tokenizer, report and card into a temporary sibling folder, then rename it into place."""
-    with export_into(out, overwrite, source, overwrite_control=overwrite_control) as folder:
+    with export_into(out, overwrite, source, overwrite_control=overwrite_control,
+                     list_contents=list_contents) as folder:
         model.save_pretrained(folder)
         write_rest(model, tokenizer, folder, report)
     return Path(out).absolute()
@@ -166,7 +172,7 @@ def export_model(model: torch.nn.Module, tokenizer, out: str | Path, report: dic
 
 @contextlib.contextmanager
 def export_into(out: str | Path, overwrite: bool = False, source: Path | None = None, *,
-                overwrite_control: str = "--overwrite") -> Iterator[Path]:
+                overwrite_control: str = "--overwrite", list_contents: bool = True) -> Iterator[Path]:
     """Give the caller an empty `.NAME.partial-…` folder to fill; when its block ends normally, swap it in for the
     target (kept as `.NAME.old-…` until done), otherwise remove it.
 
@@ -175,7 +181,7 @@ def export_into(out: str | Path, overwrite: bool = False, source: Path | None = 
     cleared first.
     """
     out = Path(out).absolute()
-    check_target(out, overwrite, source, overwrite_control=overwrite_control)
+    check_target(out, overwrite, source, overwrite_control=overwrite_control, list_contents=list_contents)
     try:
         created = atomic.make_parents(out.parent)
     except OSError as e:
@@ -183,7 +189,7 @@ def export_into(out: str | Path, overwrite: bool = False, source: Path | None = 
     try:
         with atomic.held(lock_path(out)):
             remove_leftovers(out.parent, out.name)
-            check_target(out, overwrite, source, overwrite_control=overwrite_control)
+            check_target(out, overwrite, source, overwrite_control=overwrite_control, list_contents=list_contents)
             tmp = leftover_path(out, "partial")
             tmp.mkdir()
             try:

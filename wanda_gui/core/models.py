@@ -185,13 +185,23 @@ def resolve_source(
     cache_dir: str | Path | None = None,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    hub_only: bool = False,
 ) -> Path:
-    """'builtin', a local folder, or a hub id -> a local folder holding config, tokenizer and weights."""
+    """'builtin', a local folder, or a hub id -> a local folder holding config, tokenizer and weights.
+
+    hub_only: the source is a hub id, looked up on the hub (or its local cache) and never as a path, so that whether
+    a folder of that name exists here changes nothing (a server answering visitors)."""
     source = (source or "").strip()
     if not source:
         raise UserError("No model given: choose the built-in model, a local folder or a hub id like 'org/name'.")
     if source == BUILTIN:
         return builtin_model_dir(progress)
+    if hub_only:
+        if not is_hub_id(source):
+            raise UserError(f"{source!r} is not a hub id of the form 'org/name'.")
+        path = download_from_hub(source, revision, token, cache_dir, trust_remote_code, progress)
+        check_model_files(path)
+        return path
     path = Path(source)
     if path.exists() or path.is_symlink():
         check_model_folder(path, source)
@@ -206,6 +216,18 @@ def resolve_source(
         check_model_files(path)
         return path
     raise UserError(f"{source!r} is neither an existing folder nor a hub id of the form 'org/name'.")
+
+
+def is_hub_id(name: str) -> bool:
+    """'org/name' spelled as the hub allows repository ids (so never '..', nor a leading '.' or '-')."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return bool(HUB_ID.match(name))
 
 
 def looks_like_path(source: str) -> bool:
@@ -311,9 +333,11 @@ def load_model(
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
     offload: bool = False,
+    hub_only: bool = False,
 ) -> LoadedModel:
     """Resolve the source, check it is a decoder LM, and load model + tokenizer on the device in the dtype.
-    offload: open it with empty blocks and only the rest read in (core.offload), for block-by-block runs."""
+    offload: open it with empty blocks and only the rest read in (core.offload), for block-by-block runs.
+    hub_only: the source is a hub id, never a local path (resolve_source)."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -322,7 +346,7 @@ def load_model(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    path = resolve_source(source, revision, token, cache_dir, trust_remote_code, progress)
+    path = resolve_source(source, revision, token, cache_dir, trust_remote_code, progress, hub_only)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -352,7 +376,7 @@ def load_model(
     model.requires_grad_(False)
     if source.strip() == BUILTIN:
         name = BUILTIN_NAME
-    elif Path(source.strip()).exists():
+    elif not hub_only and Path(source.strip()).exists():
         name = path.name  # a local folder
     else:
         name = source.strip()  # a hub id

@@ -24,11 +24,12 @@ def export(export_dir, overwrite, request: gr.Request):
     ws = session(request)
     policy = served(request).policy
     target = policy.export_target(export_dir or "")
-    yield updates(EXPORT_OUTPUTS, export_status=f"… Exporting to `{target}`…")
-    out = ws.export(target, bool(overwrite), OVERWRITE_CONTROL)
+    yield updates(EXPORT_OUTPUTS, export_status=f"… Exporting to `{policy.shown(str(target))}`…")
+    out = ws.export(target, bool(overwrite), OVERWRITE_CONTROL, list_contents=not policy.exposed)
     report = Path(tempfile.mkdtemp(prefix="report-", dir=policy.files_dir)) / "pruning_report.json"
     report.write_text(json.dumps(ws.report(), indent=2))
-    yield updates(EXPORT_OUTPUTS, export_status=f"✓ Exported to `{out}` (safetensors, tokenizer, README, pruning_report.json).",
+    yield updates(EXPORT_OUTPUTS, export_status=f"✓ Exported to `{policy.shown(str(out))}` (safetensors, tokenizer, "
+                                                "README, pruning_report.json).",
                   report_file=gr.update(value=str(report), visible=True))
 
 

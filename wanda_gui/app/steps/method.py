@@ -61,7 +61,7 @@ def calibration_source(policy: ServePolicy, kind, files, dataset):
         return paths
     if not (dataset or "").strip():
         raise UserError("Type a hub dataset: wikitext2, c4, or NAME[:CONFIG].")
-    return "hf:" + policy.calibration_dataset(dataset)
+    return policy.calibration_dataset(dataset)
 
 
 @user_errors()

@@ -11,8 +11,8 @@ from ...core.devices import list_devices
 from ...core.memory import format_bytes
 from ..common import (AFTER_RUN, BUTTONS, COMPARE_VIEW, RUN_VIEW, WORK, Page, buttons, cleared, on_a_thread, served, session, updates,
                       user_errors)
-from ..policy import ServePolicy
 from ...core.runs import MEMORY_MODES
+from ..policy import VisitorSource, ServePolicy
 from ..workspace import Workspace
 
 SOURCES = ["Built-in (SmolLM2-135M-Instruct)", "Local folder", "Hugging Face hub"]
@@ -31,7 +31,7 @@ def device_choices() -> list[tuple[str, str]]:
     return [(f"{d.label} · {format_bytes(d.free_bytes)} free of {format_bytes(d.total_bytes)}", d.id) for d in list_devices()]
 
 
-def source_of(policy: ServePolicy, kind: str, folder: str, hub_id: str) -> str:
+def source_of(policy: ServePolicy, kind: str, folder: str, hub_id: str) -> VisitorSource:
     return policy.model_source({SOURCES[0]: "builtin", SOURCES[1]: "folder"}.get(kind, "hub"), folder or "",
                                hub_id or "")
 
@@ -49,16 +49,16 @@ def load(source_kind, folder, hub_id, revision, token, trust, device, dtype, mem
     """Load on a worker thread so that progress messages stream into the status line."""
     ws = session(request)
     policy = served(request).policy
-    source = source_of(policy, source_kind, folder, hub_id)
+    source, hub_only = source_of(policy, source_kind, folder, hub_id)
     trust = policy.remote_code(bool(trust))
     ws.check_idle()
     yield updates(LOAD_OUTPUTS, load_status="… Loading…", card="", compare_status="", **buttons(ws, running=True),
                   **cleared(RUN_VIEW, AFTER_RUN, COMPARE_VIEW))
     work = functools.partial(ws.load, source, device, None if dtype == "auto" else dtype, revision, token, trust,
-                             memory=memory, budget=budget)
+                             memory=memory, budget=budget, hub_only=hub_only)
     for message in on_a_thread(lambda report: work(progress=lambda m, f: report(m + (f" {f:.0%}" if f else "")))):
         if isinstance(message, str):
-            yield updates(LOAD_OUTPUTS, load_status=f"… {message}")
+            yield updates(LOAD_OUTPUTS, load_status=f"… {policy.shown(message)}")
     loaded = message.result
     info = loaded.info
     shared = ws.pool.holders(loaded) - 1
