@@ -479,3 +479,18 @@ def test_ctrl_c_removes_the_servers_temp_folders_too(tmp_path):
         server.send_signal(interrupt)
         assert server.wait(60) == 128 + interrupt
     assert not list(tmp.glob("wanda-gui-*"))
+
+
+def test_a_sibling_folder_sharing_the_models_dirs_name_prefix_is_outside_it(tmp_path):
+    """models-private/ starts with the characters of models/ but is not inside it (a string-prefix compare says
+    it is)."""
+    from wanda_gui.app.policy import inside
+
+    (tmp_path / "models" / "ok").mkdir(parents=True)
+    (tmp_path / "models-private" / "secret").mkdir(parents=True)
+    (tmp_path / "models-private" / "secret" / "config.json").write_text("{}")
+    assert inside(tmp_path / "models" / "ok", tmp_path / "models")
+    assert not inside(tmp_path / "models-private" / "secret", tmp_path / "models")
+    policy = ServePolicy(exposed=True, models_dir=tmp_path / "models")
+    with pytest.raises(UserError, match="There is no model folder"):
+        policy.model_source("folder", "../models-private/secret", "")
