@@ -88,7 +88,7 @@ class Run:
         self.config, self.cancel, self.bounded, self.started = config, cancel, bounded, time.perf_counter()
         device = next(model.parameters()).device
         nsamples, seqlen = calibration.shape if method.needs_activations else (0, 0)
-        self.ctx = RunContext(model, config, blocks, stages, calibration if method.needs_activations else None, None,
+        self.ctx = RunContext(model, config.pattern, config.sparsity, blocks, stages, calibration if method.needs_activations else None, None,
                               None, config.batch_size or default_batch_size(device, seqlen), device,
                               [config.sparsity] * len(stages), cancel)
         self.samples = (int(nsamples), int(seqlen))
