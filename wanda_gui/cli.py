@@ -9,7 +9,21 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from .app.main import add_arguments, serve
+from .core import distributed
+from .core import events as ev
+from .core import sweep as sw
+from .core.calibration import check_seqlen, read_text_files
+from .core.config import PruneConfig
 from .core.errors import UserError
+from .core.estimate import check_eval_fits
+from .core.evaluate import perplexity
+from .core.memory import parse_bytes
+from .core.methods import METHODS, OPTIONS
+from .core.passes import Cancelled
+from .core.runs import CalibrationSpec, ModelSource, PruneJob, RunError, prune_and_export, vocab_size
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,10 +40,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanda-gui", description="Prune LLMs with Wanda; with no command, open the app.")
     sub = parser.add_subparsers(dest="command")
-
-    from .app.main import add_arguments
-    from .core.methods import METHODS, OPTIONS
-
     add_arguments(sub.add_parser("app", help="open the Gradio app (the default)"))
 
     prune = sub.add_parser("prune", help="prune a model and export it")
@@ -115,16 +125,12 @@ def _fractions(text: str, flag: str) -> list[float]:
 
 
 def model_source(args):
-    from .core.runs import ModelSource
-
     return ModelSource(os.path.expanduser(args.model), args.revision, args.token, args.trust_remote_code, args.device,
                        args.dtype)
 
 
 def calibration_spec(args):
     """The calibration flags, their counts checked."""
-    from .core.runs import CalibrationSpec
-
     _at_least(args.nsamples, 1, "--nsamples")
     _at_least(args.seqlen, 2, "--seqlen")
     _at_least(args.seed, 0, "--seed")
@@ -133,11 +139,6 @@ def calibration_spec(args):
 
 def prune_job(args):
     """The prune flags as the engine's job: everything after this reads the job, not the flags."""
-    from .core.config import PruneConfig
-    from .core.memory import parse_bytes
-    from .core.methods import OPTIONS
-    from .core.runs import PruneJob
-
     calibration = calibration_spec(args)
     _at_least(args.eval_nwindows, 1, "--eval-nwindows")
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
@@ -157,10 +158,6 @@ class Bar:
         self.shown, self.bar = shown, None
 
     def __call__(self, event) -> None:
-        from tqdm import tqdm
-
-        from .core import events as ev
-
         if isinstance(event, ev.RunStarted):  # made here, so that nothing is drawn before the run starts
             self.bar = tqdm(total=len(event.blocks), unit="block", file=sys.stderr, dynamic_ncols=True,
                             disable=not self.shown, desc=f"{event.method} {event.pattern}")
@@ -172,10 +169,6 @@ class Bar:
 
 
 def cmd_prune(args) -> dict:
-    from .core import distributed
-    from .core.passes import Cancelled
-    from .core.runs import RunError, prune_and_export
-
     job = prune_job(args)
     bar = Bar(distributed.rank() == 0)
     try:
@@ -198,11 +191,6 @@ def cmd_prune(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from .core.calibration import check_seqlen, read_text_files
-    from .core.estimate import check_eval_fits
-    from .core.evaluate import perplexity
-    from .core.runs import vocab_size
-
     _at_least(args.seqlen, 2, "--seqlen")
     _at_least(args.nwindows, 1, "--nwindows")
     source = model_source(args)
@@ -221,9 +209,6 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_sweep(args) -> dict:
-    from .core import sweep as sw
-    from .core.methods import OPTIONS
-
     calibration = calibration_spec(args)
     _at_least(args.eval_nwindows, 1, "--eval-nwindows")
     _at_least(args.eval_seqlen, 2, "--eval-seqlen")
@@ -235,8 +220,6 @@ def cmd_sweep(args) -> dict:
     try:
         for event in sw.run_job(job, _progress):
             if isinstance(event, sw.SweepStarted):
-                from tqdm import tqdm
-
                 bar = tqdm(total=event.total, unit="run", file=sys.stderr, dynamic_ncols=True)
             elif isinstance(event, sw.RunSkipped):
                 bar.update(1)
@@ -259,12 +242,6 @@ def cmd_sweep(args) -> dict:
     return {"out": str(job.out), "header": finished.header, "rows": finished.rows}
 
 
-def cmd_app(args) -> None:
-    from .app.main import serve
-
-    serve(args)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -274,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "app":
-            cmd_app(args)
+            serve(args)
             return 0
         result = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep}[args.command](args)
         if args.json and result:
@@ -292,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
-        from .core.distributed import stop
-
-        stop()
+        distributed.stop()
 
 
 if __name__ == "__main__":
