@@ -93,9 +93,11 @@ class Run:
                               [config.sparsity] * len(stages), cancel)
         self.samples = (int(nsamples), int(seqlen))
         self.kinds = statistic_kinds(method, self.hooks, config)
-        # each pruned weight's dense values, on the host: to restore, and for hooks that read them after masking
-        self.keep_dense = config.restore_on_abort or any(type(h).after_masking is not Step.after_masking
-                                                         for h in self.hooks)
+        # hooks that read a stage's masks and dense weights after masking (DSnoT, reconstruction); without them
+        # neither is kept (a linear's mask and score go as soon as its event is made)
+        self.keep_masks = any(type(h).after_masking is not Step.after_masking for h in self.hooks)
+        # each pruned weight's dense values, on the host: to restore, and for those hooks
+        self.keep_dense = config.restore_on_abort or self.keep_masks
         self.backup: dict[nn.Module, torch.Tensor] = {}
         self.layers: list[LayerSparsity] = []
         self.calibration_seconds = 0.0
@@ -187,10 +189,13 @@ class Run:
             why = (explain(weight_out_in(linear), masked.statistics[SquaredMean][name], selection, pooled)
                    if self.config.explain and SquaredMean in masked.statistics else None)
             score, mask, zeros = prune_linear(linear, self.method, prepared[id(stat)], selection)
-            masked.masks[name] = mask
-            self.layers.append(LayerSparsity(name, index, tuple(mask.shape), zeros / mask.numel()))
-            yield LinearPruned(index, name, tuple(mask.shape), zeros / mask.numel(), pooled(score), pooled(~mask),
-                               time.perf_counter() - t, len(self.layers), self.total_linears, why)
+            maps, shape = (pooled(score), pooled(~mask)), tuple(mask.shape)
+            if self.keep_masks:
+                masked.masks[name] = mask
+            del score, mask  # before the event is handed on: the next linear's scoring must not meet them
+            self.layers.append(LayerSparsity(name, index, shape, zeros / (shape[0] * shape[1])))
+            yield LinearPruned(index, name, shape, zeros / (shape[0] * shape[1]), *maps, time.perf_counter() - t,
+                               len(self.layers), self.total_linears, why)
         self.current_layer = None
 
     def finished(self) -> RunFinished:

@@ -44,7 +44,7 @@ class BlockMasked:
 
     index: int
     linears: dict[str, nn.Module]
-    masks: dict[str, torch.Tensor]  # True where pruned, (C_out, C_in)
+    masks: dict[str, torch.Tensor]  # True where pruned, (C_out, C_in); kept when a hook overrides after_masking
     dense_weights: dict[str, torch.Tensor]  # each linear's weight before this stage was pruned, on the host (kept when
     # restore_on_abort is on or a hook overrides after_masking)
     statistics: dict[type, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)  # per statistic class
