@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from conftest import tiny_model
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.harness import PreparedTasks
 from wanda_gui.core.zeroshot import TaskSpec, task_names
