@@ -137,7 +137,7 @@ def test_limit_takes_the_first_examples(tasks_dir, tiny_tokenizer):
     assert result.tasks[0].acc == pytest.approx(by_hand(model, tiny_tokenizer, QUESTIONS[:5])[0], abs=1e-12)
 
 
-def test_the_model_tokenizer_and_random_state_are_left_as_they_were(prepared, tiny_tokenizer):
+def test_the_model_tokenizer_and_random_state_are_left_as_they_were(tasks_dir, tiny_tokenizer):
     """A tied GPT-2 whose head was untied on purpose, in train mode, a tokenizer without a pad token: evaluated as
     it is (HFLM's tie_weights undone before any pass), and all of it as it was afterwards, weights to the bit."""
     model = tiny_model("gpt2")
@@ -154,7 +154,7 @@ def test_the_model_tokenizer_and_random_state_are_left_as_they_were(prepared, ti
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     states = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
 
-    result = prepared.evaluate(model, tokenizer)
+    result = PreparedTasks(TaskSpec(("tiny_civics",), tasks_dir)).evaluate(model, tokenizer)
 
     assert (result.tasks[0].acc, result.tasks[0].acc_norm) == pytest.approx(expected, abs=1e-12)
     assert model.lm_head.weight is head and head is not model.transformer.wte.weight

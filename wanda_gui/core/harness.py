@@ -3,8 +3,8 @@ own task YAMLs), their datasets read before any model pass, then evaluated one t
 
 The model is neither reloaded nor moved, and is left as it was found: HFLM calls model.eval() (kept for the
 evaluation, undone after) and model.tie_weights() (undone at once: it would re-tie a head untied on purpose), and sets
-a pad token on the tokenizer it is given (a copy); the caller's global random generators go on as if nothing ran
-(lm_eval and datasets draw from Python's).
+a pad token on the tokenizer it is given (a copy). The caller's global random generators go on as if nothing ran
+(building a task draws from Python's; lm_eval.evaluate, unlike its simple_evaluate, reseeds none).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def list_tasks(folder: Path | None) -> list[str]:
 
 @contextlib.contextmanager
 def random_state_kept() -> Iterator[None]:
-    """The caller's global generators (Python's, numpy's, torch's) go on as if nothing ran in between."""
+    """The caller's global generators (Python's, numpy's, torch's) go on as if nothing ran in between (building a
+    task draws from Python's)."""
     python, numpy, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
@@ -162,7 +163,7 @@ class PreparedTasks:
         """Each task in turn on `model` where it lies, progress after every request answered; cancel (set) stops it
         within a batch, with a UserError."""
         results = []
-        with random_state_kept(), modes_kept(model):
+        with modes_kept(model):
             with parameters_kept(model):  # before any model pass: the model is evaluated as it was
                 lm = QuietLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
             for number, (name, task) in enumerate(self.tasks.items()):
