@@ -25,6 +25,7 @@ import lm_eval
 import numpy as np
 import torch
 from lm_eval.api.model import CacheHook
+from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
@@ -142,7 +143,7 @@ class PreparedTasks:
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
-        self.tasks = {}
+        self.tasks: dict[str, Task] = {}
         with random_state_kept():
             for name, manager in find_tasks(spec).items():
                 try:
@@ -159,13 +160,13 @@ class PreparedTasks:
                 self.tasks[name] = task
 
     def evaluate(self, model: torch.nn.Module, tokenizer, progress: Callable[[TaskProgress], None] | None = None,
-                 cancel: threading.Event | None = None, batch_size: int = BATCH_SIZE) -> ZeroShot:
+                 cancel: threading.Event | None = None) -> ZeroShot:
         """Each task in turn on `model` where it lies, progress after every request answered; cancel (set) stops it
         within a batch, with a UserError."""
         results = []
         with modes_kept(model):
             with parameters_kept(model):  # before any model pass: the model is evaluated as it was
-                lm = QuietLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+                lm = QuietLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=BATCH_SIZE)
             for number, (name, task) in enumerate(self.tasks.items()):
                 counting = Counting(TaskProgress(name, number, len(self.tasks), 0, 0), lm, progress, cancel)
                 counting.report()
