@@ -115,11 +115,11 @@ def layout(page: Page) -> None:
             page.add("eval_btn", gr.Button("Measure perplexity: dense vs pruned", interactive=False, elem_id="eval"))
         page.add("ppl_md", gr.Markdown(elem_id="perplexity"))
         with gr.Row():
-            page.add("zs_tasks", gr.Textbox(",".join(WANDA_TASKS), label="Zero-shot tasks (lm-evaluation-harness "
-                                            "names, comma-separated; the Wanda paper's by default)", scale=4,
-                                            info="Offline, each task's dataset must be in the local Hugging Face "
-                                                 "datasets cache", elem_id="zs-tasks"))
-            page.add("zs_dir", gr.Textbox(label="Your tasks folder (lm-eval task YAMLs; optional)", scale=2,
+            page.add("zs_tasks", gr.Textbox(",".join(WANDA_TASKS), label="Zero-shot tasks (comma-separated)", scale=3,
+                                            info="lm-evaluation-harness names, the Wanda paper's seven by default; "
+                                                 "offline, their datasets must be in the local Hugging Face cache",
+                                            elem_id="zs-tasks"))
+            page.add("zs_dir", gr.Textbox(label="Your tasks folder (optional)", info="lm-eval task YAMLs", scale=3,
                                           placeholder="/path/to/tasks", visible=not page.policy.exposed,
                                           elem_id="zs-dir"))
             page.add("zs_limit", gr.Number(100, label="Examples per task (0: all)", precision=0, minimum=0, scale=1,
