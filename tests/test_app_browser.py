@@ -230,11 +230,11 @@ def test_bad_input_shows_a_message_in_the_page(browser, url, tmp_path, tiny_mode
 
 
 
-def test_zero_shot_accuracy_fills_a_table_dense_vs_pruned(browser, url, tiny_model_dir, text_file, tmp_path):
+def test_zero_shot_accuracy_fills_a_table_dense_vs_pruned(browser, own_url, tiny_model_dir, text_file, tmp_path):
     from test_zeroshot import write_task
 
     tasks = write_task(tmp_path / "tasks")
-    w = Watched(browser, url)
+    w = Watched(browser, own_url)
     page = w.page
     page.locator("#source").get_by_text("Local folder", exact=True).click()
     w.fill("folder", tiny_model_dir)
