@@ -238,3 +238,19 @@ def test_the_why_view_marks_the_planted_outlier_of_the_layer_being_pruned(url, t
     assert list(xs) == [7] and figure["layout"]["yaxis"]["type"] == "log"
     assert "of positions differ" in json.dumps(figure["layout"]["annotations"])
     client.close()
+
+
+def test_a_value_the_page_would_never_send_is_refused_and_logged_in_one_line(url, text_file, capfd, caplog):
+    """An API caller's out-of-range slider or unknown choice: refused in words, and the server's log says so in one
+    line, not with Gradio's traceback."""
+    client = Client(url, verbose=False)
+    capfd.readouterr()
+    assert "greater than maximum value 0.95" in error_of(lambda: client.predict(*prune_args([text_file], sparsity=1.0),
+                                                                                api_name="/prune"))
+    assert "not in the list of choices" in error_of(lambda: client.predict(*prune_args([text_file], method="Nope"),
+                                                                           api_name="/prune"))
+    stderr = capfd.readouterr().err
+    assert "Traceback" not in stderr, stderr
+    lines = [r.getMessage() for r in caplog.records if r.name == "wanda_gui"]
+    assert [line.split(":")[0] for line in lines] == ["rejected a value for 'Sparsity (unstructured)'",
+                                                      "rejected a value for 'Method'"], lines

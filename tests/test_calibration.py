@@ -6,8 +6,15 @@ import json
 import pytest
 import torch
 
-from wanda_gui.core.calibration import (builtin_calibration_text, builtin_evaluation_text, calibration_text,
-                                        calibration_windows, evaluation_windows, sample_windows, tokenize)
+from wanda_gui.core.calibration import (
+    builtin_calibration_text,
+    builtin_evaluation_text,
+    calibration_text,
+    calibration_windows,
+    evaluation_windows,
+    sample_windows,
+    tokenize,
+)
 from wanda_gui.core.errors import UserError
 
 
@@ -145,3 +152,13 @@ def test_datasets_loader_reads_a_local_dataset_and_its_text_column(tmp_path):
 
     with pytest.raises(UserError, match="no column 'body'"):
         load_hub_dataset(str(tmp_path), column="body")
+
+
+# (3) calibration starts: randint(0, len - seqlen - 1), every start reachable, none beyond
+def test_calibration_starts_cover_exactly_the_protocols_range():
+    seqlen = 16
+    ids = torch.arange(seqlen + 2)  # two possible starts: 0 and 1
+    windows = sample_windows(ids, 200, seqlen, seed=3)
+    starts = set(windows[:, 0].tolist())
+    assert starts == {0, 1}
+    assert windows.shape == (200, seqlen) and (windows[:, 1:] - windows[:, :-1] == 1).all()

@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
+import torch
+from safetensors.torch import load_file
 from test_models import make_hub_cache
 
 
@@ -117,3 +118,30 @@ def test_sweep_writes_results_and_resumes_without_rerunning(tmp_path, tiny_model
     assert sorted(r["key"] for r in json.loads(capsys.readouterr().out)["rows"]) == keys
     assert main([*args[:-3], "--seed", "3", "--out", str(tmp_path / "sweep")]) == 2
     assert "seed" in capsys.readouterr().err and (tmp_path / "sweep" / "results.json").stat().st_mtime_ns == mtime
+
+
+# (5) the CLI's --seed draws the calibration windows
+def cli_masks(tmp_path, tiny_model_dir, text_file, seed, name):
+    """Prune with the CLI in-process; return its report and every exported weight's zero mask."""
+    from wanda_gui.cli import main
+
+    out = tmp_path / name
+    code = main(["prune", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "2",
+                 "--seqlen", "16", "--seed", str(seed), "--out", str(out)])
+    assert code == 0
+    weights = {}
+    for path in sorted(out.glob("*.safetensors")):
+        weights.update(load_file(path))
+    report = json.loads((out / "pruning_report.json").read_text())
+    return report, {k: v == 0 for k, v in weights.items() if "layers." in k and v.dim() == 2}
+
+
+def test_cli_seed_chooses_the_calibration_windows(tmp_path, tiny_model_dir, text_file):
+    report_a, masks_a = cli_masks(tmp_path, tiny_model_dir, text_file, 1, "a")
+    report_b, masks_b = cli_masks(tmp_path, tiny_model_dir, text_file, 2, "b")
+    _, masks_b2 = cli_masks(tmp_path, tiny_model_dir, text_file, 2, "b2")
+    assert report_a["calibration"]["seed"] == 1 and report_b["calibration"]["seed"] == 2
+    assert masks_a.keys() == masks_b.keys() and len(masks_a) == 14
+    assert all(torch.equal(masks_b[k], masks_b2[k]) for k in masks_b)  # same seed, same masks
+    differing = [k for k in masks_a if not torch.equal(masks_a[k], masks_b[k])]
+    assert len(differing) >= len(masks_a) // 2, differing  # another seed, other windows, other masks

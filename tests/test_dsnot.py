@@ -212,7 +212,7 @@ def test_cancel_is_honoured_between_linears():
         linear.weight.data.masked_fill_(mask, 0)
     block = BlockMasked(0, linears, {n: mask for n in linears}, {n: dense for n in linears},
                         {MeanVariance: {n: moments for n in linears}})
-    ctx = types.SimpleNamespace(cancel=CancelAfter(1), config=PruneConfig("wanda", 0.5))
+    ctx = types.SimpleNamespace(cancel=CancelAfter(1), pattern=Pattern())
     with pytest.raises(Cancelled):
         DSnoT(threshold=0.0).after_masking(ctx, block)
     assert not torch.equal(linears["first"].weight == 0, mask)  # the first was done

@@ -161,3 +161,11 @@ def test_sparsegpt_is_estimated_slower_than_wanda_for_its_hessians(tiny_model_di
     wanda, sparsegpt = estimate(info, "wanda", 64, 128, True), estimate(info, "sparsegpt", 64, 128, True)
     masking = estimate(info, "magnitude", 64, 128, True).seconds
     assert (sparsegpt.seconds - masking) / (wanda.seconds - masking) > 1.5
+
+
+def test_a_run_is_refused_when_its_parts_add_up_to_more_than_is_free():
+    """Each part fits on its own; together they do not: the check is on the sum."""
+    parts = {"calibration activations": 600, "scoring": 600}
+    with pytest.raises(UserError, match=r"needs about 1.2 KiB \(calibration activations 600 B \+ scoring 600 B\)"):
+        est.refuse_if_over(parts, "cpu", 1000, "lower the samples")
+    est.refuse_if_over(parts, "cpu", 1200, "lower the samples")  # exactly enough

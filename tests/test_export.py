@@ -8,15 +8,17 @@ import stat
 
 import pytest
 import torch
+import transformers as tf
+from conftest import SMALL
 from transformers import AutoModelForCausalLM
 
+from wanda_gui.core import atomic
 from wanda_gui.core.config import PruneConfig
 from wanda_gui.core.engine import prune
-from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
-from wanda_gui.core import atomic
 from wanda_gui.core.export import REPORT_NAME, check_target, export_model, make_report
 from wanda_gui.core.models import load_model
+from wanda_gui.core.runs import drain
 
 CALIB = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(2))
 
@@ -208,3 +210,39 @@ def test_failed_export_leaves_no_partial_folder(tmp_path, pruned, monkeypatch):
     with pytest.raises(UserError, match="No space left.*Nothing was left half-written"):
         export_model(loaded.model, loaded.tokenizer, tmp_path / "out", report)
     assert list(tmp_path.iterdir()) == []
+
+
+# (4) the exported config carries no quantization_config, even when the loaded model's had one
+def test_export_drops_a_quantization_config(tmp_path, tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    loaded.model.config.quantization_config = {"quant_method": "gguf", "bits": 4}  # as a GGUF-loaded model has
+    summary = drain(prune(loaded.model, PruneConfig(method="magnitude", sparsity=0.5)))
+    report = make_report(loaded.info, summary, None, {"load": 0.0})
+    out = export_model(loaded.model, loaded.tokenizer, tmp_path / "out", report, source=loaded.path)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["model_type"] == "llama" and config["hidden_size"] == SMALL["hidden_size"]
+    tf.AutoModelForCausalLM.from_pretrained(out)  # and it loads as a plain model
+
+
+def test_a_lock_file_replaced_while_waiting_is_locked_where_it_now_is(tmp_path, monkeypatch):
+    """A holder that finishes unlinks its lock file; a waiter that opened the old file before that must not take
+    the lock on it (it guards nothing) but on the file now at the path, which a third writer may have made."""
+    path = tmp_path / ".out.export-lock"
+    real_open, raced = os.open, []
+
+    def open_then_race(name, flags, mode=0o777):
+        fd = real_open(name, flags, mode)
+        if not raced:  # between our open and our flock: the old holder unlinks its file, another writer makes one
+            raced.append(os.fstat(fd).st_ino)
+            os.unlink(name)
+            os.close(real_open(name, os.O_CREAT | os.O_RDWR, 0o666))
+        return fd
+
+    monkeypatch.setattr(atomic.os, "open", open_then_race)
+    fd = atomic.try_lock(path)
+    monkeypatch.undo()
+    try:
+        assert raced and os.fstat(fd).st_ino == os.stat(path).st_ino != raced[0]
+    finally:
+        atomic.release(path, fd)

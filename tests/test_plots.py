@@ -134,3 +134,29 @@ def test_log_axes_over_decades_label_only_powers_of_ten():
             {"key": "wanda|unstructured|0.7", "method": "wanda", "pattern": "unstructured", "target_sparsity": 0.7,
              "achieved_sparsity": 0.7, "perplexity": 587.0}]
     assert plots.comparison_chart(rows).layout.yaxis.dtick == 1
+
+
+def test_a_live_run_sends_its_maps_at_most_once_a_second_and_coarse(monkeypatch):
+    """A run pruning a linear every 0.1 s for 4 s: status lines about 4 a second, maps about once a second, each
+    64 x 64 cells (a quarter of the picker's): the page stays responsive (at 4 maps a second of 128 x 128 it froze)."""
+    from wanda_gui.app.pool import ModelPool
+    from wanda_gui.app.steps import live
+    from wanda_gui.app.workspace import Workspace
+    from wanda_gui.core import events as ev
+
+    clock = [0.0]
+    monkeypatch.setattr(live.time, "perf_counter", lambda: clock[0])
+    score = np.random.default_rng(0).random((128, 128), dtype=np.float32)
+
+    def events():
+        yield ev.RunStarted("m", "wanda", "unstructured", 0.5, [[f"l{i}" for i in range(40)]], 40, 4, 32, 2, "s")
+        for i in range(1, 41):
+            clock[0] += 0.1
+            yield ev.LinearPruned(0, f"l{i}", (576, 1536), 0.5, score, score, 0.1, i, 40)
+
+    shown = list(live.prune_stream(Workspace(ModelPool()), events(), "wanda"))
+    statuses = [s for s in shown if "linear" in str(s.get("prune_status", ""))]
+    maps = [s["map_plot"] for s in shown if "map_plot" in s and s["map_plot"].data]  # not the first, cleared one
+    assert 12 <= len(statuses) <= 17 and 4 <= len(maps) <= 5, (len(statuses), len(maps))
+    assert all(np.asarray(m.data[0].z).shape == (64, 64) for m in maps)
+    assert len(maps[-1].to_json()) < 80_000

@@ -169,3 +169,23 @@ def test_an_apps_pruning_copy_of_inference_tensors_is_fitted_and_the_dense_model
     assert summary.achieved_sparsity == pytest.approx(0.5)
     assert copy.model.layers[0].input_layernorm.weight is dense.model.layers[0].input_layernorm.weight  # still shared
     assert all(torch.equal(p, before[n]) for n, p in dense.named_parameters())
+
+
+class PrunedStayZeroDuringAdam(Reconstruct):
+    """Looks at the weights right after Adam, before the final write-back re-zeroes the pruned positions."""
+
+    moved: list[float] = []
+
+    def adam(self, ctx, module, call, hidden, targets, block, keeps):
+        super().adam(ctx, module, call, hidden, targets, block, keeps)
+        for name, linear in block.linears.items():
+            self.moved.append(float(weight_out_in(linear).detach()[~keeps[name]].abs().max()))
+
+
+def test_adam_never_moves_a_pruned_weight():
+    """Adam's gradients are masked, so its moments and steps at pruned positions stay exactly zero; the final
+    re-zeroing must not be what hides a pruned weight that moved (the after-Adam error is measured before it)."""
+    step = PrunedStayZeroDuringAdam(epochs=2, refit_iterations=0)
+    step.moved = []
+    drain(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration(), steps=(step,)))
+    assert len(step.moved) == 14 and max(step.moved) == 0.0, step.moved

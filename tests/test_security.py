@@ -481,6 +481,21 @@ def test_ctrl_c_removes_the_servers_temp_folders_too(tmp_path):
     assert not list(tmp.glob("wanda-gui-*"))
 
 
+def test_a_sibling_folder_sharing_the_models_dirs_name_prefix_is_outside_it(tmp_path):
+    """models-private/ starts with the characters of models/ but is not inside it (a string-prefix compare says
+    it is)."""
+    from wanda_gui.app.policy import inside
+
+    (tmp_path / "models" / "ok").mkdir(parents=True)
+    (tmp_path / "models-private" / "secret").mkdir(parents=True)
+    (tmp_path / "models-private" / "secret" / "config.json").write_text("{}")
+    assert inside(tmp_path / "models" / "ok", tmp_path / "models")
+    assert not inside(tmp_path / "models-private" / "secret", tmp_path / "models")
+    policy = ServePolicy(exposed=True, models_dir=tmp_path / "models")
+    with pytest.raises(UserError, match="There is no model folder"):
+        policy.model_source("folder", "../models-private/secret", "")
+
+
 def test_exposed_server_reads_no_tasks_folder_and_no_task_yaml_by_path(tiny_model_dir, tmp_path):
     """A task YAML names files to read and may run Python: visitors name only lm-evaluation-harness's own tasks."""
     from test_zeroshot import write_task

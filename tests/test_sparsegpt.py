@@ -70,6 +70,18 @@ def test_update_matches_obs_with_explicit_inverses(pattern, blocksize):
     assert not torch.allclose(weight[~mask], W[~mask])  # the kept weights did move
 
 
+def test_unstructured_masks_are_chosen_in_the_references_blocks_of_128_columns():
+    """The default is the reference's 128-column block: its masks equal OBS written out with 128-column selection,
+    which on a 256-column layer differ from 64-column selection."""
+    W, X = layer_and_inputs(rows=8, cols=256, tokens=800)
+    H = hessian(X)
+    _, mask = sparsegpt_prune(W.clone(), inverse_hessian(H), 0.5, Pattern())
+    _, by_128 = direct_obs(W, H, 0.5, Pattern(), 128)
+    _, by_64 = direct_obs(W, H, 0.5, Pattern(), 64)
+    assert not torch.equal(by_128, by_64)  # the test can tell the block sizes apart
+    assert torch.equal(mask, by_128)
+
+
 def test_hessian_is_the_references_two_over_n_xtx():
     _, X = layer_and_inputs()
     flat = X.reshape(-1, X.shape[-1]).double()

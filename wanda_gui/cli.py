@@ -9,7 +9,24 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from .app.main import add_arguments, serve
+from .core import distributed
+from .core import events as ev
+from .core import sweep as sw
+from .core.calibration import check_seqlen, read_text_files
+from .core.config import PruneConfig
 from .core.errors import UserError
+from .core.estimate import check_eval_fits
+from .core.evaluate import perplexity
+from .core.export import zero_shot_note, zero_shot_table
+from .core.memory import parse_bytes
+from .core.methods import METHODS, OPTIONS
+from .core.passes import Cancelled
+from .core.runs import (CalibrationSpec, ModelSource, PruneJob, RunError, list_tasks, prepare_tasks, prune_and_export,
+                         vocab_size)
+from .core.zeroshot import TaskSpec, task_names
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -37,10 +54,6 @@ def _add_task_args(p: argparse.ArgumentParser, what: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanda-gui", description="Prune LLMs with Wanda; with no command, open the app.")
     sub = parser.add_subparsers(dest="command")
-
-    from .app.main import add_arguments
-    from .core.methods import METHODS, OPTIONS
-
     add_arguments(sub.add_parser("app", help="open the Gradio app (the default)"))
 
     prune = sub.add_parser("prune", help="prune a model and export it")
@@ -130,16 +143,12 @@ def _fractions(text: str, flag: str) -> list[float]:
 
 
 def model_source(args):
-    from .core.runs import ModelSource
-
     return ModelSource(os.path.expanduser(args.model), args.revision, args.token, args.trust_remote_code, args.device,
                        args.dtype)
 
 
 def calibration_spec(args):
     """The calibration flags, their counts checked."""
-    from .core.runs import CalibrationSpec
-
     _at_least(args.nsamples, 1, "--nsamples")
     _at_least(args.seqlen, 2, "--seqlen")
     _at_least(args.seed, 0, "--seed")
@@ -148,8 +157,6 @@ def calibration_spec(args):
 
 def task_spec(args):
     """The zero-shot flags, or None without --tasks."""
-    from .core.zeroshot import TaskSpec, task_names
-
     if args.tasks is None:
         if args.tasks_dir is not None or args.limit is not None or args.num_fewshot:
             raise UserError("--tasks-dir, --limit and --num-fewshot go with --tasks: name the tasks to measure.")
@@ -160,11 +167,6 @@ def task_spec(args):
 
 def prune_job(args):
     """The prune flags as the engine's job: everything after this reads the job, not the flags."""
-    from .core.config import PruneConfig
-    from .core.memory import parse_bytes
-    from .core.methods import OPTIONS
-    from .core.runs import PruneJob
-
     calibration = calibration_spec(args)
     _at_least(args.eval_nwindows, 1, "--eval-nwindows")
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
@@ -184,10 +186,6 @@ class Bar:
         self.shown, self.bar = shown, None
 
     def __call__(self, event) -> None:
-        from tqdm import tqdm
-
-        from .core import events as ev
-
         if isinstance(event, ev.RunStarted):  # made here, so that nothing is drawn before the run starts
             self.bar = tqdm(total=len(event.blocks), unit="block", file=sys.stderr, dynamic_ncols=True,
                             disable=not self.shown, desc=f"{event.method} {event.pattern}")
@@ -205,8 +203,6 @@ class TaskBar:
         self.bar, self.shown = None, None
 
     def __call__(self, model: str, where) -> None:
-        from tqdm import tqdm
-
         if not where.total:  # its requests are being built (lm_eval draws a bar of its own for that)
             return
         if self.shown != (model, where.task):
@@ -223,17 +219,11 @@ class TaskBar:
 
 
 def print_zero_shot(measured: dict) -> None:
-    from .core.export import zero_shot_note, zero_shot_table
-
     print(zero_shot_note(measured))
     print("\n".join(zero_shot_table(measured)))
 
 
 def cmd_prune(args) -> dict:
-    from .core import distributed
-    from .core.passes import Cancelled
-    from .core.runs import RunError, prune_and_export
-
     job = prune_job(args)
     bar, task_bar = Bar(distributed.rank() == 0), TaskBar()
     try:
@@ -262,14 +252,7 @@ def cmd_prune(args) -> dict:
 def cmd_eval(args) -> dict | None:
     """Perplexity, or with --tasks zero-shot accuracy (and perplexity too with --perplexity). The tasks are found
     and their datasets read before the model loads."""
-    from .core.calibration import check_seqlen, read_text_files
-    from .core.estimate import check_eval_fits
-    from .core.evaluate import perplexity
-    from .core.runs import prepare_tasks, vocab_size
-
     if args.list_tasks:
-        from .core.harness import list_tasks
-
         names = list_tasks(Path(args.tasks_dir).expanduser() if args.tasks_dir else None)
         if args.json:
             return {"tasks": names}
@@ -309,9 +292,6 @@ def cmd_eval(args) -> dict | None:
 
 
 def cmd_sweep(args) -> dict:
-    from .core import sweep as sw
-    from .core.methods import OPTIONS
-
     calibration = calibration_spec(args)
     _at_least(args.eval_nwindows, 1, "--eval-nwindows")
     _at_least(args.eval_seqlen, 2, "--eval-seqlen")
@@ -323,8 +303,6 @@ def cmd_sweep(args) -> dict:
     try:
         for event in sw.run_job(job, _progress):
             if isinstance(event, sw.SweepStarted):
-                from tqdm import tqdm
-
                 bar = tqdm(total=event.total, unit="run", file=sys.stderr, dynamic_ncols=True)
             elif isinstance(event, sw.RunSkipped):
                 bar.update(1)
@@ -347,12 +325,6 @@ def cmd_sweep(args) -> dict:
     return {"out": str(job.out), "header": finished.header, "rows": finished.rows}
 
 
-def cmd_app(args) -> None:
-    from .app.main import serve
-
-    serve(args)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -362,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "app":
-            cmd_app(args)
+            serve(args)
             return 0
         result = {"prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep}[args.command](args)
         if args.json and result:
@@ -380,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
-        from .core.distributed import stop
-
-        stop()
+        distributed.stop()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import queue
 import threading
 import traceback
@@ -21,6 +22,7 @@ from .workspace import Workspace
 WHY_EMPTY = "Why it works: input-feature norms and Wanda vs magnitude, as each linear is pruned"
 MAPS_EMPTY = "Score and mask maps appear as each linear is pruned"
 COMPARE_EMPTY = "Perplexity against sparsity fills in as each run finishes"
+LOG = logging.getLogger("wanda_gui")
 STATUS_INTERVAL = 0.25  # seconds between live status lines (a few bytes each)
 DRAW_INTERVAL = 1.0  # seconds between live map updates: each is ~100 KiB of figure that the browser redraws, and
 # at 4 a second (with maps twice as fine) a run's page stopped answering and its tab grew to 2 GiB
@@ -36,6 +38,8 @@ class Page:
 
     def add(self, name: str, component):
         self.c[name] = component
+        if hasattr(component, "preprocess"):  # an input, not a layout block
+            component.preprocess = logged_in_one_line(component, component.preprocess)
         return component
 
     def __getitem__(self, name: str):
@@ -55,6 +59,20 @@ class Page:
         note = f"… Waiting for the server to {what}; other sessions' work goes first (your place in the queue shows here)."
         return trigger(lambda: note, None, self.c[status], queue=False, api_visibility="private").then(
             fn, self.inputs_of(fn), outputs, show_progress_on=[self.c[status]], **kwargs)
+
+
+def logged_in_one_line(component, preprocess):
+    """A component's own check of an API caller's value (a slider's range, a radio's choices): the caller gets the
+    message, the server's log one line instead of Gradio's traceback."""
+    @functools.wraps(preprocess)
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error as e:
+            label = getattr(component, "label", None) or type(component).__name__
+            LOG.warning("rejected a value for %r: %s", label, e.message)
+            raise gr.Error(e.message, title=e.title, print_exception=False) from None
+    return checked
 
 
 # Heavy work (load, prune, evaluate, export, compare) takes turns in one queue; chat has its own, so it never waits

@@ -290,7 +290,7 @@ class Workspace:
         model = loaded.model if in_place else pruned_copy(loaded.model, config)
         config = dataclasses.replace(config, restore_on_abort=in_place)
         self.run["in_place"] = in_place
-        for event in prune(model, config, windows, self.cancel, loaded.name):
+        for event in prune(model, config, windows, self.cancel, loaded.name, bounded=self.budget is not None):
             if isinstance(event, ev.RunFinished):
                 self.pruned = model
                 self.dense_kept = not in_place
@@ -383,13 +383,13 @@ class Workspace:
 
     def check_memory(self, config, nsamples: int, seqlen: int) -> None:
         """Refuse up front, with the numbers, a run that cannot fit in what may still be allocated (room()) even when
-        pruning in place; offloaded, with two blocks in memory and no copy."""
+        pruning in place; offloaded, with a block in memory and no copy."""
         loaded = self.require_model()
         info = loaded.info
         parts = memory_parts(info, config.method, nsamples, seqlen, dense_copy=not self.offloaded,
                              batch_size=config.batch_size)
         if self.offloaded:
-            parts["two blocks"] = 2 * loaded.lazy.block_bytes()
+            parts["a block"] = loaded.lazy.block_bytes()
         refuse_if_over(parts, info.device, self.room(), "lower the samples or the sequence length")
 
     def stop(self) -> None:

@@ -78,17 +78,17 @@ class Run:
     kept to restore on a stop or failure, and what was pruned so far. `prune` drives it."""
 
     def __init__(self, model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None,
-                 cancel: threading.Event | None, steps: tuple[Step, ...]):
+                 cancel: threading.Event | None, steps: tuple[Step, ...], bounded: bool = False):
         validate(model, config)
         self.method = method = get_method(config.method)
         self.hooks = (method, *config.steps(), *steps)
         if method.needs_activations and (calibration is None or calibration.numel() == 0):
             raise UserError(f"{method.name} needs calibration data; none was given.")
         blocks, stages = select_linears(model, config)
-        self.config, self.cancel, self.started = config, cancel, time.perf_counter()
+        self.config, self.cancel, self.bounded, self.started = config, cancel, bounded, time.perf_counter()
         device = next(model.parameters()).device
         nsamples, seqlen = calibration.shape if method.needs_activations else (0, 0)
-        self.ctx = RunContext(model, config, blocks, stages, calibration if method.needs_activations else None, None,
+        self.ctx = RunContext(model, config.pattern, config.sparsity, blocks, stages, calibration if method.needs_activations else None, None,
                               None, config.batch_size or default_batch_size(device, seqlen), device,
                               [config.sparsity] * len(stages), cancel)
         self.samples = (int(nsamples), int(seqlen))
@@ -125,7 +125,7 @@ class Run:
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         else:
-            keep_freed_memory_mapped()
+            keep_freed_memory_mapped(not self.bounded)
         if ctx.calibration is not None:
             ctx.hidden, ctx.calls = capture_block_inputs(ctx.model, ctx.blocks, ctx.calibration, ctx.batch_size,
                                                          ctx.device)
@@ -223,16 +223,18 @@ class Run:
 
 
 def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None,
-          cancel: threading.Event | None = None, model_name: str = "model", steps: tuple[Step, ...] = ()) -> Iterator[Event]:
+          cancel: threading.Event | None = None, model_name: str = "model", steps: tuple[Step, ...] = (),
+          bounded: bool = False) -> Iterator[Event]:
     """Prune the model in place, block by block, yielding events.
 
     calibration: (nsamples, seqlen) token ids, needed by methods that read activations. steps: hooks that run around
     the loop after the method's own and the options' (methods/base.py), except around a stage: their before_stage
     runs first and their after_stage last (offload brings a block in before anything reads it, and out after
-    everything else is done with it). On cancellation, a failure, or the consumer closing the stream, every pruned
-    weight is restored (unless restore_on_abort is off).
+    everything else is done with it). bounded: a run under a memory budget hands freed memory back to the OS at
+    once, so its peak is what it holds (a few percent slower on CPU). On cancellation, a failure, or the consumer
+    closing the stream, every pruned weight is restored (unless restore_on_abort is off).
     """
-    run = Run(model, config, calibration, cancel, steps)
+    run = Run(model, config, calibration, cancel, steps, bounded)
     yield run.started_event(model_name)
     try:
         yield from run.before_pruning()

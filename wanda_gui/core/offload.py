@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from .architecture import find_blocks
 from .errors import UserError
 from .export import SAFETENSORS_DTYPES
-from .memory import keep_freed_memory_mapped, release_memory
+from .memory import release_memory
 from .methods.base import RunContext, Step
 
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
@@ -219,9 +219,6 @@ class Offload(Step):
 
     def __init__(self, lazy: LazyModel, sink: Callable[[dict[str, torch.Tensor]], None] | None):
         self.lazy, self.sink = lazy, sink
-
-    def before_pruning(self, ctx: RunContext) -> None:
-        keep_freed_memory_mapped(False)  # memory bounded by a block, not by what the allocator keeps
 
     def before_stage(self, ctx: RunContext, index: int) -> None:
         if index < len(self.lazy.blocks):

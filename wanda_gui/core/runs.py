@@ -86,7 +86,8 @@ def prune_offloaded(lazy: LazyModel, config: PruneConfig, windows: torch.Tensor 
     config.refuse_offloaded()
     try:
         with StreamedWeights(folder, lazy.specs()) as weights:
-            for event in prune(lazy.model, config, windows, cancel, model_name, steps=(Offload(lazy, weights.write),)):
+            for event in prune(lazy.model, config, windows, cancel, model_name, steps=(Offload(lazy, weights.write),),
+                               bounded=True):
                 if isinstance(event, RunFinished):
                     weights.write(lazy.resident_tensors())
                     weights.finish()
@@ -124,12 +125,13 @@ class MemoryNeed:
 
     @property
     def by_block(self) -> int:
-        """A block in use and the next one read while it is released."""
-        return self.process + self.resident + 2 * self.block + sum(self.run.values()) + self.transient
+        """One block at a time: each is released before the next is read, and a bounded run hands freed memory back
+        to the OS at once (engine.prune's `bounded`)."""
+        return self.process + self.resident + self.block + sum(self.run.values()) + self.transient
 
     def parts(self, offloaded: bool) -> str:
-        held = (f"what lies outside the blocks {format_bytes(self.resident)} + two blocks "
-                f"{format_bytes(2 * self.block)}") if offloaded else f"the model {format_bytes(self.model)}"
+        held = (f"what lies outside the blocks {format_bytes(self.resident)} + a block {format_bytes(self.block)}"
+                if offloaded else f"the model {format_bytes(self.model)}")
         run = "".join(f" + {name} {format_bytes(n)}"
                       for name, n in {**self.run, **({} if offloaded else self.whole_only)}.items() if n)
         reads = f" + reading {format_bytes(self.transient)}" if self.transient else ""
@@ -319,6 +321,13 @@ def prepare_tasks(spec: TaskSpec):
     return harness.PreparedTasks(spec)
 
 
+def list_tasks(folder: Path | None) -> list[str]:
+    """Every task name --tasks takes: the folder's own, then lm-evaluation-harness's catalogue."""
+    from . import harness  # lm_eval only when tasks are asked for (see core.zeroshot's docstring)
+
+    return harness.list_tasks(folder)
+
+
 def measure_tasks(tasks, loaded: LoadedModel, name: str, log, on_task) -> ZeroShot:
     result = tasks.evaluate(loaded.model, loaded.tokenizer,
                             progress=(lambda where: on_task(name, where)) if on_task is not None else None)
@@ -336,7 +345,7 @@ def export_in_memory(job, loaded, windows, calibration, timings, on_event, log, 
     share = windows if windows is None else distributed.shard(windows)
     shares = distributed.gather(0 if share is None else len(share))
     config = dataclasses.replace(job.config, restore_on_abort=False)  # a stopped headless run saves nothing
-    summary = drain(prune(loaded.model, config, share, model_name=loaded.name), on_event)
+    summary = drain(prune(loaded.model, config, share, model_name=loaded.name, bounded=job.budget is not None), on_event)
     if not lead:
         return {}
     if job.eval_windows:

@@ -13,7 +13,6 @@ from ..masks import Pattern, Selection, select
 
 if TYPE_CHECKING:
     from ..architecture import BlockCall
-    from ..config import PruneConfig
     from ..events import Event
 
 
@@ -23,7 +22,8 @@ class RunContext:
     pruned); the engine reads it per linear, so a hook before pruning may set per-block targets (OWL)."""
 
     model: nn.Module
-    config: "PruneConfig"
+    pattern: Pattern
+    target: float  # the run's sparsity (each stage's own is in `sparsities`)
     blocks: nn.ModuleList
     stages: list[dict[str, nn.Module]]  # per stage (the blocks, then the LM head if pruned), its linears by name
     calibration: torch.Tensor | None  # (nsamples, seqlen) token ids

@@ -192,5 +192,5 @@ class DSnoT(Step):
             if ctx.cancel is not None and ctx.cancel.is_set():
                 raise Cancelled
             block.masks[name] = dsnot(weight_out_in(linear), dense_out_in(linear, block.dense_weights[name]),
-                                      block.masks[name], moments[name], ctx.config.pattern.m, self.max_cycles,
+                                      block.masks[name], moments[name], ctx.pattern.m, self.max_cycles,
                                       self.threshold, self.pow_of_var)

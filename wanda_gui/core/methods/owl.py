@@ -111,7 +111,7 @@ class OWL(Step):
             yield Progress("OWL: measuring outliers", i + 1, blocks)
         del hidden
         chosen = [i for i in range(blocks) if sizes[i]]
-        targets = owl_sparsities([ratios[i] for i in chosen], [sizes[i] for i in chosen], ctx.config.sparsity,
+        targets = owl_sparsities([ratios[i] for i in chosen], [sizes[i] for i in chosen], ctx.target,
                                  self.lam)
         for i, target in zip(chosen, targets):
             ctx.sparsities[i] = target
