@@ -259,3 +259,38 @@ def test_cli_prune_reports_dense_and_pruned_accuracy(sharp_model_dir, tasks_dir,
     difference = 100 * (pruned["acc"] - dense["acc"])
     assert "## Zero-shot accuracy" in card and "| task | dense | pruned | difference |" in card
     assert f"| tiny_civics | {100 * dense['acc']:.2f} ± " in card and f"| {difference:+.2f} |" in card
+
+
+CACHED_BOOLQ = """
+import json, pathlib, shutil, sys
+from datasets import config
+from datasets.packaged_modules.json.json import Json
+
+# What a download of aps/super_glue's boolq leaves in the datasets cache (NAMESPACE___NAME/CONFIG/VERSION/HASH with
+# dataset_info.json and NAME-SPLIT.arrow files), written here from six rows of its columns.
+rows = pathlib.Path(sys.argv[1])
+rows.write_text("".join(json.dumps({"question": f"is this question {i} true", "passage": f"Passage {i} says it is.",
+                                    "idx": i, "label": i % 2}) + "\\n" for i in range(6)))
+root = pathlib.Path(config.HF_DATASETS_CACHE)
+Json(cache_dir=str(root), dataset_name="super_glue", config_name="boolq",
+     data_files={"train": str(rows), "validation": str(rows)}).download_and_prepare()
+target = root / "aps___super_glue" / "boolq" / "0.0.0" / "0123456789abcdef"
+target.parent.mkdir(parents=True)
+shutil.move(str(next((root / "super_glue").glob("boolq-*/0.0.0"))), str(target))
+
+from wanda_gui.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_offline_a_catalogue_task_reads_its_dataset_from_the_local_cache(tiny_model_dir, tmp_path):
+    """boolq (lm-evaluation-harness's own YAML) with HF_HUB_OFFLINE/HF_DATASETS_OFFLINE: its dataset comes from the
+    local Hugging Face datasets cache, here six rows written into it the way a download lays them out."""
+    run = subprocess.run([sys.executable, "-c", CACHED_BOOLQ, tmp_path / "rows.jsonl", "eval", "--model", tiny_model_dir,
+                          "--tasks", "boolq", "--json"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+                              "HF_DATASETS_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    boolq = json.loads(run.stdout)["zero_shot"]["tasks"]["boolq"]
+    assert boolq["examples"] == 6 and boolq["acc_norm"] is None  # boolq's YAML scores acc alone
+    assert boolq["acc"] in {i / 6 for i in range(7)}
