@@ -44,7 +44,13 @@ def test_dense_vs_pruned_accuracy_streams_per_task_and_goes_into_the_export(url,
     assert (measured["dense"]["acc"], measured["dense"]["acc_norm"]) == pytest.approx(dense)
     assert (measured["pruned"]["acc"], measured["pruned"]["acc_norm"]) == pytest.approx(pruned)
     row = (f"| tiny_civics | {100 * dense[0]:.2f} ± {100 * measured['dense']['acc_stderr']:.2f} | "
-           f"{100 * pruned[0]:.2f} ± {100 * measured['pruned']['acc_stderr']:.2f} | {100 * (pruned[0] - dense[0]):+.2f} |")
+           f"{100 * pruned[0]:.2f} ± {100 * measured['pruned']['acc_stderr']:.2f} | "
+           f"{100 * (pruned[0] - dense[0]):+.2f} |")
     assert "| task | dense | pruned | difference |" in table and row in table
     assert row in (out / "README.md").read_text()
+
+    client.predict(*prune_args([text_file], sparsity=0.6), api_name="/prune")  # a new run: nothing measured on it
+    client.predict(str(tmp_path / "again"), False, api_name="/export")
+    report = json.loads((tmp_path / "again" / "pruning_report.json").read_text())
+    assert report["zero_shot"] is None and "Zero-shot" not in (tmp_path / "again" / "README.md").read_text()
     client.close()

@@ -286,8 +286,8 @@ sys.exit(main(sys.argv[2:]))
 def test_offline_a_catalogue_task_reads_its_dataset_from_the_local_cache(tiny_model_dir, tmp_path):
     """boolq (lm-evaluation-harness's own YAML) with HF_HUB_OFFLINE/HF_DATASETS_OFFLINE: its dataset comes from the
     local Hugging Face datasets cache, here six rows written into it the way a download lays them out."""
-    run = subprocess.run([sys.executable, "-c", CACHED_BOOLQ, tmp_path / "rows.jsonl", "eval", "--model", tiny_model_dir,
-                          "--tasks", "boolq", "--json"], capture_output=True, text=True, timeout=600,
+    run = subprocess.run([sys.executable, "-c", CACHED_BOOLQ, tmp_path / "rows.jsonl", "eval", "--model",
+                          tiny_model_dir, "--tasks", "boolq", "--json"], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
                               "HF_DATASETS_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr

@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true",
                        help="replace a previous export of this tool (a folder holding anything else is never replaced)")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on the evaluation text, or its zero-shot accuracy (--tasks)")
+    ev = sub.add_parser("eval", help="perplexity of a model on the evaluation text, or zero-shot accuracy (--tasks)")
     _add_model_args(ev)
     _add_task_args(ev, "instead of perplexity (add --perplexity for both)")
     ev.add_argument("--perplexity", action="store_true", help="with --tasks, measure perplexity too")

@@ -175,8 +175,8 @@ def cleared(*groups: tuple[str, ...]) -> dict:
     """Empty values for everything a previous model or run left on the page."""
     empty = dict(block_plot=plots.block_chart(1, {}, {}, None), map_plot=plots.empty(MAPS_EMPTY),
                  why_plot=plots.empty(WHY_EMPTY), owl_plot=gr.update(value=None, visible=False),
-                 layer_pick=gr.update(choices=[], value=None), results="", ppl_md="", zs_md="", dense_chat=[], pruned_chat=[],
-                 dense_stats="", pruned_stats="", chat_status="", export_status="",
+                 layer_pick=gr.update(choices=[], value=None), results="", ppl_md="", zs_md="", dense_chat=[],
+                 pruned_chat=[], dense_stats="", pruned_stats="", chat_status="", export_status="",
                  report_file=gr.update(value=None, visible=False), compare_chart=plots.empty(COMPARE_EMPTY),
                  compare_table="", compare_pick=gr.update(choices=[], value=None),
                  compare_files=gr.update(value=None, visible=False))

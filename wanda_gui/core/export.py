@@ -88,8 +88,8 @@ def model_card(report: dict) -> str:
                 lines.append(f"| {key} | {p['perplexity']:.3f} (seqlen {p['seqlen']}, stride {p['stride']}, {p['nwindows']} windows) |")
         lines.append("")
     if report.get("zero_shot"):
-        lines += ["## Zero-shot accuracy", "", zero_shot_note(report["zero_shot"]), "", *zero_shot_table(report["zero_shot"]),
-                  ""]
+        measured = report["zero_shot"]
+        lines += ["## Zero-shot accuracy", "", zero_shot_note(measured), "", *zero_shot_table(measured), ""]
     lines += [
         "## What the zeros buy",
         "The weights are stored densely in safetensors: the zeros do **not** shrink the files, and a dense runtime "
