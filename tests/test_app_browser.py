@@ -228,3 +228,32 @@ def test_bad_input_shows_a_message_in_the_page(browser, url, tmp_path, tiny_mode
     assert w.outside == [], w.outside
     assert w.errors == [], w.errors
 
+
+
+def test_zero_shot_accuracy_fills_a_table_dense_vs_pruned(browser, own_url, tiny_model_dir, text_file, tmp_path):
+    from test_zeroshot import write_task
+
+    tasks = write_task(tmp_path / "tasks")
+    w = Watched(browser, own_url)
+    page = w.page
+    page.locator("#source").get_by_text("Local folder", exact=True).click()
+    w.fill("folder", tiny_model_dir)
+    page.locator("#load").click()
+    w.wait_text("load-status", "Loaded")
+    assert page.locator("#zero-shot").is_disabled()  # nothing pruned yet
+    calibrate_with_text(w, text_file)
+    page.locator("#start").click()
+    w.wait_text("prune-status", "Pruned")
+    w.fill("zs-tasks", "tiny_civics")
+    w.fill("zs-dir", tasks)
+    w.fill("zs-limit", 0)
+    page.locator("#zero-shot").click()
+    w.wait_text("zero-shot-status", "difference")
+    rows = page.locator("#zero-shot-status table tr")
+    assert rows.count() == 3  # the header, the task, the mean
+    assert rows.nth(0).inner_text().split() == ["task", "dense", "pruned", "difference"]
+    assert rows.nth(1).inner_text().startswith("tiny_civics") and rows.nth(2).inner_text().startswith("mean")
+    w.shot("06-zero-shot.png")
+    assert page.locator("#zero-shot").is_enabled()
+    assert w.outside == [], w.outside
+    assert w.errors == [], w.errors

@@ -494,3 +494,21 @@ def test_a_sibling_folder_sharing_the_models_dirs_name_prefix_is_outside_it(tmp_
     policy = ServePolicy(exposed=True, models_dir=tmp_path / "models")
     with pytest.raises(UserError, match="There is no model folder"):
         policy.model_source("folder", "../models-private/secret", "")
+
+
+def test_exposed_server_reads_no_tasks_folder_and_no_task_yaml_by_path(tiny_model_dir, tmp_path):
+    """A task YAML names files to read and may run Python: visitors name only lm-evaluation-harness's own tasks."""
+    from test_zeroshot import write_task
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    tasks = write_task(tmp_path / "tasks")
+    policy = ServePolicy(exposed=True, models_dir=tmp_path / "models", exports_dir=tmp_path / "exports")
+    with serving(policy=policy, auth=":".join(AUTH)) as demo:
+        client = Client(demo.local_url, auth=AUTH, verbose=False)
+        client.predict(*load_args(SOURCES[1], "tiny"), api_name="/load")
+        assert "reads no tasks folder" in error_of(lambda: client.predict("tiny_civics", str(tasks), 0,
+                                                                          api_name="/zero_shot"))
+        client.predict(*prune_args([], calib_kind=CALIBRATION[0]), api_name="/prune")
+        message = error_of(lambda: client.predict(str(tasks / "tiny_civics.yaml"), "", 0, api_name="/zero_shot"))
+        assert "Unknown zero-shot task '…/tiny_civics.yaml'" in message and str(tmp_path) not in message
+        client.close()

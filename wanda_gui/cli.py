@@ -20,10 +20,13 @@ from .core.config import PruneConfig
 from .core.errors import UserError
 from .core.estimate import check_eval_fits
 from .core.evaluate import perplexity
+from .core.export import zero_shot_note, zero_shot_table
 from .core.memory import parse_bytes
 from .core.methods import METHODS, OPTIONS
 from .core.passes import Cancelled
-from .core.runs import CalibrationSpec, ModelSource, PruneJob, RunError, prune_and_export, vocab_size
+from .core.runs import (CalibrationSpec, ModelSource, PruneJob, RunError, list_tasks, prepare_tasks, prune_and_export,
+                         vocab_size)
+from .core.zeroshot import TaskSpec, task_names
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +38,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_task_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help=f"zero-shot accuracy {what} on these lm-evaluation-harness tasks, e.g. the Wanda paper's "
+                        "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (offline, their datasets "
+                        "must be in the local Hugging Face datasets cache)")
+    p.add_argument("--tasks-dir", default=None, metavar="DIR",
+                   help="a folder of your own lm-eval task YAMLs, whose task names --tasks may use")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N examples per task (a quick look)")
+    p.add_argument("--num-fewshot", type=int, default=0, metavar="K", help="examples shown before each (default 0)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=None, help="windows per block forward (default: by device)")
     prune.add_argument("--eval", action="store_true", help="measure dense and pruned perplexity (PROTOCOL windows)")
     prune.add_argument("--eval-nwindows", type=int, default=64)
+    _add_task_args(prune, "of the dense and the pruned model")
     prune.add_argument("--offload", action="store_true",
                        help="bring the model in block by block from its safetensors and write the export block by "
                             "block: memory holds one block, what lies outside the blocks and the calibration data")
@@ -76,8 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true",
                        help="replace a previous export of this tool (a folder holding anything else is never replaced)")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on the evaluation text")
+    ev = sub.add_parser("eval", help="perplexity of a model on the evaluation text, or zero-shot accuracy (--tasks)")
     _add_model_args(ev)
+    _add_task_args(ev, "instead of perplexity (add --perplexity for both)")
+    ev.add_argument("--perplexity", action="store_true", help="with --tasks, measure perplexity too")
+    ev.add_argument("--list-tasks", action="store_true", help="print the task names --tasks accepts, and exit")
     ev.add_argument("--seqlen", type=int, default=512)
     ev.add_argument("--nwindows", type=int, default=64)
     ev.add_argument("--text", default=None, metavar="FILE", help="evaluate on this text file instead of the built-in text")
@@ -137,6 +155,16 @@ def calibration_spec(args):
     return CalibrationSpec(tuple(args.calib), args.nsamples, args.seqlen, args.seed)
 
 
+def task_spec(args):
+    """The zero-shot flags, or None without --tasks."""
+    if args.tasks is None:
+        if args.tasks_dir is not None or args.limit is not None or args.num_fewshot:
+            raise UserError("--tasks-dir, --limit and --num-fewshot go with --tasks: name the tasks to measure.")
+        return None
+    return TaskSpec(task_names(args.tasks), Path(args.tasks_dir).expanduser().absolute() if args.tasks_dir else None,
+                    args.limit, args.num_fewshot)
+
+
 def prune_job(args):
     """The prune flags as the engine's job: everything after this reads the job, not the flags."""
     calibration = calibration_spec(args)
@@ -147,7 +175,7 @@ def prune_job(args):
                          options=tuple(key for key in OPTIONS if getattr(args, key)), restore_on_abort=False)
     return PruneJob(model_source(args), config, calibration, Path(args.out).expanduser().absolute(), args.overwrite,
                     args.eval_nwindows if args.eval else None, "offload" if args.offload else "memory",
-                    parse_bytes(args.max_memory) if args.max_memory is not None else None)
+                    parse_bytes(args.max_memory) if args.max_memory is not None else None, task_spec(args))
 
 
 class Bar:
@@ -168,11 +196,39 @@ class Bar:
             self.bar.update(1)
 
 
+class TaskBar:
+    """Zero-shot progress: a bar per model and task, counting its requests."""
+
+    def __init__(self):
+        self.bar, self.shown = None, None
+
+    def __call__(self, model: str, where) -> None:
+        if not where.total:  # its requests are being built (lm_eval draws a bar of its own for that)
+            return
+        if self.shown != (model, where.task):
+            self.close()
+            self.shown = (model, where.task)
+            self.bar = tqdm(total=where.total, unit="request", file=sys.stderr, dynamic_ncols=True,
+                            desc=f"{model} {where.task} ({where.number + 1}/{where.tasks})")
+        self.bar.update(where.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def print_zero_shot(measured: dict) -> None:
+    print(zero_shot_note(measured))
+    print("\n".join(zero_shot_table(measured)))
+
+
 def cmd_prune(args) -> dict:
     job = prune_job(args)
-    bar = Bar(distributed.rank() == 0)
+    bar, task_bar = Bar(distributed.rank() == 0), TaskBar()
     try:
-        report = prune_and_export(job, bar, _progress, log=lambda line: print(line, file=sys.stderr))
+        report = prune_and_export(job, bar, _progress, log=lambda line: print(line, file=sys.stderr),
+                                  on_task=task_bar)
     except (RunError, Cancelled) as e:
         if args.debug and isinstance(e, RunError):
             print(e.detail, file=sys.stderr)
@@ -180,32 +236,59 @@ def cmd_prune(args) -> dict:
     finally:
         if bar.bar is not None:
             bar.bar.close()
+        task_bar.close()
     if report and not args.json:
         print(f"{report['method']} {report['pattern']}: achieved sparsity {report['achieved_sparsity']:.2%} over "
               f"{report['pruned_parameters']:,} weights in {report['seconds']['calibration_and_pruning']:.1f} s"
               + (" (offloaded block by block)" if "offload" in report else ""))
         for key, value in (report["perplexity"] or {}).items():
             print(f"{key} perplexity {value['perplexity']:.3f} (seqlen {value['seqlen']}, {value['nwindows']} windows)")
+        if report["zero_shot"]:
+            print_zero_shot(report["zero_shot"])
         print(f"exported to {report['export']}")
     return report
 
 
-def cmd_eval(args) -> dict:
+def cmd_eval(args) -> dict | None:
+    """Perplexity, or with --tasks zero-shot accuracy (and perplexity too with --perplexity). The tasks are found
+    and their datasets read before the model loads."""
+    if args.list_tasks:
+        names = list_tasks(Path(args.tasks_dir).expanduser() if args.tasks_dir else None)
+        if args.json:
+            return {"tasks": names}
+        print("\n".join(names))
+        return None
     _at_least(args.seqlen, 2, "--seqlen")
     _at_least(args.nwindows, 1, "--nwindows")
+    spec = task_spec(args)
+    if spec is not None and args.offload:
+        raise UserError("Zero-shot tasks run every example through the whole model: drop --offload to use --tasks.")
     source = model_source(args)
     source.check()
     text = read_text_files([args.text], "evaluation") if args.text else None
+    tasks = prepare_tasks(spec) if spec is not None else None
     started = time.perf_counter()
     loaded = source.load(args.offload, _progress)
-    load_seconds = time.perf_counter() - started
-    check_seqlen(args.seqlen, loaded.info.context_length)
-    check_eval_fits(loaded.info, vocab_size(loaded.model), args.seqlen, hint="lower --seqlen")
-    result = perplexity(loaded.model, loaded.tokenizer, text, args.seqlen, args.nwindows, lazy=loaded.lazy)
-    if not args.json:
-        print(f"{loaded.name}: perplexity {result}")
-    return {"model": loaded.name, "device": loaded.info.device, "dtype": loaded.info.dtype,
-            "load_seconds": load_seconds, **result.__dict__}
+    out = {"model": loaded.name, "device": loaded.info.device, "dtype": loaded.info.dtype,
+           "load_seconds": time.perf_counter() - started}
+    if tasks is None or args.perplexity:
+        check_seqlen(args.seqlen, loaded.info.context_length)
+        check_eval_fits(loaded.info, vocab_size(loaded.model), args.seqlen, hint="lower --seqlen")
+        result = perplexity(loaded.model, loaded.tokenizer, text, args.seqlen, args.nwindows, lazy=loaded.lazy)
+        out.update(result.__dict__)
+        if not args.json:
+            print(f"{loaded.name}: perplexity {result}")
+    if tasks is not None:
+        bar = TaskBar()
+        try:
+            measured = {"accuracy": tasks.evaluate(loaded.model, loaded.tokenizer,
+                                                   progress=lambda where: bar(loaded.name, where)).as_dict()}
+        finally:
+            bar.close()
+        out["zero_shot"] = measured["accuracy"]
+        if not args.json:
+            print_zero_shot(measured)
+    return out
 
 
 def cmd_sweep(args) -> dict:

@@ -120,6 +120,16 @@ class ServePolicy:
             raise UserError(f"{text!r} cannot be used as an export name here; choose another name.")
         return target
 
+    def tasks_folder(self, text: str) -> Path | None:
+        """A folder of the user's own lm-eval task YAMLs (None: none given). Local mode only: a YAML names files to
+        read and may run Python (`!function`), and visitors never name the server's folders."""
+        text = (text or "").strip()
+        if not text:
+            return None
+        if self.exposed:
+            raise UserError("This server reads no tasks folder: name tasks of lm-evaluation-harness's catalogue.")
+        return Path(text).expanduser().absolute()
+
     def calibration_dataset(self, spec: str) -> HubDataset:
         """A hub dataset 'NAME[:CONFIG]'; exposed, a shorthand or a hub id read from the hub only, whatever the server's
         disk holds (`datasets` reads a local folder of that name first)."""

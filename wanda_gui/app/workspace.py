@@ -33,7 +33,8 @@ from ..core.memory import free_bytes, parse_bytes, release_memory, resident_byte
 from ..core.methods import get_method
 from ..core import models
 from ..core.offload import open_lazy
-from ..core.runs import MEMORY_MODES, MemoryNeed, decide_offload, prune_offloaded, pruned_copy
+from ..core.runs import MEMORY_MODES, MemoryNeed, decide_offload, prepare_tasks, prune_offloaded, pruned_copy
+from ..core.zeroshot import TaskSpec, ZeroShot
 from .pool import ModelPool, model_key
 from .tempfolders import private_folder
 
@@ -138,6 +139,7 @@ class Workspace:
         self.maps: dict[str, LayerMaps] = {}
         self.perplexity: dict = {}
         self._dense_perplexity: dict = {}
+        self.zero_shot: dict[str, ZeroShot] = {}
         self.generation: dict = {}
         self.timings: dict = {}
         self.comparison: Comparison | None = None
@@ -325,6 +327,7 @@ class Workspace:
     def drop_pruned(self) -> None:
         """Let the pruned copy (or its folder on disk) and everything measured on it go (the dense model stays)."""
         self.pruned, self.summary, self.maps, self.perplexity, self.generation, self.run = None, None, {}, {}, {}, None
+        self.zero_shot = {}
         self.pruned_lazy = None
         if self.pruned_folder is not None:
             shutil.rmtree(self.pruned_folder, ignore_errors=True)
@@ -425,6 +428,28 @@ class Workspace:
                 self.perplexity["dense"] = self._dense_perplexity[key]
             return self.perplexity
 
+    def measure_zero_shot(self, spec: TaskSpec, progress=None) -> dict[str, ZeroShot]:
+        """Dense (when kept) and pruned zero-shot accuracy on the spec's tasks, one task at a time; progress(model,
+        where). Both are measured each time: a tasks folder's YAMLs may have been edited in between."""
+        with self.doing("measuring zero-shot accuracy"):
+            loaded = self.require_model()
+            pruned = self.require_pruned()
+            if self.offloaded:
+                raise UserError("Zero-shot tasks run every example through the whole model, and this one was loaded "
+                                "block by block from disk (each batch would read every block): load it whole.")
+            run_id = self.run_id
+            tasks = prepare_tasks(spec)  # datasets read (or refused in words) before any model pass
+            models = {"dense": self.dense_model, "pruned": pruned}
+            self.cancel.clear()
+            results = {name: tasks.evaluate(model, loaded.tokenizer, cancel=self.cancel,
+                                            progress=(lambda where, name=name: progress(name, where)) if progress
+                                            else None)
+                       for name, model in models.items() if model is not None}
+            if run_id != self.run_id:
+                raise UserError("A new run finished while measuring; measure again.")
+            self.zero_shot = results
+            return results
+
     def record_generation(self, column: str, tokens_per_second: float) -> None:
         """The last measured generation speed of a chat column, for the report."""
         self.generation[column] = round(tokens_per_second, 2)
@@ -435,7 +460,8 @@ class Workspace:
             raise UserError("Prune the model first (step 2).")
         ppl = {k: v.__dict__ for k, v in self.perplexity.items()} or None
         report = make_report(loaded.info, self.summary, self.run.get("calibration"), dict(self.timings), ppl,
-                             dict(self.generation) or None)
+                             dict(self.generation) or None,
+                             {k: v.as_dict() for k, v in self.zero_shot.items()} or None)
         if self.offloaded:  # as the CLI's --offload reports it
             report["offload"] = {"block_bytes": loaded.lazy.block_bytes(), "resident_bytes": loaded.lazy.resident_bytes(),
                                  "max_memory": self.budget}

@@ -94,10 +94,8 @@ def load_hub_dataset(spec: str, split: str | None = None, column: str | None = N
         default_split, default_column = "train", "text"
     if hub_only:
         name = f"hf://datasets/{name}"  # `datasets`' own spelling for a hub repository and nothing local
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("Hub datasets need the `datasets` package: pip install datasets.") from None
+    import datasets  # pyarrow and pandas come with it: only when a hub dataset calibrates
+
     try:
         data = datasets.load_dataset(name, config or None, split=split or default_split, data_files=data_files)
     except (ConnectionError, OSError) as e:

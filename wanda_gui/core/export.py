@@ -37,8 +37,9 @@ def versions() -> dict[str, str]:
 
 
 def make_report(model_info, summary, calibration: dict | None, timings: dict, perplexity: dict | None = None,
-                generation: dict | None = None) -> dict:
-    """Everything PROTOCOL.md's benchmark report lists, as plain JSON-able data."""
+                generation: dict | None = None, zero_shot: dict | None = None) -> dict:
+    """Everything PROTOCOL.md's benchmark report lists, as plain JSON-able data; zero_shot: {"dense": ...,
+    "pruned": ...}, each core.zeroshot.ZeroShot.as_dict()."""
     return {
         "model": {"name": model_info.name, "architecture": model_info.architecture, "parameters": model_info.parameters},
         "method": summary.method,
@@ -54,6 +55,7 @@ def make_report(model_info, summary, calibration: dict | None, timings: dict, pe
         "seconds": {**timings, "calibration_and_pruning": summary.seconds},
         "peak_memory_bytes": summary.peak_memory_bytes,
         "perplexity": perplexity,
+        "zero_shot": zero_shot,
         "generation_tokens_per_second": generation,
         "layers": [dataclasses.asdict(layer) for layer in summary.layers],
         "versions": versions(),
@@ -85,6 +87,9 @@ def model_card(report: dict) -> str:
                 p = ppl[key]
                 lines.append(f"| {key} | {p['perplexity']:.3f} (seqlen {p['seqlen']}, stride {p['stride']}, {p['nwindows']} windows) |")
         lines.append("")
+    if report.get("zero_shot"):
+        measured = report["zero_shot"]
+        lines += ["## Zero-shot accuracy", "", zero_shot_note(measured), "", *zero_shot_table(measured), ""]
     lines += [
         "## What the zeros buy",
         "The weights are stored densely in safetensors: the zeros do **not** shrink the files, and a dense runtime "
@@ -96,6 +101,45 @@ def model_card(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def zero_shot_note(measured: dict) -> str:
+    """How the accuracies were measured, in a line."""
+    any_model = next(iter(measured.values()))
+    limit = any_model["limit"]
+    return (f"Accuracy (acc, ± its standard error, in %) measured with {any_model['harness']}, "
+            f"{any_model['num_fewshot']}-shot, on {f'the first {limit} examples' if limit else 'every example'} of "
+            "each task; the mean is over the tasks.")
+
+
+def zero_shot_table(measured: dict) -> list[str]:
+    """Markdown rows: each task's accuracy for each model measured (e.g. dense and pruned, as ZeroShot.as_dict()
+    gives them), pruned minus dense in points where both were measured, and the mean over the tasks."""
+    models = list(measured)
+    both = "dense" in measured and "pruned" in measured
+    tasks = list(dict.fromkeys(task for results in measured.values() for task in results["tasks"]))
+
+    def accuracy(found: dict | None) -> str:
+        if found is None:
+            return ""
+        error = f" ± {100 * found['acc_stderr']:.2f}" if found["acc_stderr"] is not None else ""
+        return f"{100 * found['acc']:.2f}{error}"
+
+    def row(first: str, cells: list[str]) -> str:
+        return "| " + " | ".join([first, *cells]) + " |"
+
+    rows = [row("task", [*models, *(["difference"] if both else [])]), "|---" * (len(models) + both + 1) + "|"]
+    for task in tasks:
+        cells = [accuracy(measured[model]["tasks"].get(task)) for model in models]
+        if both:
+            dense, pruned = (measured[model]["tasks"].get(task) for model in ("dense", "pruned"))
+            cells.append(f"{100 * (pruned['acc'] - dense['acc']):+.2f}" if dense and pruned else "")
+        rows.append(row(task, cells))
+    means = [f"**{100 * measured[model]['mean_acc']:.2f}**" for model in models]
+    if both:
+        means.append(f"{100 * (measured['pruned']['mean_acc'] - measured['dense']['mean_acc']):+.2f}")
+    rows.append(row("**mean**", means))
+    return rows
 
 
 def check_target(out: Path, overwrite: bool, source: Path | None = None, *, overwrite_control: str = "--overwrite",

@@ -28,6 +28,7 @@ from .methods import get_method
 from .models import LoadedModel
 from .offload import Checkpoint, LazyModel, Offload
 from .passes import Cancelled
+from .zeroshot import TaskProgress, TaskSpec, ZeroShot
 
 MEMORY_MODES = {"memory": "In memory", "offload": "On disk, block by block",
                 "auto": "Automatic: on disk if it does not fit"}
@@ -218,6 +219,7 @@ class PruneJob:
     eval_windows: int | None = None  # perplexity dense and pruned on this many windows of calibration.seqlen
     memory: str = "memory"  # a key of MEMORY_MODES
     budget: int | None = None  # the process's peak (RAM on CPU, the GPU's memory on CUDA)
+    tasks: TaskSpec | None = None  # zero-shot accuracy dense and pruned on these tasks
 
     @property
     def needs_activations(self) -> bool:
@@ -229,7 +231,7 @@ class PruneJob:
         self.calibration.check()
         check_target(self.out, self.overwrite, self.model.folder)
         if self.memory == "offload":
-            self.config.refuse_offloaded()
+            self.refuse_offloaded()
         if distributed.launched_by_torchrun():
             if not self.needs_activations:
                 raise UserError(f"{self.config.method} reads no calibration data: there is nothing to share among "
@@ -237,6 +239,13 @@ class PruneJob:
             self.config.refuse_split()
             if self.memory != "memory" or self.budget is not None:
                 raise UserError("--offload and --max-memory run in one process for now: drop them, or torchrun.")
+
+    def refuse_offloaded(self) -> None:
+        """What cannot run on a model read block by block from disk."""
+        self.config.refuse_offloaded()
+        if self.tasks is not None:
+            raise UserError("Zero-shot tasks run every example through the whole model, which this run keeps on disk "
+                            "block by block: drop --tasks, or --offload (or raise --max-memory).")
 
     def run_parts(self, loaded: LoadedModel) -> dict[str, int]:
         """What the run needs beside the model: pruning's parts, or measuring's when that is more."""
@@ -258,7 +267,7 @@ class PruneJob:
         need = MemoryNeed.of(sized.lazy, sized.info.memory_bytes, self.run_parts(sized))
         if decide_offload(need, "auto" if self.memory == "memory" else self.memory, self.budget, sized.info.device,
                           "--max-memory", "raise --max-memory, or add --offload"):
-            self.config.refuse_offloaded()
+            self.refuse_offloaded()
             return sized
         del sized, need
         release_memory()
@@ -272,11 +281,14 @@ def vocab_size(model: nn.Module) -> int:
 
 
 def prune_and_export(job: PruneJob, on_event: Callable[[Event], None] | None = None, progress=None,
-                     log: Callable[[str], None] = lambda line: None) -> dict:
+                     log: Callable[[str], None] = lambda line: None,
+                     on_task: Callable[[str, TaskProgress], None] | None = None) -> dict:
     """The headless run, start to end; the report (with the export's folder), or {} on a torchrun rank that
-    exports nothing. Under torchrun each rank calibrates on its share of the windows; rank 0 measures and exports."""
+    exports nothing. Under torchrun each rank calibrates on its share of the windows; rank 0 measures and exports.
+    on_task(which model, where): zero-shot progress, which is "dense" or "pruned"."""
     job.check()
     text = job.calibration.text() if job.needs_activations else None
+    tasks = prepare_tasks(job.tasks) if job.tasks is not None else None  # every rank alike, so all fail alike
     if distributed.launched_by_torchrun():
         job.model = dataclasses.replace(job.model, device=distributed.start(job.model.device))
     started = time.perf_counter()
@@ -290,8 +302,9 @@ def prune_and_export(job: PruneJob, on_event: Callable[[Event], None] | None = N
         check_seqlen(c.seqlen, loaded.info.context_length)
         check_eval_fits(loaded.info, vocab_size(loaded.model), c.seqlen, hint="lower --seqlen")
     windows, calibration = job.calibration.windows(loaded, text) if text is not None else (None, None)
-    run = export_offloaded if loaded.lazy is not None else export_in_memory
-    return run(job, loaded, windows, calibration, timings, on_event, log)
+    if loaded.lazy is not None:
+        return export_offloaded(job, loaded, windows, calibration, timings, on_event, log)
+    return export_in_memory(job, loaded, windows, calibration, timings, on_event, log, tasks, on_task)
 
 
 def measure(job: PruneJob, loaded: LoadedModel, name: str, log, lazy: LazyModel | None = None) -> Perplexity:
@@ -301,11 +314,34 @@ def measure(job: PruneJob, loaded: LoadedModel, name: str, log, lazy: LazyModel 
     return result
 
 
-def export_in_memory(job, loaded, windows, calibration, timings, on_event, log) -> dict:
+def prepare_tasks(spec: TaskSpec):
+    """The tasks found and their datasets read, before the model loads (a missing dataset then costs no load)."""
+    from . import harness  # lm_eval only when tasks are asked for (see core.zeroshot's docstring)
+
+    return harness.PreparedTasks(spec)
+
+
+def list_tasks(folder: Path | None) -> list[str]:
+    """Every task name --tasks takes: the folder's own, then lm-evaluation-harness's catalogue."""
+    from . import harness  # lm_eval only when tasks are asked for (see core.zeroshot's docstring)
+
+    return harness.list_tasks(folder)
+
+
+def measure_tasks(tasks, loaded: LoadedModel, name: str, log, on_task) -> ZeroShot:
+    result = tasks.evaluate(loaded.model, loaded.tokenizer,
+                            progress=(lambda where: on_task(name, where)) if on_task is not None else None)
+    log(f"{name} zero-shot mean accuracy {result.mean_acc:.2%} over {len(result.tasks)} tasks")
+    return result
+
+
+def export_in_memory(job, loaded, windows, calibration, timings, on_event, log, tasks=None, on_task=None) -> dict:
     lead = distributed.rank() == 0
-    ppl = {}
+    ppl, zero_shot = {}, {}
     if job.eval_windows and lead:
         ppl["dense"] = measure(job, loaded, "dense", log)
+    if tasks is not None and lead:
+        zero_shot["dense"] = measure_tasks(tasks, loaded, "dense", log, on_task)
     share = windows if windows is None else distributed.shard(windows)
     shares = distributed.gather(0 if share is None else len(share))
     config = dataclasses.replace(job.config, restore_on_abort=False)  # a stopped headless run saves nothing
@@ -315,9 +351,13 @@ def export_in_memory(job, loaded, windows, calibration, timings, on_event, log) 
     if job.eval_windows:
         ppl["pruned"] = measure(job, loaded, "pruned", log)
         timings["evaluation"] = ppl["dense"].seconds + ppl["pruned"].seconds
+    if tasks is not None:
+        zero_shot["pruned"] = measure_tasks(tasks, loaded, "pruned", log, on_task)
+        timings["zero_shot"] = zero_shot["dense"].seconds + zero_shot["pruned"].seconds
     if distributed.active():
         calibration = {**calibration, "processes": distributed.world_size(), "samples_per_process": shares}
-    report = make_report(loaded.info, summary, calibration, timings, {k: v.__dict__ for k, v in ppl.items()} or None)
+    report = make_report(loaded.info, summary, calibration, timings, {k: v.__dict__ for k, v in ppl.items()} or None,
+                         zero_shot={k: v.as_dict() for k, v in zero_shot.items()} or None)
     report["export"] = str(export_model(loaded.model, loaded.tokenizer, job.out, report, job.overwrite,
                                         source=loaded.path))
     return report

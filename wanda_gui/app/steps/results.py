@@ -1,12 +1,18 @@
-"""Step 4 · Results: what the run achieved per layer type, and perplexity of the dense and pruned models."""
+"""Step 4 · Results: what the run achieved per layer type, and perplexity and zero-shot accuracy of the dense and
+pruned models."""
 
 from __future__ import annotations
+
+import time
 
 import gradio as gr
 
 from ...core.copies import shared_bytes, tensor_bytes
+from ...core.export import zero_shot_note, zero_shot_table
 from ...core.memory import format_bytes
-from ..common import BUTTONS, WORK, Page, buttons, check_count, on_a_thread, session, updates, user_errors
+from ...core.zeroshot import WANDA_TASKS, TaskSpec, ZeroShot, task_names
+from ..common import (BUTTONS, STATUS_INTERVAL, WORK, Page, buttons, check_count, on_a_thread, served, session,
+                      updates, user_errors)
 from ..workspace import Workspace
 from ...core.methods import OPTIONS
 
@@ -71,6 +77,34 @@ def evaluate(nwindows, request: gr.Request):
     yield updates(EVAL_OUTPUTS, ppl_md=perplexity_markdown(message.result), **buttons(ws))
 
 
+def zero_shot_markdown(measured: dict[str, ZeroShot]) -> str:
+    as_data = {name: result.as_dict() for name, result in measured.items()}
+    return "\n".join([*zero_shot_table(as_data), "", zero_shot_note(as_data)])
+
+
+ZERO_SHOT_OUTPUTS = ("zs_md", *BUTTONS)
+
+
+def zero_shot_failed(ws: Workspace, message: str):
+    return updates(ZERO_SHOT_OUTPUTS, zs_md=f"✗ {message}", **buttons(ws))
+
+
+@user_errors(zero_shot_failed)
+def zero_shot(zs_tasks, zs_dir, zs_limit, request: gr.Request):
+    """Measure on a worker thread, the status line saying which model and task, and its requests done / total."""
+    ws = session(request)
+    limit = check_count(zs_limit, "Examples per task", minimum=0)
+    spec = TaskSpec(task_names(zs_tasks or ""), served(request).policy.tasks_folder(zs_dir), limit or None)
+    ws.require_pruned()
+    yield updates(ZERO_SHOT_OUTPUTS, zs_md="… Reading the tasks' datasets…", **buttons(ws, running=True))
+    shown = 0.0
+    for message in on_a_thread(lambda report: ws.measure_zero_shot(spec, progress=lambda *where: report(where))):
+        if isinstance(message, tuple) and time.perf_counter() - shown >= STATUS_INTERVAL:
+            shown = time.perf_counter()
+            yield updates(ZERO_SHOT_OUTPUTS, zs_md=f"… Zero-shot accuracy of the {message[0]} model: {message[1]}")
+    yield updates(ZERO_SHOT_OUTPUTS, zs_md=zero_shot_markdown(message.result), **buttons(ws))
+
+
 def layout(page: Page) -> None:
     with gr.Column(elem_classes="step"):
         gr.Markdown("### 4 · Results")
@@ -80,8 +114,23 @@ def layout(page: Page) -> None:
                                            minimum=1, elem_id="nwindows"))
             page.add("eval_btn", gr.Button("Measure perplexity: dense vs pruned", interactive=False, elem_id="eval"))
         page.add("ppl_md", gr.Markdown(elem_id="perplexity"))
+        with gr.Row():
+            page.add("zs_tasks", gr.Textbox(",".join(WANDA_TASKS), label="Zero-shot tasks (comma-separated)", scale=3,
+                                            info="lm-evaluation-harness names, the Wanda paper's seven by default; "
+                                                 "offline, their datasets must be in the local Hugging Face cache",
+                                            elem_id="zs-tasks"))
+            page.add("zs_dir", gr.Textbox(label="Your tasks folder (optional)", info="lm-eval task YAMLs", scale=3,
+                                          placeholder="/path/to/tasks", visible=not page.policy.exposed,
+                                          elem_id="zs-dir"))
+            page.add("zs_limit", gr.Number(100, label="Examples per task (0: all)", precision=0, minimum=0, scale=1,
+                                           elem_id="zs-limit"))
+            page.add("zs_btn", gr.Button("Measure zero-shot accuracy: dense vs pruned", interactive=False, scale=2,
+                                         elem_id="zero-shot"))
+        page.add("zs_md", gr.Markdown(elem_id="zero-shot-status"))
 
 
 def wire(page: Page) -> None:
     page.queued(page["eval_btn"].click, "ppl_md", "measure perplexity", evaluate, page.out(EVAL_OUTPUTS),
                 api_name="evaluate", **WORK)
+    page.queued(page["zs_btn"].click, "zs_md", "measure zero-shot accuracy", zero_shot, page.out(ZERO_SHOT_OUTPUTS),
+                api_name="zero_shot", **WORK)
