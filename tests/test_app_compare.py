@@ -65,6 +65,10 @@ def test_two_methods_by_two_sparsities_fill_in_and_a_run_goes_into_the_chat(app,
     assert traces(final["compare_chart"]) == {"wanda": 2, "magnitude": 2, "dense (" + re.search(
         r"\| dense \| – \| [\d.]+% \| \*\*([\d.]+)\*\*", final["compare_table"]).group(1) + ")": 2}
     assert json.loads(final["compare_chart"]["plot"])["layout"]["yaxis"]["type"] == "log"
+    timed = json.loads(final["compare_time_chart"]["plot"])  # each run at its prune seconds, as the table says
+    seconds = sorted(round(x, 1) for t in timed["data"] if not t["name"].startswith("dense") for x in t["x"])
+    assert timed["layout"]["xaxis"]["type"] == "log" and seconds == sorted(
+        float(r.split("|")[6]) for r in final["compare_table"].splitlines()[3:])
     # The table grew run by run while the comparison went on, and the status line followed each run's linears.
     sizes = [len(table_runs(s["compare_table"])) for s in shown if isinstance(s["compare_table"], str)
              and s["compare_table"]]

@@ -167,15 +167,15 @@ def test_chart_is_self_contained_log_scale_with_a_trace_per_method(swept):
     for name in ('"name":"wanda"', '"name":"magnitude"', '"name":"sparsegpt"', '"name":"wanda 2:4"',
                  '"name":"dense ('):
         assert name in html, name
-    assert '"type":"log"' in html
+    assert '"type":"log"' in html and html.count('class="plotly-graph-div"') == 2 and "prune seconds" in html
     assert not re.search(r"<script[^>]*\bsrc=", html) and len(html) > 1_000_000  # plotly.js inlined: opens offline
 
 
 def test_chart_draws_nm_runs_as_markers_and_dense_as_a_line():
     rows = [{"key": "wanda|2:4|0.5", "method": "wanda", "pattern": "2:4", "owl": False, "achieved_sparsity": 0.5,
-             "perplexity": 150.0},
+             "perplexity": 150.0, "prune_seconds": 3.0},
             {"key": "wanda|unstructured|0.5", "method": "wanda", "pattern": "unstructured", "owl": False,
-             "achieved_sparsity": 0.5, "perplexity": 50.0}]
+             "achieved_sparsity": 0.5, "perplexity": 50.0, "prune_seconds": 4.0}]
     figure = chart_figure(rows, 24.5)
     assert {trace.name: trace.mode for trace in figure.data} == {
         "wanda 2:4": "markers", "wanda": "lines+markers", "dense (24.50)": "lines"}
@@ -183,6 +183,19 @@ def test_chart_draws_nm_runs_as_markers_and_dense_as_a_line():
     assert [trace.name for trace in options.data] == ["wanda + OWL + DSnoT"]
     dense = next(t for t in figure.data if t.name.startswith("dense"))
     assert set(dense.y) == {24.5} and figure.layout.yaxis.type == "log"
+
+
+def test_a_second_chart_puts_quality_against_prune_time():
+    """Time beside quality: each run at its prune seconds (log axis), so a user can pick the best method for the
+    time they have; the dense line spans the runs' times."""
+    rows = [{"key": f"{m}|unstructured|0.5", "method": m, "pattern": "unstructured", "achieved_sparsity": 0.5,
+             "perplexity": p, "prune_seconds": t} for m, p, t in (("wanda", 50.0, 60.0), ("sparsegpt", 40.0, 110.0))]
+    figure = chart_figure(rows, 24.5, "seconds")
+    runs = {t.name: (list(t.x), list(t.y), t.mode) for t in figure.data if not t.name.startswith("dense")}
+    assert runs == {"wanda": ([60.0], [50.0], "markers"), "sparsegpt": ([110.0], [40.0], "markers")}
+    assert figure.layout.xaxis.type == "log" and "prune seconds" in figure.layout.xaxis.title.text
+    dense = next(t for t in figure.data if t.name.startswith("dense"))
+    assert list(dense.x) == [60.0, 110.0]
 
 
 def test_each_run_prunes_a_copy_sharing_the_untouched_tensors(loaded, calibration, tmp_path, monkeypatch):

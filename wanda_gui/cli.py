@@ -320,7 +320,8 @@ def cmd_sweep(args) -> dict:
             bar.close()
     if not args.json:
         for row in finished.rows:
-            print(f"{row['key']:<30} sparsity {row['achieved_sparsity']:.4f}  perplexity {row['perplexity']:.3f}")
+            print(f"{row['key']:<30} sparsity {row['achieved_sparsity']:.4f}  perplexity {row['perplexity']:.3f}  "
+                  f"prune {row['prune_seconds']:.1f} s")
         print(f"results in {job.out}: {sw.RESULTS_CSV}, {sw.RESULTS_JSON}, {sw.CHART_HTML}")
     return {"out": str(job.out), "header": finished.header, "rows": finished.rows}
 

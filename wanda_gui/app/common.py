@@ -22,6 +22,7 @@ from .workspace import Workspace
 WHY_EMPTY = "Why it works: input-feature norms and Wanda vs magnitude, as each linear is pruned"
 MAPS_EMPTY = "Score and mask maps appear as each linear is pruned"
 COMPARE_EMPTY = "Perplexity against sparsity fills in as each run finishes"
+COMPARE_TIME_EMPTY = "Perplexity against prune time fills in as each run finishes"
 LOG = logging.getLogger("wanda_gui")
 STATUS_INTERVAL = 0.25  # seconds between live status lines (a few bytes each)
 DRAW_INTERVAL = 1.0  # seconds between live map updates: each is ~100 KiB of figure that the browser redraws, and
@@ -149,7 +150,7 @@ BUTTONS = ("load_btn", "start_btn", "send_btn", "export_btn", "eval_btn", "stop_
 AFTER_RUN = ("ppl_md", "dense_chat", "pruned_chat", "dense_stats", "pruned_stats", "chat_status", "export_status",
              "report_file", "zs_md")  # what a run produces after pruning: cleared when a new model or run starts
 RUN_VIEW = ("block_plot", "map_plot", "layer_pick", "results", "why_plot", "owl_plot")
-COMPARE_VIEW = ("compare_chart", "compare_table", "compare_pick", "compare_files")  # what a comparison shows
+COMPARE_VIEW = ("compare_chart", "compare_time_chart", "compare_table", "compare_pick", "compare_files")  # what a comparison shows
 
 
 def updates(names: tuple[str, ...], **values) -> tuple:
@@ -178,6 +179,7 @@ def cleared(*groups: tuple[str, ...]) -> dict:
                  layer_pick=gr.update(choices=[], value=None), results="", ppl_md="", zs_md="", dense_chat=[],
                  pruned_chat=[], dense_stats="", pruned_stats="", chat_status="", export_status="",
                  report_file=gr.update(value=None, visible=False), compare_chart=plots.empty(COMPARE_EMPTY),
+                 compare_time_chart=plots.empty(COMPARE_TIME_EMPTY),
                  compare_table="", compare_pick=gr.update(choices=[], value=None),
                  compare_files=gr.update(value=None, visible=False))
     return {name: empty[name] for group in groups for name in group}

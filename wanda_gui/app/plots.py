@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..core.methods import get_method
-from ..core.sweep import DENSE, chart_figure
+from ..core.sweep import AXES, DENSE, chart_figure
 
 ACCENT = "#0f766e"
 SECOND = "#f59e0b"
@@ -225,17 +225,18 @@ def owl_chart(sparsities: list[float], outlier_ratios: list[float] | None, targe
     return fig
 
 
-def comparison_chart(rows: list[dict]) -> go.Figure:
-    """core.sweep's chart (perplexity against sparsity, log scale, a line per method, the dense line), titled like
-    the page's other figures. Its legend goes to the right, one entry a line: a comparison may have many entries,
+def comparison_chart(rows: list[dict], x: str = "sparsity") -> go.Figure:
+    """core.sweep's chart (perplexity against sparsity, or against prune seconds, log scale, the dense line), titled
+    like the page's other figures. Its legend goes to the right, one entry a line: a comparison may have many entries,
     and a row of them above the plot would wrap up onto the title in a narrow window."""
     dense = next((row["perplexity"] for row in rows if row["key"] == DENSE), None)
-    fig = chart_figure([row for row in rows if row["key"] != DENSE], dense)
+    fig = chart_figure([row for row in rows if row["key"] != DENSE], dense, x)
+    subtitle = ("lower is better · log scale · a line per method · N:M runs as diamonds" if x == "sparsity" else
+                "lower and further left is better: the quality a run buys for its time · both axes log scale")
     fig.update_layout(**{**LAYOUT, "height": 420, "margin": dict(l=65, r=30, t=TOP, b=45)},
-                      title=titled("Perplexity against sparsity", "lower is better · log scale · a line per method "
-                                   "· N:M runs as diamonds"),
+                      title=titled(f"Perplexity against {'sparsity' if x == 'sparsity' else 'prune time'}", subtitle),
                       legend=dict(title=None, orientation="v", x=1.02, xanchor="left", y=1, yanchor="top",
                                   font=dict(size=11)))
-    fig.update_xaxes(title=dict(text="achieved sparsity", standoff=6))
+    fig.update_xaxes(title=dict(text=AXES[x][1], standoff=6))
     fig.update_yaxes(**log_ticks([row["perplexity"] for row in rows]))
     return fig

@@ -295,37 +295,48 @@ def trace_name(row: dict) -> str:
     return method if row["pattern"] == "unstructured" else f"{method} {row['pattern']}"
 
 
-def chart_figure(rows: list[dict], dense_ppl: float | None):
-    """Perplexity against sparsity, log scale, as a plotly Figure: a line per method, markers for N:M runs, the
-    dense model as a line (the app shows this figure live; chart_html saves it)."""
+# What a comparison's charts put on the x axis: the row's column, the axis title, and whether the axis is logarithmic
+AXES = {"sparsity": ("achieved_sparsity", "achieved sparsity", False),
+        "seconds": ("prune_seconds", "prune seconds (log scale)", True)}
+
+
+def chart_figure(rows: list[dict], dense_ppl: float | None, x: str = "sparsity"):
+    """Perplexity (log scale) against a column of AXES, as a plotly Figure: a line per method against sparsity
+    (markers for N:M runs), markers against time, the dense model as a line (the app shows these figures live;
+    chart_html saves them)."""
     import plotly.graph_objects as go
 
+    column, title, log = AXES[x]
     fig = go.Figure()
     groups: dict[str, list[dict]] = {}
     for row in rows:
         if row["key"] != DENSE:
             groups.setdefault(trace_name(row), []).append(row)
     for name, group in groups.items():
-        group.sort(key=lambda r: r["achieved_sparsity"])
+        group.sort(key=lambda r: r[column])
         structured = group[0]["pattern"] != "unstructured"
-        fig.add_scatter(x=[r["achieved_sparsity"] for r in group], y=[r["perplexity"] for r in group], name=name,
-                        mode="markers" if structured else "lines+markers",
+        fig.add_scatter(x=[r[column] for r in group], y=[r["perplexity"] for r in group], name=name,
+                        mode="markers" if structured or log else "lines+markers",
                         marker=dict(size=11 if structured else 7, symbol="diamond" if structured else "circle"),
-                        customdata=[r["key"] for r in group],
-                        hovertemplate="%{customdata}<br>sparsity %{x:.3f}<br>perplexity %{y:.2f}<extra></extra>")
+                        customdata=[[r["key"], r["achieved_sparsity"], r["prune_seconds"]] for r in group],
+                        hovertemplate="%{customdata[0]}<br>sparsity %{customdata[1]:.3f}<br>prune %{customdata[2]:.1f} s"
+                                      "<br>perplexity %{y:.2f}<extra></extra>")
     if dense_ppl is not None:
-        right = max([r["achieved_sparsity"] for r in rows] + [0.5])
-        fig.add_scatter(x=[0, right], y=[dense_ppl, dense_ppl], name=f"dense ({dense_ppl:.2f})", mode="lines",
+        values = [r[column] for r in rows if r["key"] != DENSE]
+        span = [min(values), max(values)] if log and values else [0, max(values + [0.5])]
+        fig.add_scatter(x=span, y=[dense_ppl, dense_ppl], name=f"dense ({dense_ppl:.2f})", mode="lines",
                         line=dict(color="black", dash="dash"), hoverinfo="name")
-    fig.update_layout(title="Perplexity against sparsity (lower is better)", template="plotly_white",
-                      xaxis=dict(title="achieved sparsity", tickformat=".0%"),
+    fig.update_layout(title=f"Perplexity against {x} (lower is better)", template="plotly_white",
+                      xaxis=dict(title=title, **({"type": "log"} if log else {"tickformat": ".0%"})),
                       yaxis=dict(title="perplexity (log scale)", type="log"), legend=dict(title="method"))
     return fig
 
 
 def chart_html(rows: list[dict], dense_ppl: float | None) -> str:
-    """The chart as one HTML file with plotly.js inlined, so it opens offline."""
-    return chart_figure(rows, dense_ppl).to_html(include_plotlyjs=True, full_html=True)
+    """Every chart of AXES in one HTML file with plotly.js inlined, so it opens offline."""
+    figures = [chart_figure(rows, dense_ppl, x).to_html(include_plotlyjs=i == 0, full_html=False)
+               for i, x in enumerate(AXES)]
+    return f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{''.join(figures)}</body></html>"
 
 
 @dataclasses.dataclass

@@ -12,8 +12,8 @@ import gradio as gr
 
 from ...core.errors import UserError
 from .. import plots
-from ..common import (AFTER_RUN, BUTTONS, COMPARE_EMPTY, COMPARE_VIEW, STATUS_INTERVAL, RUN_VIEW, WORK, Page, buttons, check_count,
-                      cleared, served, session, updates, user_errors)
+from ..common import (AFTER_RUN, BUTTONS, COMPARE_EMPTY, COMPARE_TIME_EMPTY, COMPARE_VIEW, RUN_VIEW, STATUS_INTERVAL,
+                      WORK, Page, buttons, check_count, cleared, served, session, updates, user_errors)
 from ..workspace import Workspace
 from ...core import sweep
 from ...core.methods import OPTIONS, get_method
@@ -91,7 +91,8 @@ def shown_rows(ws: Workspace) -> dict:
     finished = ws.comparison.finished
     folder = ws.comparison.folder
     files = [str(folder / name) for name in ("results.csv", "chart.html") if (folder / name).exists()]
-    return dict(compare_chart=plots.comparison_chart(rows), compare_table=table_markdown(rows),
+    return dict(compare_chart=plots.comparison_chart(rows), compare_time_chart=plots.comparison_chart(rows, "seconds"),
+                compare_table=table_markdown(rows),
                 compare_pick=gr.update(choices=[(run_label(row), row["key"]) for row in finished],
                                        value=finished[-1]["key"] if finished else None),
                 compare_files=gr.update(value=files or None, visible=bool(files)))
@@ -205,7 +206,11 @@ def layout(page: Page) -> None:
             add("compare_stop", gr.Button("Stop (keeps finished runs)", variant="stop", interactive=False,
                                           elem_id="compare-stop"))
         add("compare_status", gr.Markdown(elem_id="compare-status"))
-        add("compare_chart", gr.Plot(plots.empty(COMPARE_EMPTY), label="Comparison", elem_id="compare-chart"))
+        with gr.Row():
+            add("compare_chart", gr.Plot(plots.empty(COMPARE_EMPTY), label="Comparison", elem_id="compare-chart",
+                                         min_width=520))
+            add("compare_time_chart", gr.Plot(plots.empty(COMPARE_TIME_EMPTY), label="Quality for the time",
+                                              elem_id="compare-time-chart", min_width=520))
         add("compare_table", gr.Markdown(elem_id="compare-table"))
         with gr.Row():
             add("compare_pick", gr.Dropdown([], label="A finished run", interactive=True, scale=3,
