@@ -223,6 +223,11 @@ class Workspace:
                             "This session was closed and its models freed; reload the page and load a model.")
         return self.loaded
 
+    def pruned_linears(self) -> dict[str, torch.nn.Module]:
+        """The pruned model's pruned linears, by name (the run's layers)."""
+        modules = dict(self.require_pruned().named_modules())
+        return {layer.name: modules[layer.name] for layer in self.summary.layers if layer.name in modules}
+
     def require_pruned(self) -> torch.nn.Module:
         if self.pruned is None:
             raise UserError("Prune the model first (step 2).")

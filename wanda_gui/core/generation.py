@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -68,7 +69,9 @@ class _CountingStreamer(TextIteratorStreamer):
 class StreamingGeneration:
     """One reply generated on a background thread; poll() collects the text produced so far without blocking."""
 
-    def __init__(self, model, tokenizer, messages: list[dict], settings: GenerationSettings, stop: threading.Event):
+    def __init__(self, model, tokenizer, messages: list[dict], settings: GenerationSettings, stop: threading.Event,
+                 around: contextlib.AbstractContextManager | None = None):
+        """around: a context the generation runs in, on its thread (the pruned model's 2:4 sparse kernels)."""
         device = next(model.parameters()).device
         inputs = chat_inputs(tokenizer, messages).to(device)
         self.streamer = _CountingStreamer(tokenizer)
@@ -78,6 +81,7 @@ class StreamingGeneration:
         self._seed = None if settings.greedy else settings.seed
         self._stop = stop
         self._model = model
+        self._around = around if around is not None else contextlib.nullcontext()
         self.text = ""
         self.error: str | None = None
         self.done = False
@@ -90,7 +94,7 @@ class StreamingGeneration:
         try:
             if self._seed is not None:
                 torch.manual_seed(self._seed)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._around:
                 self._model.generate(**self._kwargs)
         except Exception as e:  # shown in the reply's column instead of killing the other one
             self.error = f"{type(e).__name__}: {e}"

@@ -6,9 +6,12 @@ import functools
 import time
 
 import gradio as gr
+import torch
 
 from ...core.errors import UserError
+from ...core.devices import DTYPES
 from ...core.generation import GenerationSettings, StreamingGeneration
+from ...core.sparse24 import refusal, sparse_kernels
 from ..common import CHATTING, Page, check_count, session, updates, user_errors
 
 EXAMPLES = ["What is the capital of France?", "Write a haiku about autumn leaves.",
@@ -29,6 +32,7 @@ def plain_history(history: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
 
 
+SPARSE_LABEL = "Pruned column on 2:4 sparse kernels"
 NO_DENSE = "(The dense model was not kept: no memory for a copy. Reload to chat with it.)"
 NO_PRUNED = "(No pruned model yet: start pruning in step 2, then ask again to compare the two.)"
 
@@ -37,8 +41,21 @@ def chat_failed(ws, message: str):
     return updates(CHAT_OUTPUTS, chat_status=f"✗ {message}")
 
 
+def sparse_kernels_for(ws, wanted: bool):
+    """The pruned model's 2:4 linears on sparse kernels, when asked for and the model and device allow; else the
+    reason, in words."""
+    if not wanted or ws.pruned is None:
+        return None
+    info = ws.require_model().info
+    reason = refusal(torch.device(info.device), DTYPES[info.dtype], ws.summary.pattern)
+    if reason:
+        raise UserError(f"{reason} Untick '{SPARSE_LABEL}' to chat on the dense kernels.")
+    return sparse_kernels(ws.pruned_linears())
+
+
 @user_errors(chat_failed)
-def chat(prompt, dense_chat, pruned_chat, max_new, greedy, temperature, top_p, chat_seed, request: gr.Request):
+def chat(prompt, dense_chat, pruned_chat, max_new, greedy, temperature, top_p, chat_seed, sparse_chat=False,
+         request: gr.Request = None):
     """Send one prompt to both models (the dense one alone before a run) and stream the replies at once,
     round-robin on this thread."""
     ws = session(request)
@@ -51,12 +68,14 @@ def chat(prompt, dense_chat, pruned_chat, max_new, greedy, temperature, top_p, c
         raise UserError(f"This session is {ws.activity}; chat once it has finished (or press its Stop).")
     settings = GenerationSettings(check_count(max_new, "Max new tokens"), bool(greedy), float(temperature),
                                   float(top_p), check_count(chat_seed, "Seed", 0))
+    around = sparse_kernels_for(ws, bool(sparse_chat))
     ws.stop_chat.clear()
-    columns = [(dense_chat, ws.dense_model, NO_DENSE), (pruned_chat, ws.pruned, NO_PRUNED)]
+    columns = [(dense_chat, ws.dense_model, NO_DENSE, None), (pruned_chat, ws.pruned, NO_PRUNED, around)]
     runs, histories = [], []
-    for history, model, missing in columns:
+    for history, model, missing, kernels in columns:
         history = plain_history(history) + [{"role": "user", "content": prompt}]
-        runs.append(StreamingGeneration(model, loaded.tokenizer, history, settings, ws.stop_chat) if model is not None else None)
+        runs.append(StreamingGeneration(model, loaded.tokenizer, history, settings, ws.stop_chat, kernels)
+                    if model is not None else None)
         histories.append(history + [{"role": "assistant", "content": "" if model is not None else missing}])
     yield out(prompt="", dense_chat=histories[0], pruned_chat=histories[1], chat_status="… Generating…")
     try:
@@ -120,6 +139,9 @@ def layout(page: Page) -> None:
                 add("temperature", gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature"))
                 add("top_p", gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p"))
                 add("chat_seed", gr.Number(0, label="Seed", precision=0, minimum=0))
+            add("sparse_chat", gr.Checkbox(value=False, label=SPARSE_LABEL,
+                                           info="NVIDIA GPUs of compute capability 8.0+, fp16/bf16, a 2:4 run: "
+                                                "refused with the reason elsewhere", elem_id="sparse-chat"))
 
 
 def wire(page: Page) -> None:
