@@ -12,13 +12,12 @@ import ipaddress
 import re
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
+from ..core.calibration import HUB_SHORTHANDS, HubDataset
 from ..core.errors import UserError
+from ..core.models import is_hub_id
 from .tempfolders import private_folder
-
-if TYPE_CHECKING:
-    from ..core.calibration import HubDataset
 
 REMOTE_CODE_REFUSED = ("This server does not run a model's own code (trust_remote_code); the operator can start it "
                        "with --allow-remote-code.")
@@ -96,8 +95,6 @@ class ServePolicy:
         return str(path.resolve())
 
     def _hub_source(self, hub_id: str) -> str:
-        from ..core.models import is_hub_id  # torch comes with it: not at import, the CLI's parser imports this module
-
         if not hub_id:
             raise UserError("Give a hub id of the form 'org/name'.")
         if self.exposed and not is_hub_id(hub_id):
@@ -133,9 +130,6 @@ class ServePolicy:
     def calibration_dataset(self, spec: str) -> HubDataset:
         """A hub dataset 'NAME[:CONFIG]'; exposed, a shorthand or a hub id read from the hub only, whatever the server's
         disk holds (`datasets` reads a local folder of that name first)."""
-        from ..core.calibration import HUB_SHORTHANDS, HubDataset
-        from ..core.models import is_hub_id
-
         spec = (spec or "").strip()
         name = spec.partition(":")[0]
         if self.exposed and name.lower() not in HUB_SHORTHANDS and not is_hub_id(name):

@@ -12,15 +12,21 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
+from huggingface_hub import constants, errors, snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
+from tqdm.auto import tqdm
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .architecture import find_blocks, find_linears
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import UserError
+from .offload import LazyModel, open_lazy
 
-if TYPE_CHECKING:
-    from .offload import LazyModel
 
 BUILTIN = "builtin"
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
@@ -85,8 +91,6 @@ def remove_dead_conversions(cache: Path) -> None:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     with _forced_offline():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -115,15 +119,11 @@ def _forced_offline():
 
 
 def hub_offline() -> bool:
-    from huggingface_hub import constants
-
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def _progress_tqdm(progress: Progress):
     """A tqdm class that forwards huggingface_hub's download progress to our callback."""
-    from tqdm.auto import tqdm
-
     class ForwardingTqdm(tqdm):
         def __init__(self, *args, **kwargs):
             kwargs["disable"] = True
@@ -146,8 +146,6 @@ def download_from_hub(
     progress: Progress | None = None,
 ) -> Path:
     """Fetch (or find in the local hub cache) config, tokenizer and weights of a hub model."""
-    from huggingface_hub import errors, snapshot_download
-
     offline = hub_offline()
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
     if trust_remote_code:
@@ -220,9 +218,6 @@ def resolve_source(
 
 def is_hub_id(name: str) -> bool:
     """'org/name' spelled as the hub allows repository ids (so never '..', nor a leading '.' or '-')."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -306,13 +301,11 @@ class LoadedModel:
     path: Path
     name: str
     info: ModelInfo
-    lazy: "LazyModel | None" = None  # opened for offloading: the blocks are empty until a run brings them in
+    lazy: LazyModel | None = None  # opened for offloading: the blocks are empty until a run brings them in
 
 
 def check_decoder_lm(config) -> None:
     """Refuse encoder-only and encoder-decoder models with a clear message."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
     kind = f"{type(config).__name__} ({config.model_type})"
     if getattr(config, "is_encoder_decoder", False):
         raise UserError(f"Not a decoder LM: {kind} is an encoder-decoder model; wanda_gui prunes causal (decoder-only) LMs.")
@@ -338,12 +331,6 @@ def load_model(
     """Resolve the source, check it is a decoder LM, and load model + tokenizer on the device in the dtype.
     offload: open it with empty blocks and only the rest read in (core.offload), for block-by-block runs.
     hub_only: the source is a hub id, never a local path (resolve_source)."""
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .architecture import find_blocks, find_linears
-    from .offload import open_lazy
-
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     path = resolve_source(source, revision, token, cache_dir, trust_remote_code, progress, hub_only)
