@@ -132,7 +132,7 @@ def test_log_axes_over_decades_label_only_powers_of_ten():
     assert plots.log_ticks([513.0, 516.2]) == {} and plots.log_ticks([]) == {}  # within a decade: plotly's own ticks
     rows = [{"key": "dense", "perplexity": 21.1, "achieved_sparsity": 0.0},
             {"key": "wanda|unstructured|0.7", "method": "wanda", "pattern": "unstructured", "target_sparsity": 0.7,
-             "achieved_sparsity": 0.7, "perplexity": 587.0}]
+             "achieved_sparsity": 0.7, "perplexity": 587.0, "prune_seconds": 3.2}]
     assert plots.comparison_chart(rows).layout.yaxis.dtick == 1
 
 
