@@ -28,7 +28,7 @@ from .architecture import capture_block_inputs, find_blocks
 from .config import PruneConfig, default_batch_size, refuse_without_activations
 from .errors import UserError
 from .events import (BlockFinished, BlockShrunk, BlockStarted, Event, LayerSparsity, Progress, PruneSummary,
-                     RunCancelled, RunFailed, RunFinished, RunStarted, TargetsChosen)
+                     RunCancelled, RunFailed, RunFinished, RunStarted)
 from .memory import peak_bytes, release_memory
 from .methods import BlockMasked, Method, RunContext, Step, get_method
 from .passes import Cancelled, collect_input_stats, run_block
@@ -283,10 +283,7 @@ class StructuredRun:
         self.widths = adaptive_widths(self.layouts, attention, mlp, self.config.sparsity)
         weights = [d[3] for d in self.dense_shapes]
         kept = [g * layout.group_cost + c * layout.channel_cost for (g, c), layout in zip(self.widths, self.layouts)]
-        ctx.sparsities = [1 - k / w for k, w in zip(kept, weights)]
-        ctx.target_note = "adaptive widths: FLAP's standardised scores ranked across blocks and modules"
-        ctx.target_basis = [k / w for k, w in zip(kept, weights)]
-        yield TargetsChosen(list(ctx.sparsities), ctx.target_note, ctx.target_basis)
+        ctx.sparsities = [1 - k / w for k, w in zip(kept, weights)]  # each BlockStarted says its own
 
     def stage(self, index: int) -> Iterator[Event]:
         ctx, layout = self.ctx, self.layouts[index]
