@@ -117,7 +117,8 @@ def main() -> int:
             row["generation_speedup"] = row["generation_tokens_per_s"] / dense["generation_tokens_per_s"]
             row["prefill_speedup"] = row["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"]
             result["runs"].append(row)
-            print(f"{run:<28} {sparsity:.0%}: ppl {row['perplexity']:.3f} ({row['perplexity'] / dense['perplexity']:.2f}x), "
+            ratio = row["perplexity"] / dense["perplexity"]
+            print(f"{run:<28} {sparsity:.0%}: ppl {row['perplexity']:.3f} ({ratio:.2f}x), "
                   f"{row['parameters']:,} params, export {row['export_bytes'] / 1e6:.1f} MB, prefill "
                   f"{row['prefill_speedup']:.2f}x, generation {row['generation_speedup']:.2f}x, "
                   f"pruned in {row['prune_seconds']:.1f} s", file=sys.stderr)

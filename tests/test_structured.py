@@ -141,7 +141,8 @@ def test_wanda_sp_keeps_the_channels_with_the_highest_mean_weight_times_input_no
     down = dense.model.layers[0].mlp.down_proj.weight.double()
     score = (down.abs() * x["down_proj"].pow(2).mean(dim=0).sqrt()).mean(dim=0)
     kept = score.topk(64).indices.sort().values
-    torch.testing.assert_close(model.model.layers[0].mlp.gate_proj.weight, dense.model.layers[0].mlp.gate_proj.weight[kept])
+    gate = dense.model.layers[0].mlp.gate_proj.weight
+    torch.testing.assert_close(model.model.layers[0].mlp.gate_proj.weight, gate[kept])
 
 
 def test_uniform_widths_take_whole_groups_first_and_the_mlp_makes_up_the_rest():
@@ -205,9 +206,11 @@ def test_what_the_structured_pattern_cannot_take_is_refused_in_one_line(config, 
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("arch,missing", [("phi3", "no self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, mlp.up_proj"),
-                                          ("opt", "no self_attn.o_proj, mlp.up_proj, mlp.down_proj"),
-                                          ("olmo", "its modeling code was not checked")])
+@pytest.mark.parametrize("arch,missing", [
+    ("phi3", "no self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, mlp.up_proj"),  # fused qkv and gate_up
+    ("opt", "no self_attn.o_proj, mlp.up_proj, mlp.down_proj"),
+    ("olmo", "its modeling code was not checked"),
+])
 def test_other_families_are_refused_naming_what_is_missing(arch, missing):
     torch.manual_seed(0)
     model = tiny_model(arch) if arch != "olmo" else tf.AutoModelForCausalLM.from_config(tf.OlmoConfig(**SMALL))
@@ -255,3 +258,11 @@ def test_cli_refuses_structured_misuse_before_loading(capsys, tmp_path, tiny_mod
     code, err = run(capsys, prune_args(tiny_model_dir, tmp_path / "o", *extra))
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists() and snapshot(tiny_model_dir) == before
+
+
+def test_cli_refuses_a_fraction_that_leaves_a_block_nothing_once_the_shapes_are_known(capsys, tmp_path, tiny_model_dir,
+                                                                                      text_file):
+    code, err = run(capsys, prune_args(tiny_model_dir, tmp_path / "o", "--pattern", "structured", "--sparsity", "0.97",
+                                       calib=text_file))
+    assert code == 2 and "would leave it no MLP channel" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()

@@ -96,9 +96,9 @@ def layouts(model: nn.Module) -> list[Layout]:
     config = text_config(model)
     kind = getattr(config, "model_type", "")
     _, blocks = find_blocks(model)
-    first = blocks[0]
-    missing = [f"self_attn.{n}" for n in ATTENTION if not isinstance(getattr(getattr(first, "self_attn", None), n, None), nn.Linear)]
-    missing += [f"mlp.{n}" for n in MLP[1:] if not isinstance(getattr(getattr(first, "mlp", None), n, None), nn.Linear)]
+    attention, mlp = getattr(blocks[0], "self_attn", None), getattr(blocks[0], "mlp", None)
+    missing = [f"self_attn.{n}" for n in ATTENTION if not isinstance(getattr(attention, n, None), nn.Linear)]
+    missing += [f"mlp.{n}" for n in MLP[1:] if not isinstance(getattr(mlp, n, None), nn.Linear)]
     if kind not in FAMILIES or missing:
         why = (f"its blocks have no {', '.join(missing)}" if missing else
                "its modeling code was not checked to read smaller blocks from their weights")
@@ -153,7 +153,8 @@ def top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(scores, descending=True, stable=True)[:k].sort().values
 
 
-def channel_scores(method: Method, layout: Layout, moments: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_scores(method: Method, layout: Layout,
+                   moments: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per input channel of o_proj and of down_proj (FLAP squares the attention's, as its reference)."""
     attention = method.channel_score(layout.attention.o_proj.weight, moments.get("o_proj"))
     return attention.pow(method.head_score_power), method.channel_score(layout.mlp.down_proj.weight,
@@ -176,8 +177,8 @@ def resized(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Ten
                     dtype=weight.dtype)
     new.weight = nn.Parameter(weight.clone(), requires_grad=False)
     if new.bias is not None:
-        old = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features, device=weight.device,
-                                                                               dtype=weight.dtype)
+        old = (linear.bias.detach() if linear.bias is not None else
+               torch.zeros(linear.out_features, device=weight.device, dtype=weight.dtype))
         old = old if rows is None else old[rows.to(old.device)]
         new.bias = nn.Parameter((old + (extra.to(old.dtype) if extra is not None else 0)).clone(), requires_grad=False)
     return new
@@ -212,9 +213,8 @@ class StructuredRun:
         calibrated = calibration if calibration is not None and method.needs_activations else None
         nsamples, seqlen = calibrated.shape if calibrated is not None else (0, 0)
         device = next(model.parameters()).device
-        self.ctx = RunContext(model, config.pattern, config.sparsity, blocks,
-                              [{q: layout.linear(n) for q, n in names.items()} for names, layout in zip(self.names, self.layouts)],
-                              calibrated, None, None, config.batch_size or default_batch_size(device, seqlen), device,
+        stages = [{q: layout.linear(n) for q, n in names.items()} for names, layout in zip(self.names, self.layouts)]
+        self.ctx = RunContext(model, config.pattern, config.sparsity, blocks, stages, calibrated, None, None, config.batch_size or default_batch_size(device, seqlen), device,
                               [config.sparsity] * len(blocks), cancel)
         self.samples = (int(nsamples), int(seqlen))
         self.dense_copies = any(type(h).after_masking is not Step.after_masking for h in self.hooks)
@@ -222,7 +222,8 @@ class StructuredRun:
         slots = BIAS_SLOTS.get(kind, (None, None))
         self.bias_slots = slots if method.compensates else (None, None)
         self.parameters_before = sum(p.numel() for p in model.parameters())
-        self.dense_shapes = [(layout.kv_heads, layout.group, layout.channels, layout.weights()) for layout in self.layouts]
+        self.dense_shapes = [(layout.kv_heads, layout.group, layout.channels, layout.weights())
+                             for layout in self.layouts]
         self.widths: list[tuple[int, int]] = []
         self.replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self.layers: list[LayerSparsity] = []
@@ -303,9 +304,9 @@ class StructuredRun:
         after = layout.weights()
         kv, group, width, _ = self.dense_shapes[index]
         yield BlockShrunk(index, layout.channels, width, layout.kv_heads * group, kv * group, before, after)
-        masked = BlockMasked(index, dict(zip(self.names[index], (layout.linear(n) for n in self.names[index].values()))),
-                             {q: torch.zeros_like(layout.linear(n).weight, dtype=torch.bool)
-                              for q, n in self.names[index].items()} if dense is not None else {}, {}, dense_block=dense)
+        linears = {q: layout.linear(n) for q, n in self.names[index].items()}
+        nothing_pruned = {q: torch.zeros_like(linear.weight, dtype=torch.bool) for q, linear in linears.items()}
+        masked = BlockMasked(index, linears, nothing_pruned if dense is not None else {}, {}, dense_block=dense)
         for hook in self.hooks:
             hook.after_masking(ctx, masked)
         del masked, dense

@@ -79,8 +79,8 @@ def prune_stream(ws: Workspace, events: Iterator, method: str) -> Iterator[dict]
         elif isinstance(event, ev.BlockShrunk):  # a structured run: no per-weight maps, the widths instead
             shrunk[event.index] = (event.kept_channels, event.total_channels, event.kept_heads, event.total_heads)
             heatmap = plots.widths_chart(blocks, shrunk)
-            yield dict(prune_status=f"… block {event.index + 1}/{blocks}: kept {event.kept_heads}/{event.total_heads} "
-                                    f"heads and {event.kept_channels}/{event.total_channels} MLP channels · "
+            yield dict(prune_status=f"… block {event.index + 1}/{blocks}: kept {event.kept_heads}/"
+                                    f"{event.total_heads} heads and {event.kept_channels}/{event.total_channels} MLP channels · "
                                     f"{time.perf_counter() - started:.0f} s elapsed", map_plot=heatmap)
         elif isinstance(event, ev.BlockFinished):
             sparsity_by_block[event.index] = event.sparsity
