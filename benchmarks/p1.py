@@ -81,16 +81,19 @@ def input_widths(model) -> list[int]:
 
     from wanda_gui.core.architecture import find_blocks, find_linears
 
-    seen: dict[int, int] = {}
-    handles = [m.register_forward_pre_hook(lambda m, args: seen.setdefault(id(args[0]), args[0].shape[-1]))
-               for block in find_blocks(model)[1] for m in find_linears(block).values()]
+    seen: dict[int, torch.Tensor] = {}  # each input held, so that no id is reused by a later tensor
+
+    def record(module, args) -> None:  # a pre-hook that returned a value would replace the linear's input
+        seen.setdefault(id(args[0]), args[0])
+
+    handles = [m.register_forward_pre_hook(record) for block in find_blocks(model)[1] for m in find_linears(block).values()]
     try:
         with torch.inference_mode():
             model(input_ids=torch.zeros(1, 8, dtype=torch.long, device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
-    return list(seen.values())
+    return [x.shape[-1] for x in seen.values()]
 
 
 def every_run() -> list[str]:
