@@ -18,6 +18,8 @@ import torch
 
 from . import atomic
 from .errors import UserError
+from .memory import format_bytes
+from .speed import export_bytes
 
 REPORT_NAME = "pruning_report.json"
 MARKER, MARKER_VALUE = "exported_by", "wanda_gui"  # the report key that makes a folder a previous export
@@ -37,9 +39,11 @@ def versions() -> dict[str, str]:
 
 
 def make_report(model_info, summary, calibration: dict | None, timings: dict, perplexity: dict | None = None,
-                generation: dict | None = None, zero_shot: dict | None = None) -> dict:
+                generation: dict | None = None, zero_shot: dict | None = None, parameters: dict | None = None,
+                speed: dict | None = None) -> dict:
     """Everything PROTOCOL.md's benchmark report lists, as plain JSON-able data; zero_shot: {"dense": ...,
-    "pruned": ...}, each core.zeroshot.ZeroShot.as_dict()."""
+    "pruned": ...}, each core.zeroshot.ZeroShot.as_dict(); parameters and speed likewise, each
+    core.speed.count_parameters() and measure_speed()."""
     return {
         "model": {"name": model_info.name, "architecture": model_info.architecture, "parameters": model_info.parameters},
         "method": summary.method,
@@ -57,6 +61,8 @@ def make_report(model_info, summary, calibration: dict | None, timings: dict, pe
         "perplexity": perplexity,
         "zero_shot": zero_shot,
         "generation_tokens_per_second": generation,
+        "parameters": parameters,
+        "speed": speed,
         "layers": [dataclasses.asdict(layer) for layer in summary.layers],
         "versions": versions(),
     }
@@ -90,6 +96,11 @@ def model_card(report: dict) -> str:
     if report.get("zero_shot"):
         measured = report["zero_shot"]
         lines += ["## Zero-shot accuracy", "", zero_shot_note(measured), "", *zero_shot_table(measured), ""]
+    if report.get("parameters") or report.get("speed"):
+        lines += ["## What pruning bought", "", *bought_table(report.get("parameters"), report.get("speed"),
+                                                              report.get("export_bytes")), ""]
+        if report.get("parameters"):
+            lines += [zeros_note(report["parameters"]), ""]
     lines += [
         "## What the zeros buy",
         "The weights are stored densely in safetensors: the zeros do **not** shrink the files, and a dense runtime "
@@ -101,6 +112,53 @@ def model_card(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def bought_table(parameters: dict | None, speed: dict | None, exported: int | None = None) -> list[str]:
+    """Markdown rows, dense against pruned: parameters stored and non-zero, the weights' bytes (an export's, when
+    one was written), and prefill and generation speed where measured; the ratio pruned / dense."""
+    rows = ["| | dense | pruned | pruned / dense |", "|---|---|---|---|"]
+
+    def row(label: str, dense, pruned, shown) -> None:
+        ratio = f"{pruned / dense:.2f}x" if dense else ""
+        rows.append(f"| {label} | {shown(dense)} | {shown(pruned)} | {ratio} |")
+
+    if parameters:
+        dense, pruned = parameters["dense"], parameters["pruned"]
+        for key, label in (("stored", "parameters stored"), ("nonzero", "parameters non-zero"),
+                           ("linear_stored", "decoder linears' weights stored"),
+                           ("linear_nonzero", "decoder linears' weights non-zero")):
+            row(label, dense[key], pruned[key], lambda n: f"{n:,}")
+        row("weights' bytes" + (" (the export's safetensors)" if exported else " (an export takes about this)"),
+            dense["bytes"], exported or pruned["bytes"], format_bytes)
+    if speed:
+        dense, pruned = speed["dense"], speed["pruned"]
+        row(f"prefill tokens/s ({dense['prompt_tokens']}-token prompt)", dense["prefill_tokens_per_second"],
+            pruned["prefill_tokens_per_second"], lambda v: f"{v:,.1f}")
+        row(f"generation tokens/s (batch 1, {dense['new_tokens']} new tokens)", dense["generation_tokens_per_second"],
+            pruned["generation_tokens_per_second"], lambda v: f"{v:,.1f}")
+    return rows
+
+
+def speed_note(speed: dict) -> str:
+    """How the speeds were measured, in a line."""
+    s = speed["dense"]
+    return (f"Measured on {s['device']} in one call, batch 1, greedy: the same {s['prompt_tokens']}-token prompt for "
+            f"both models, its prefill up to the first new token, then {s['new_tokens'] - 1} more decoding steps "
+            f"(generate with min_new_tokens, so the count is exact); a warm-up each, then the median of "
+            f"{s['repeats']} runs taken in turns.")
+
+
+def zeros_note(parameters: dict) -> str:
+    """What the pruned model's storage buys, honestly."""
+    dense, pruned = parameters["dense"], parameters["pruned"]
+    if pruned["stored"] >= dense["stored"]:
+        return ("The pruned weights are zeros stored densely (unstructured or N:M): the files take the same bytes as "
+                "the dense model's, and a dense runtime multiplies every zero, so both run at the same speed on a "
+                "CPU (and on a GPU without 2:4 sparse kernels); any difference measured is noise.")
+    removed = dense["stored"] - pruned["stored"]
+    return (f"The pruned model stores {removed:,} fewer parameters ({removed / dense['stored']:.1%}): its files are "
+            "smaller and every runtime computes less.")
 
 
 def zero_shot_note(measured: dict) -> str:
@@ -261,7 +319,7 @@ def export_into(out: str | Path, overwrite: bool = False, source: Path | None = 
 
 def write_rest(model, tokenizer, folder: Path, report: dict) -> None:
     """Everything beside the weights: the config without quantization, generation config, tokenizer, the report
-    (with the file list) and the card."""
+    (with the file list and the weights' bytes, which the caller's report gets too) and the card."""
     if not (folder / "config.json").exists():  # a streamed export wrote only the weights
         model.config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -272,6 +330,7 @@ def write_rest(model, tokenizer, folder: Path, report: dict) -> None:
     if config.pop("quantization_config", None) is not None:  # zeros stored densely are not a quantization
         config_path.write_text(json.dumps(config, indent=2))
     files = sorted({p.name for p in folder.iterdir()} | {REPORT_NAME, "README.md"})
+    report["export_bytes"] = export_bytes(folder)  # the caller's report says it too
     (folder / REPORT_NAME).write_text(json.dumps({**report, MARKER: MARKER_VALUE, FILES_KEY: files}, indent=2))
     (folder / "README.md").write_text(model_card(report))
 
