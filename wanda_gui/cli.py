@@ -20,7 +20,7 @@ from .core.config import PruneConfig
 from .core.errors import UserError
 from .core.estimate import check_eval_fits
 from .core.evaluate import perplexity
-from .core.export import bought_table, speed_note, zero_shot_note, zero_shot_table, zeros_note
+from .core.export import bought, zero_shot_note, zero_shot_table
 from .core.memory import parse_bytes
 from .core.methods import METHODS, OPTIONS
 from .core.passes import Cancelled
@@ -250,10 +250,7 @@ def cmd_prune(args) -> dict:
         if report["zero_shot"]:
             print_zero_shot(report["zero_shot"])
         if report["parameters"]:
-            print("\n".join(bought_table(report["parameters"], report["speed"], report["export_bytes"])))
-            print(zeros_note(report["parameters"]))
-        if report["speed"]:
-            print(speed_note(report["speed"]))
+            print("\n".join(bought(report["parameters"], report["speed"], report["export_bytes"])))
         print(f"exported to {report['export']}")
     return report
 

@@ -97,10 +97,8 @@ def model_card(report: dict) -> str:
         measured = report["zero_shot"]
         lines += ["## Zero-shot accuracy", "", zero_shot_note(measured), "", *zero_shot_table(measured), ""]
     if report.get("parameters") or report.get("speed"):
-        lines += ["## What pruning bought", "", *bought_table(report.get("parameters"), report.get("speed"),
-                                                              report.get("export_bytes")), ""]
-        if report.get("parameters"):
-            lines += [zeros_note(report["parameters"]), ""]
+        lines += ["## What pruning bought", "", *bought(report.get("parameters"), report.get("speed"),
+                                                        report.get("export_bytes")), ""]
     lines += [
         "## What the zeros buy",
         "The weights are stored densely in safetensors: the zeros do **not** shrink the files, and a dense runtime "
@@ -114,14 +112,13 @@ def model_card(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bought_table(parameters: dict | None, speed: dict | None, exported: int | None = None) -> list[str]:
-    """Markdown rows, dense against pruned: parameters stored and non-zero, the weights' bytes (an export's, when
-    one was written), and prefill and generation speed where measured; the ratio pruned / dense."""
+def bought_table(parameters: dict | None, speed: dict | None) -> list[str]:
+    """Markdown rows, dense against pruned: parameters stored and non-zero and their bytes, and prefill and
+    generation speed where measured; the ratio pruned / dense."""
     rows = ["| | dense | pruned | pruned / dense |", "|---|---|---|---|"]
 
     def row(label: str, dense, pruned, shown) -> None:
-        ratio = f"{pruned / dense:.2f}x" if dense else ""
-        rows.append(f"| {label} | {shown(dense)} | {shown(pruned)} | {ratio} |")
+        rows.append(f"| {label} | {shown(dense)} | {shown(pruned)} | {f'{pruned / dense:.2f}x' if dense else ''} |")
 
     if parameters:
         dense, pruned = parameters["dense"], parameters["pruned"]
@@ -129,8 +126,7 @@ def bought_table(parameters: dict | None, speed: dict | None, exported: int | No
                            ("linear_stored", "decoder linears' weights stored"),
                            ("linear_nonzero", "decoder linears' weights non-zero")):
             row(label, dense[key], pruned[key], lambda n: f"{n:,}")
-        row("weights' bytes" + (" (the export's safetensors)" if exported else " (an export takes about this)"),
-            dense["bytes"], exported or pruned["bytes"], format_bytes)
+        row("parameters' bytes (an export's weights take this)", dense["bytes"], pruned["bytes"], format_bytes)
     if speed:
         dense, pruned = speed["dense"], speed["pruned"]
         row(f"prefill tokens/s ({dense['prompt_tokens']}-token prompt)", dense["prefill_tokens_per_second"],
@@ -140,13 +136,27 @@ def bought_table(parameters: dict | None, speed: dict | None, exported: int | No
     return rows
 
 
+def bought(parameters: dict | None, speed: dict | None, exported: int | None) -> list[str]:
+    """Markdown lines: the table, then what the export's files take, what the storage buys and how speed was
+    measured, each where known."""
+    lines = [*bought_table(parameters, speed), ""]
+    if exported:
+        lines.append(f"The export's safetensors files take {format_bytes(exported)} ({exported:,} bytes).")
+    if parameters:
+        lines.append(zeros_note(parameters))
+    if speed:
+        lines.append(speed_note(speed))
+    return lines
+
+
 def speed_note(speed: dict) -> str:
     """How the speeds were measured, in a line."""
     s = speed["dense"]
-    return (f"Measured on {s['device']} in one call, batch 1, greedy: the same {s['prompt_tokens']}-token prompt for "
-            f"both models, its prefill up to the first new token, then {s['new_tokens'] - 1} more decoding steps "
-            f"(generate with min_new_tokens, so the count is exact); a warm-up each, then the median of "
-            f"{s['repeats']} runs taken in turns.")
+    when = ("both in one call, taking turns run by run (so that other work on the machine weighs on both alike)"
+            if s["in_turns"] else "the dense model before pruning, the pruned one after")
+    return (f"Speed measured on {s['device']}, batch 1, greedy, {when}: the same {s['prompt_tokens']}-token prompt, "
+            f"its prefill up to the first new token, then {s['new_tokens'] - 1} more decoding steps (generate with "
+            f"min_new_tokens, so the count is exact); a warm-up, then the median of {s['repeats']} runs.")
 
 
 def zeros_note(parameters: dict) -> str:

@@ -99,7 +99,8 @@ def measure_speeds(models: dict[str, nn.Module], tokenizer_or_vocab, device, pro
         measured[name] = {"prefill_tokens_per_second": prompt_tokens / prefill,
                           "generation_tokens_per_second": (new_tokens - 1) / decode,
                           "prefill_seconds": prefill, "generation_seconds": decode, "prompt_tokens": prompt_tokens,
-                          "new_tokens": new_tokens, "repeats": repeats, "device": str(device)}
+                          "new_tokens": new_tokens, "repeats": repeats, "device": str(device),
+                          "in_turns": len(models) > 1}
     return measured
 
 
