@@ -87,7 +87,7 @@ def test_whole_flow_load_prune_results_chat_export_reload(url, tiny_model_dir, t
     assert dense[1]["content"] != pruned[1]["content"]  # pruning changed the (random) model's answer
 
     out = tmp_path / "export"
-    message, report = client.predict(str(out), False, api_name="/export")
+    message, report, _ = client.predict(str(out), False, api_name="/export")
     assert report["visible"] and message.startswith("✓ Exported")
     assert json.loads(open(report["value"]).read())["achieved_sparsity"] == 0.5
     reloaded = AutoModelForCausalLM.from_pretrained(out)

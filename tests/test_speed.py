@@ -1,11 +1,13 @@
 """What pruning buys: parameter counts exact, generation counting exactly the tokens asked for, export bytes equal to
-the files, and the CLI's --speed in the report and the model card."""
+the files, the CLI's --speed in the report and the model card, and the results page's panel."""
 
 import json
 
 import pytest
 import torch
 from conftest import tiny_model
+from gradio_client import Client
+from test_app_api import load_tiny, prune_args, url  # noqa: F401 (url: the app, a fixture)
 from test_cli import run_cli
 from torch import nn
 
@@ -109,3 +111,28 @@ def test_cli_speed_is_refused_with_offload_before_loading(tmp_path, tiny_model_d
     result = run_cli("prune", "--model", str(tiny_model_dir), "--offload", "--speed", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "--speed" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_results_panel_counts_after_a_prune_and_measures_and_exports_on_request(url, tiny_model_dir, text_file,
+                                                                                     tmp_path):
+    client = Client(url, verbose=False)
+    load_tiny(client, tiny_model_dir)
+    results = client.predict(*prune_args([text_file]), api_name="/prune")[4]
+    assert "What pruning bought" in results and "Measure speed" in results and "tokens/s" not in results
+    assert "| parameters stored | 139,584 | 139,584 | 1.00x |" in results  # zeros stored densely: nothing removed
+    assert "| decoder linears' weights non-zero | 73,728 | 36,864 | 0.50x |" in results
+    assert "do not shrink the files" in results
+
+    job = client.submit(api_name="/measure_speed")
+    statuses = [update[0] for update in job]
+    status, results, *_ = job.result()
+    assert any("generation 8/8" in s for s in statuses), statuses  # (a warm-up + 3 runs) x 2 models
+    assert status.startswith("✓") and "generation tokens/s (batch 1, 128 new tokens)" in results
+    assert "prefill tokens/s (128-token prompt)" in results and "taking turns" in results
+
+    message, _, results = client.predict(str(tmp_path / "out"), False, api_name="/export")
+    size = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert message.startswith("✓") and f"({size:,} bytes)" in results and "tokens/s" in results
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert set(report["speed"]) == {"dense", "pruned"} and report["export_bytes"] == size
+    assert report["parameters"]["pruned"]["linear_nonzero"] == 36_864

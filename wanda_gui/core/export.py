@@ -163,9 +163,9 @@ def zeros_note(parameters: dict) -> str:
     """What the pruned model's storage buys, honestly."""
     dense, pruned = parameters["dense"], parameters["pruned"]
     if pruned["stored"] >= dense["stored"]:
-        return ("The pruned weights are zeros stored densely (unstructured or N:M): the files take the same bytes as "
-                "the dense model's, and a dense runtime multiplies every zero, so both run at the same speed on a "
-                "CPU (and on a GPU without 2:4 sparse kernels); any difference measured is noise.")
+        return ("The pruned weights are zeros stored densely (unstructured or N:M): they do not shrink the files "
+                "(the same bytes as the dense model's), and a dense runtime multiplies every zero, so both run at the "
+                "same speed on a CPU (and on a GPU without 2:4 sparse kernels); any difference measured is noise.")
     removed = dense["stored"] - pruned["stored"]
     return (f"The pruned model stores {removed:,} fewer parameters ({removed / dense['stored']:.1%}): its files are "
             "smaller and every runtime computes less.")
