@@ -11,6 +11,10 @@ from test_app_api import load_tiny, prune_args, url  # noqa: F401 (url: the app,
 from test_cli import run_cli
 from torch import nn
 
+from wanda_gui.app.pool import ModelPool
+from wanda_gui.app.steps.results import bought_markdown
+from wanda_gui.app.workspace import Workspace
+from wanda_gui.core.config import PruneConfig
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.speed import (count_parameters, export_bytes, fitting_prompt, measure_speed, measure_speeds,
                                   timed_generation)
@@ -136,3 +140,13 @@ def test_the_results_panel_counts_after_a_prune_and_measures_and_exports_on_requ
     report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
     assert set(report["speed"]) == {"dense", "pruned"} and report["export_bytes"] == size
     assert report["parameters"]["pruned"]["linear_nonzero"] == 36_864
+
+
+def test_a_session_kept_on_disk_says_why_it_counts_and_measures_nothing(tiny_model_dir, text_file):
+    ws = Workspace(ModelPool())
+    ws.load(str(tiny_model_dir), "cpu", None, memory="offload")
+    list(ws.prune(PruneConfig(), str(text_file), 4, 32, 0))
+    assert ws.parameters is None and "read block by block from disk" in bought_markdown(ws)
+    with pytest.raises(UserError, match="it would time the disk"):
+        ws.measure_speed()
+    assert ws.speed == {}

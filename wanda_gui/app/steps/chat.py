@@ -32,6 +32,9 @@ def plain_history(history: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
 
 
+SPEED_NOTE = ("<small>tok/s, alike in both columns: the tokens after the first over the seconds since it. The two "
+              "columns generate at once and share the device (one finishing first leaves the other more of it): for "
+              "each model's own speed, measured in turns, use **Measure speed** in step 4.</small>")
 SPARSE_LABEL = "Pruned column on 2:4 sparse kernels"
 NO_DENSE = "(The dense model was not kept: no memory for a copy. Reload to chat with it.)"
 NO_PRUNED = "(No pruned model yet: start pruning in step 2, then ask again to compare the two.)"
@@ -131,6 +134,7 @@ def layout(page: Page) -> None:
             add("chat_stop", gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop"))
             add("clear_btn", gr.Button("Clear", scale=1, elem_id="clear"))
         add("chat_status", gr.Markdown(elem_id="chat-status"))
+        gr.Markdown(SPEED_NOTE, elem_id="chat-speed-note")
         gr.Examples(EXAMPLES, inputs=page["prompt"], label="Example prompts")
         with gr.Accordion("Generation settings (shared by both columns)", open=False):
             with gr.Row():

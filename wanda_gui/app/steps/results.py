@@ -103,8 +103,9 @@ def measure_speed(request: gr.Request):
     yield updates(SPEED_OUTPUTS, speed_md="… Measuring speed…", **buttons(ws, running=True))
     for message in on_a_thread(lambda report: ws.measure_speed(progress=lambda done, total: report((done, total)))):
         if isinstance(message, tuple):
-            yield updates(SPEED_OUTPUTS, speed_md=f"… Measuring speed: generation {message[0]}/{message[1]} (the dense "
-                                                  "and the pruned model in turns, after a warm-up each)")
+            done, total = message
+            yield updates(SPEED_OUTPUTS, speed_md=f"… Measuring speed: generation {done}/{total} (the dense and the "
+                                                  "pruned model in turns, after a warm-up each)")
     yield updates(SPEED_OUTPUTS, speed_md="✓ Speed measured: see the table above.", results=results_markdown(ws),
                   **buttons(ws))
 
