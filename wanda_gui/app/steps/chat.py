@@ -67,8 +67,9 @@ def chat(prompt, dense_chat, pruned_chat, max_new, greedy, temperature, top_p, c
         yield out(chat_status="Type a prompt first.")
         return
     loaded = ws.require_model()
-    if ws.activity in ("pruning", "comparing methods"):
-        raise UserError(f"This session is {ws.activity}; chat once it has finished (or press its Stop).")
+    if ws.activity in ("pruning", "comparing methods", "measuring speed"):  # the chat would disturb the timings
+        stop = "" if ws.activity == "measuring speed" else " (or press its Stop)"
+        raise UserError(f"This session is {ws.activity}; chat once it has finished{stop}.")
     settings = GenerationSettings(check_count(max_new, "Max new tokens"), bool(greedy), float(temperature),
                                   float(top_p), check_count(chat_seed, "Seed", 0))
     around = sparse_kernels_for(ws, bool(sparse_chat))
