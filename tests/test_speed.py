@@ -16,6 +16,7 @@ from wanda_gui.app.steps.results import bought_markdown
 from wanda_gui.app.workspace import Workspace
 from wanda_gui.core.config import PruneConfig
 from wanda_gui.core.errors import UserError
+from wanda_gui.core.export import speed_note
 from wanda_gui.core.speed import (count_parameters, export_bytes, fitting_prompt, measure_speed, measure_speeds,
                                   timed_generation)
 
@@ -75,6 +76,16 @@ def test_models_are_measured_alike_and_in_turns():
     assert done[-1] == (6, 6)
     for speed in measured.values():
         assert speed["prefill_tokens_per_second"] > 0 and speed["generation_tokens_per_second"] > 0
+        assert 0 <= speed["other_cpu_share"] <= 1
+
+
+def test_the_speed_note_says_when_other_work_took_the_cpu():
+    speed = {"prompt_tokens": 8, "new_tokens": 4, "repeats": 3, "device": "cpu", "in_turns": True,
+             "other_cpu_share": 0.05}
+    assert "Other work" not in speed_note({"dense": speed, "pruned": speed})
+    busy = {**speed, "other_cpu_share": 0.6}
+    assert "Other work took up to 60% of the CPU" in speed_note({"dense": speed, "pruned": busy})
+    assert "Other work" not in speed_note({"dense": {**busy, "device": "cuda:0"}, "pruned": {**busy, "device": "cuda:0"}})
 
 
 def test_the_prompt_is_shortened_to_the_context_and_impossible_lengths_refused():

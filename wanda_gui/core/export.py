@@ -22,6 +22,7 @@ from .memory import format_bytes
 from .speed import export_bytes
 
 REPORT_NAME = "pruning_report.json"
+BUSY = 0.1  # a share of the CPU taken by other work that a speed measurement mentions
 MARKER, MARKER_VALUE = "exported_by", "wanda_gui"  # the report key that makes a folder a previous export
 FILES_KEY = "exported_files"  # what that export wrote: the only names an overwrite may replace
 LOCK_SUFFIX = ".export-lock"
@@ -156,7 +157,18 @@ def speed_note(speed: dict) -> str:
             if s["in_turns"] else "the dense model before pruning, the pruned one after")
     return (f"Speed measured on {s['device']}, batch 1, greedy, {when}: the same {s['prompt_tokens']}-token prompt, "
             f"its prefill up to the first new token, then {s['new_tokens'] - 1} more decoding steps (generate with "
-            f"min_new_tokens, so the count is exact); a warm-up, then the median of {s['repeats']} runs.")
+            f"min_new_tokens, so the count is exact); a warm-up, then the median of {s['repeats']} runs."
+            + busy_note(speed))
+
+
+def busy_note(speed: dict) -> str:
+    """Other work on the CPU slows a measurement there, decoding's many small steps most of all: say how much."""
+    shares = [s["other_cpu_share"] for s in speed.values() if s["device"] == "cpu"]
+    if not shares or max(shares) < BUSY:
+        return ""
+    return (f" Other work took up to {max(shares):.0%} of the CPU meanwhile: these figures are slower than the "
+            "machine's own (decoding most, its many small steps each waiting for every thread), so compare the two "
+            "models with each other, not with figures measured elsewhere.")
 
 
 def zeros_note(parameters: dict) -> str:

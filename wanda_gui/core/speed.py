@@ -14,6 +14,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .architecture import find_blocks, find_linears
 from .errors import UserError
+from .estimate import cpu_times, other_cpu_share
 from .generation import GenerationSettings
 
 PROMPT_TOKENS, NEW_TOKENS, REPEATS = 512, 128, 3
@@ -74,7 +75,7 @@ def measure_speeds(models: dict[str, nn.Module], tokenizer_or_vocab, device, pro
                    progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
     """Prefill and generation speed of each model at batch 1 on one device, the same prompt for all: a warm-up each,
     then `repeats` rounds taking the models in turn (so that other work on the machine weighs on all alike), the
-    median of each. progress(generations done, total)."""
+    median of each, and the share of the CPU other work took meanwhile. progress(generations done, total)."""
     device = torch.device(device)
     first = next(iter(models.values()))
     prompt_tokens = fitting_prompt(first, prompt_tokens, new_tokens)
@@ -84,6 +85,7 @@ def measure_speeds(models: dict[str, nn.Module], tokenizer_or_vocab, device, pro
         else tokenizer_or_vocab.eos_token_id)
     runs = {name: [] for name in models}
     total, done = len(models) * (repeats + 1), 0
+    since = cpu_times()
     for round_ in range(repeats + 1):
         for name, model in models.items():
             timing = timed_generation(model, ids, new_tokens if round_ else WARM_UP_TOKENS, pad)
@@ -92,6 +94,7 @@ def measure_speeds(models: dict[str, nn.Module], tokenizer_or_vocab, device, pro
             done += 1
             if progress is not None:
                 progress(done, total)
+    others = other_cpu_share(since)
     measured = {}
     for name, timings in runs.items():
         prefill = statistics.median(t[0] for t in timings)
@@ -100,7 +103,7 @@ def measure_speeds(models: dict[str, nn.Module], tokenizer_or_vocab, device, pro
                           "generation_tokens_per_second": (new_tokens - 1) / decode,
                           "prefill_seconds": prefill, "generation_seconds": decode, "prompt_tokens": prompt_tokens,
                           "new_tokens": new_tokens, "repeats": repeats, "device": str(device),
-                          "in_turns": len(models) > 1}
+                          "in_turns": len(models) > 1, "other_cpu_share": others}
     return measured
 
 
