@@ -115,7 +115,7 @@ def test_cli_speed_measures_both_models_and_reports_what_was_bought(tmp_path, ti
         speed = report["speed"][name]
         assert speed["new_tokens"] == 128 and speed["prompt_tokens"] == 128  # 256 tokens of context in all
         assert speed["prefill_tokens_per_second"] > 0 and speed["generation_tokens_per_second"] > 0
-    dense, pruned = report["parameters"]["dense"], report["parameters"]["pruned"]
+    dense, pruned = report["parameter_counts"]["dense"], report["parameter_counts"]["pruned"]
     assert pruned["stored"] == dense["stored"] and pruned["linear_nonzero"] == dense["linear_stored"] // 2
     assert dense["nonzero"] - pruned["nonzero"] == dense["linear_nonzero"] - pruned["linear_nonzero"]
     assert report["export_bytes"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -150,14 +150,14 @@ def test_the_results_panel_counts_after_a_prune_and_measures_and_exports_on_requ
     assert message.startswith("✓") and f"({size:,} bytes)" in results and "tokens/s" in results
     report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
     assert set(report["speed"]) == {"dense", "pruned"} and report["export_bytes"] == size
-    assert report["parameters"]["pruned"]["linear_nonzero"] == 36_864
+    assert report["parameter_counts"]["pruned"]["linear_nonzero"] == 36_864
 
 
 def test_a_session_kept_on_disk_says_why_it_counts_and_measures_nothing(tiny_model_dir, text_file):
     ws = Workspace(ModelPool())
     ws.load(str(tiny_model_dir), "cpu", None, memory="offload")
     list(ws.prune(PruneConfig(), str(text_file), 4, 32, 0))
-    assert ws.parameters is None and "read block by block from disk" in bought_markdown(ws)
+    assert ws.counts is None and "read block by block from disk" in bought_markdown(ws)
     with pytest.raises(UserError, match="it would time the disk"):
         ws.measure_speed()
     assert ws.speed == {}

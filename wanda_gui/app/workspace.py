@@ -143,7 +143,7 @@ class Workspace:
         self.zero_shot: dict[str, ZeroShot] = {}
         self.generation: dict = {}
         self.dense_counts: dict | None = None  # the dense model's parameters (core.speed.count_parameters)
-        self.parameters: dict | None = None  # {"dense": ..., "pruned": ...}, for a model held in memory
+        self.counts: dict | None = None  # {"dense": ..., "pruned": ...}, for a model held in memory
         self.speed: dict = {}  # {"dense": ..., "pruned": ...}, measured in one call (core.speed.measure_speeds)
         self.exported: int | None = None  # bytes of the last export's safetensors
         self.timings: dict = {}
@@ -306,7 +306,7 @@ class Workspace:
             if isinstance(event, ev.RunFinished):
                 self.pruned = model
                 self.dense_kept = not in_place
-                self.parameters = {"dense": self.dense_counts, "pruned": count_parameters(model)}
+                self.counts = {"dense": self.dense_counts, "pruned": count_parameters(model)}
             self._record(event)
             yield event
 
@@ -340,7 +340,7 @@ class Workspace:
     def drop_pruned(self) -> None:
         """Let the pruned copy (or its folder on disk) and everything measured on it go (the dense model stays)."""
         self.pruned, self.summary, self.maps, self.perplexity, self.generation, self.run = None, None, {}, {}, {}, None
-        self.zero_shot, self.parameters, self.speed, self.exported = {}, None, {}, None
+        self.zero_shot, self.counts, self.speed, self.exported = {}, None, {}, None
         self.pruned_lazy = None
         if self.pruned_folder is not None:
             shutil.rmtree(self.pruned_folder, ignore_errors=True)
@@ -494,7 +494,7 @@ class Workspace:
         ppl = {k: v.__dict__ for k, v in self.perplexity.items()} or None
         report = make_report(loaded.info, self.summary, self.run.get("calibration"), dict(self.timings), ppl,
                              dict(self.generation) or None,
-                             {k: v.as_dict() for k, v in self.zero_shot.items()} or None, self.parameters,
+                             {k: v.as_dict() for k, v in self.zero_shot.items()} or None, self.counts,
                              self.speed or None)
         if self.exported is not None:
             report["export_bytes"] = self.exported

@@ -20,6 +20,7 @@ from . import atomic
 from .errors import UserError
 from .memory import format_bytes
 from .speed import export_bytes
+from .structured import padded_to_widest
 
 REPORT_NAME = "pruning_report.json"
 BUSY = 0.1  # a share of the CPU taken by other work that a speed measurement mentions
@@ -40,10 +41,10 @@ def versions() -> dict[str, str]:
 
 
 def make_report(model_info, summary, calibration: dict | None, timings: dict, perplexity: dict | None = None,
-                generation: dict | None = None, zero_shot: dict | None = None, parameters: dict | None = None,
+                generation: dict | None = None, zero_shot: dict | None = None, counts: dict | None = None,
                 speed: dict | None = None) -> dict:
     """Everything PROTOCOL.md's benchmark report lists, as plain JSON-able data; zero_shot: {"dense": ...,
-    "pruned": ...}, each core.zeroshot.ZeroShot.as_dict(); parameters and speed likewise, each
+    "pruned": ...}, each core.zeroshot.ZeroShot.as_dict(); counts and speed likewise, each
     core.speed.count_parameters() and measure_speed()."""
     return {
         "model": {"name": model_info.name, "architecture": model_info.architecture, "parameters": model_info.parameters},
@@ -52,6 +53,8 @@ def make_report(model_info, summary, calibration: dict | None, timings: dict, pe
         "target_sparsity": summary.target_sparsity,
         "achieved_sparsity": summary.achieved_sparsity,
         "pruned_parameters": summary.pruned_parameters,
+        "parameters": {"before": summary.parameters_before, "after": summary.parameters_after},
+        "structure": summary.structure,
         "sparsity_by_type": summary.by_type,
         "settings": summary.settings,
         "calibration": calibration,
@@ -62,7 +65,7 @@ def make_report(model_info, summary, calibration: dict | None, timings: dict, pe
         "perplexity": perplexity,
         "zero_shot": zero_shot,
         "generation_tokens_per_second": generation,
-        "parameters": parameters,
+        "parameter_counts": counts,
         "speed": speed,
         "layers": [dataclasses.asdict(layer) for layer in summary.layers],
         "versions": versions(),
@@ -84,6 +87,8 @@ def model_card(report: dict) -> str:
         " No weight was retrained or updated: pruned weights are zeros.",
         "",
     ]
+    if report.get("structure"):
+        lines[2:4] = [structured_card(report), ""]
     if calib:
         lines += [f"Calibration: {calib.get('source')}, {calib.get('nsamples')} windows of {calib.get('seqlen')} tokens, "
                   f"seed {calib.get('seed')}.", ""]
@@ -97,10 +102,10 @@ def model_card(report: dict) -> str:
     if report.get("zero_shot"):
         measured = report["zero_shot"]
         lines += ["## Zero-shot accuracy", "", zero_shot_note(measured), "", *zero_shot_table(measured), ""]
-    if report.get("parameters") or report.get("speed"):
-        lines += ["## What pruning bought", "", *bought(report.get("parameters"), report.get("speed"),
+    if report.get("parameter_counts") or report.get("speed"):
+        lines += ["## What pruning bought", "", *bought(report.get("parameter_counts"), report.get("speed"),
                                                         report.get("export_bytes")), ""]
-    lines += [
+    lines += [] if report.get("structure") else [
         "## What the zeros buy",
         "The weights are stored densely in safetensors: the zeros do **not** shrink the files, and a dense runtime "
         "does **not** run any faster. 2:4 patterns can be accelerated on NVIDIA Ampere and newer GPUs with "
@@ -127,7 +132,7 @@ def bought_table(parameters: dict | None, speed: dict | None) -> list[str]:
                            ("linear_stored", "decoder linears' weights stored"),
                            ("linear_nonzero", "decoder linears' weights non-zero")):
             row(label, dense[key], pruned[key], lambda n: f"{n:,}")
-        row("parameters' bytes (an export's weights take this)", dense["bytes"], pruned["bytes"], format_bytes)
+        row("parameters' bytes", dense["bytes"], pruned["bytes"], format_bytes)
     if speed:
         dense, pruned = speed["dense"], speed["pruned"]
         row(f"prefill tokens/s ({dense['prompt_tokens']}-token prompt)", dense["prefill_tokens_per_second"],
@@ -143,6 +148,10 @@ def bought(parameters: dict | None, speed: dict | None, exported: int | None) ->
     lines = [*bought_table(parameters, speed), ""]
     if exported:
         lines.append(f"The export's safetensors files take {format_bytes(exported)} ({exported:,} bytes).")
+    elif parameters:
+        padded = parameters["pruned"]["stored"] < parameters["dense"]["stored"]
+        lines.append("An export's weights take about the pruned model's parameters' bytes" +
+                     (" (an adaptive structured export more: it is padded to its widest block)." if padded else "."))
     if parameters:
         lines.append(zeros_note(parameters))
     if speed:
@@ -181,6 +190,25 @@ def zeros_note(parameters: dict) -> str:
     removed = dense["stored"] - pruned["stored"]
     return (f"The pruned model stores {removed:,} fewer parameters ({removed / dense['stored']:.1%}): its files are "
             "smaller and every runtime computes less.")
+
+
+def structured_card(report: dict) -> str:
+    """What a structured run removed, what the export holds, and who reads it."""
+    structure, parameters = report["structure"], report["parameters"]
+    blocks = structure["blocks"]
+    widths = sorted({(b["kept_heads"], b["kept_channels"]) for b in blocks})
+    kept = (f"every block keeps {widths[0][0]} of {blocks[0]['total_heads']} attention heads and {widths[0][1]} of "
+            f"{blocks[0]['total_channels']} MLP channels" if structure["uniform"] else
+            f"blocks keep {min(w[0] for w in widths)}-{max(w[0] for w in widths)} of {blocks[0]['total_heads']} heads "
+            f"and {min(w[1] for w in widths)}-{max(w[1] for w in widths)} of {blocks[0]['total_channels']} MLP channels "
+            f"({structure['widths']} widths; each block's in {REPORT_NAME})")
+    compensated = [name for name, done in structure["bias_compensation"].items() if done]
+    return (f"Structured pruning with **{report['method']}**: {report['achieved_sparsity']:.2%} of the decoder blocks' "
+            f"linear weights removed as whole channels and heads ({kept}); the model has {parameters['after']:,} "
+            f"parameters, {parameters['before']:,} before. The linears are really smaller: this model is smaller and "
+            f"faster on every runtime. " + (f"FLAP's bias compensation is in {' and '.join(compensated)}'s bias. "
+                                             if compensated else "") +
+            f"Which runtimes read it: {structure['export']}. Load it with `AutoModelForCausalLM.from_pretrained(path)`.")
 
 
 def zero_shot_note(measured: dict) -> str:
@@ -289,7 +317,8 @@ def export_model(model: torch.nn.Module, tokenizer, out: str | Path, report: dic
     """Write model, tokenizer, report and card into a temporary sibling folder, then rename it into place."""
     with export_into(out, overwrite, source, overwrite_control=overwrite_control,
                      list_contents=list_contents) as folder:
-        model.save_pretrained(folder)
+        with padded_to_widest(model):  # per-block widths as no config can say them (core.structured)
+            model.save_pretrained(folder)
         write_rest(model, tokenizer, folder, report)
     return Path(out).absolute()
 

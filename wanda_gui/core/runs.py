@@ -344,7 +344,7 @@ def measure_tasks(tasks, loaded: LoadedModel, name: str, log, on_task) -> ZeroSh
 def export_in_memory(job, loaded, windows, calibration, timings, on_event, log, tasks=None, on_task=None) -> dict:
     lead = distributed.rank() == 0
     ppl, zero_shot, speed = {}, {}, {}
-    parameters = {"dense": count_parameters(loaded.model)} if lead else {}
+    counts = {"dense": count_parameters(loaded.model)} if lead else {}
     if job.eval_windows and lead:
         ppl["dense"] = measure(job, loaded, "dense", log)
     if job.speed and lead:
@@ -365,11 +365,11 @@ def export_in_memory(job, loaded, windows, calibration, timings, on_event, log, 
         timings["zero_shot"] = zero_shot["dense"].seconds + zero_shot["pruned"].seconds
     if job.speed:
         speed["pruned"] = measure_speed_of(loaded, "pruned", log)
-    parameters["pruned"] = count_parameters(loaded.model)
+    counts["pruned"] = count_parameters(loaded.model)
     if distributed.active():
         calibration = {**calibration, "processes": distributed.world_size(), "samples_per_process": shares}
     report = make_report(loaded.info, summary, calibration, timings, {k: v.__dict__ for k, v in ppl.items()} or None,
-                         zero_shot={k: v.as_dict() for k, v in zero_shot.items()} or None, parameters=parameters,
+                         zero_shot={k: v.as_dict() for k, v in zero_shot.items()} or None, counts=counts,
                          speed=speed or None)
     report["export"] = str(export_model(loaded.model, loaded.tokenizer, job.out, report, job.overwrite,
                                         source=loaded.path))

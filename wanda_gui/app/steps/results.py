@@ -23,14 +23,19 @@ MEASURE_SPEED = "Measure speed: dense vs pruned"
 
 def bought_markdown(ws: Workspace) -> str:
     """What pruning bought: parameters stored and non-zero, the export's size, and speed once measured."""
-    if ws.parameters is None:
+    if ws.counts is None:
         exported = f" The export's safetensors files take {format_bytes(ws.exported)}." if ws.exported else ""
         return f"#### What pruning bought\n\n{ON_DISK_NOTE}{exported}"
-    lines = ["#### What pruning bought", "", *bought(ws.parameters, ws.speed or None, ws.exported)]
+    lines = ["#### What pruning bought", "", *bought(ws.counts, ws.speed or None, ws.exported)]
     if not ws.speed:
         lines.append(f"Press **{MEASURE_SPEED}** to time both models' prefill and generation on the same device, "
                      "in one call.")
     return "\n".join(lines)
+
+
+def span(values: list[int]) -> str:
+    """'4' or '2-4': the kept widths of all blocks."""
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
 def results_markdown(ws: Workspace) -> str:
@@ -51,6 +56,17 @@ def results_markdown(ws: Workspace) -> str:
         "**not kept** (no memory for a copy: the model was pruned in place; reload it to chat with the dense model)"
     variant = " (α-variant)" if s.settings.get("wanda_variant") else ""
     variant += "".join(f" + {OPTIONS[key].label}" for key in s.settings.get("options", ()))
+    if s.structure:
+        blocks = s.structure["blocks"]
+        heads = sorted({b["kept_heads"] for b in blocks})
+        channels = sorted({b["kept_channels"] for b in blocks})
+        return (f"**{s.method}{variant} · structured ({s.structure['widths']} widths)** · removed "
+                f"**{s.achieved_sparsity:.2%}** of the block linears' weights in {s.seconds:.1f} s: "
+                f"**{s.parameters_before:,} → {s.parameters_after:,} parameters**; blocks keep {span(heads)} of "
+                f"{blocks[0]['total_heads']} heads and {span(channels)} of {blocks[0]['total_channels']} MLP channels. "
+                f"Dense model: {dense}.\n\n{table}\n\nThe linears are really smaller: the pruned model is smaller and "
+                f"faster on every runtime (the chat's tokens/s shows it). Export: {s.structure['export']}.\n\n"
+                f"{bought_markdown(ws)}")
     return (f"**{s.method}{variant} · {s.pattern}** · target {s.target_sparsity:.1%} · achieved **{s.achieved_sparsity:.2%}** "
             f"over {s.pruned_parameters:,} weights in {s.seconds:.1f} s. Dense model: {dense}.{shared}\n\n{table}\n\n"
             f"{bought_markdown(ws)}")
