@@ -175,9 +175,11 @@ def busy_note(speed: dict) -> str:
     shares = [s["other_cpu_share"] for s in speed.values() if s["device"] == "cpu"]
     if not shares or max(shares) < BUSY:
         return ""
+    compare = ("compare the two models with each other, not with figures measured elsewhere"
+               if speed["dense"]["in_turns"] else "and as the two were measured one after the other, a change in that "
+               "work between them moves their ratio too")
     return (f" Other work took up to {max(shares):.0%} of the CPU meanwhile: these figures are slower than the "
-            "machine's own (decoding most, its many small steps each waiting for every thread), so compare the two "
-            "models with each other, not with figures measured elsewhere.")
+            f"machine's own (decoding most, its many small steps each waiting for every thread), {compare}.")
 
 
 def zeros_note(parameters: dict) -> str:
