@@ -87,7 +87,8 @@ def test_the_speed_note_says_when_other_work_took_the_cpu():
     assert "Other work took up to 60% of the CPU" in speed_note({"dense": speed, "pruned": busy})
     alone = {**busy, "in_turns": False}
     assert "one after the other" in speed_note({"dense": alone, "pruned": alone})
-    assert "Other work" not in speed_note({"dense": {**busy, "device": "cuda:0"}, "pruned": {**busy, "device": "cuda:0"}})
+    gpu = {**busy, "device": "cuda:0"}
+    assert "Other work" not in speed_note({"dense": gpu, "pruned": gpu})
 
 
 def test_the_prompt_is_shortened_to_the_context_and_impossible_lengths_refused():
