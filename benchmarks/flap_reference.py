@@ -15,9 +15,9 @@ remove, counted in whole units: an attention unit weighs 512/3 MLP channels, a c
 UL-UM removes int(ratio x units) attention units and int(ratio x 1536) MLP channels from every block: with only 3
 key/value groups a block, int(0.2 x 3) = int(0.3 x 3) = 0, so UL-UM removes MLP channels only and removes less than
 the ratio says (the JSON gives both); UL-UM:0.2667 removes 409 of 1536 channels a block, 19.97% of the weights,
-to compare at equal parameters removed. No uniform ratio removes 30%: one group a block is already 8.3% and 0.333
-of the channels 25%, so UL-UM jumps from at most 25% to at least 33.3%. FLAP adds an output bias to o_proj and down_proj (hidden weights each): those
-are counted apart.
+to compare at equal parameters removed. No UL-UM ratio removes 30%: below 1/3 no group goes and the channels make
+at most 25%; from 1/3 on, one group a block (8.3%) and a third of the channels (25%) go, at least 33.3%. FLAP adds
+an output bias to o_proj and down_proj (hidden values each): counted apart from the weights.
 
 The reference is read from --flap-dir and patched in memory only (nothing of it is committed here):
   lib/data.py        replaced by get_loaders returning the P1 calibration windows (FLAP reads WikiText-2 from the
@@ -220,7 +220,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flap-dir", type=Path, required=True, help="a checkout of CASIA-IVA-Lab/FLAP")
     parser.add_argument("--out", default="benchmarks/flap-reference-cpu.json")
-    parser.add_argument("--runs", nargs="+", default=["AL-AM:0.2", "AL-AM:0.3", "UL-UM:0.2", "UL-UM:0.3", "UL-UM:0.2667"])
+    parser.add_argument("--runs", nargs="+",
+                        default=["AL-AM:0.2", "AL-AM:0.3", "UL-UM:0.2", "UL-UM:0.3", "UL-UM:0.2667"])
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
