@@ -39,6 +39,7 @@ The reference is read from --flap-dir and patched in memory only (nothing of it 
        attention has no such attribute).
     7. a forward pre-hook gives each decoder layer its rotary position_embeddings when FLAP's calls pass only
        attention_mask and position_ids (in transformers 4.28 the attention computed them itself).
+Before measuring, check_patches runs them on a tiny random GQA model and checks the result against its definition.
 Not used, so not patched: the --unstr (mask only) path, UL-MM/AL-MM (--remove_heads), wanda_sp and mag_sp.
 
 Time only: prune_flap computes its statistics (each o_proj/down_proj input's mean and fluctuation, BiasGPT) on the
@@ -53,6 +54,7 @@ Seconds are wall time on this machine's 2 CPU cores, shared with other work whil
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib
 import json
@@ -68,6 +70,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from wanda_gui.core.architecture import find_blocks, find_linears  # noqa: E402
 from wanda_gui.core.calibration import (builtin_evaluation_text, calibration_windows, evaluation_windows,  # noqa: E402
@@ -165,6 +168,47 @@ def prepare_for_flap(model: nn.Module, seqlen: int) -> list:
         return args, kwargs
 
     return [layer.register_forward_pre_hook(add_position_embeddings, with_kwargs=True) for layer in model.model.layers]
+
+
+def kept_rows(pruned: torch.Tensor, dense: torch.Tensor, size: int) -> torch.Tensor:
+    """Which size-row slices of dense survive in pruned (FLAP keeps them in order)."""
+    slices = dense.view(-1, size, dense.shape[1])
+    return torch.stack([(slices == row).all(-1).all(-1) for row in pruned.view(-1, size, dense.shape[1])]).any(0)
+
+
+@torch.no_grad()
+def check_patches(flap_dir: Path) -> None:
+    """FLAP, patched, on a tiny random GQA LLaMA (3 query heads a key/value group, head_dim 64): the pruned model's
+    logits equal the dense model's with every removed head's output and MLP channel held at its calibration mean,
+    which is what FLAP's bias compensation stands for; so the key/value rows kept belong to the query heads kept."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=384, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=64)
+    dense = LlamaForCausalLM(config).eval()
+    calib, ids = torch.randint(0, 256, (8, 32)), torch.randint(0, 256, (2, 32))
+    for structure, ratio in (("AL-AM", 0.3), ("UL-UM", 0.5)):
+        model = copy.deepcopy(dense)
+        flap = load_flap_prune(flap_dir, [(w[None], None) for w in calib], 64, 192)
+        statistics = Statistics(flap.BiasGPT)
+        flap.BiasGPT = statistics.recording
+        hooks = prepare_for_flap(model, calib.shape[1])
+        flap.prune_flap(types.SimpleNamespace(metrics="WIFV", structure=structure, pruning_ratio=ratio, nsamples=8,
+                                              remove_heads=-1, unstr=False, seed=0), model, None, torch.device("cpu"))
+        for h in hooks:
+            h.remove()
+        held = []
+        for i, (pruned, layer) in enumerate(zip(model.model.layers, dense.model.layers)):
+            groups = kept_rows(pruned.self_attn.k_proj.weight, layer.self_attn.k_proj.weight, 64)
+            channels = kept_rows(pruned.mlp.up_proj.weight, layer.mlp.up_proj.weight, 1)
+            for linear, kept, (_, mean) in ((layer.self_attn.o_proj, groups.repeat_interleave(192),
+                                             statistics.recorded[2 * i]),
+                                            (layer.mlp.down_proj, channels, statistics.recorded[2 * i + 1])):
+                held.append(linear.register_forward_pre_hook(lambda m, a, k=kept, v=mean: (torch.where(k, a[0], v),)))
+        expected = dense(ids).logits
+        for h in held:
+            h.remove()
+        if not torch.allclose(model(ids).logits, expected, atol=1e-4):
+            raise SystemExit(f"The patched FLAP ({structure}) does not prune whole key/value groups consistently.")
 
 
 def decoder_linear_weights(model: nn.Module) -> int:
@@ -276,6 +320,7 @@ def main() -> int:
         raise SystemExit(f"{args.flap_dir} holds no lib/prune.py: give a checkout of CASIA-IVA-Lab/FLAP.")
     if any(s not in STRUCTURES for s, _ in runs):
         raise SystemExit(f"Structures measured here: {', '.join(STRUCTURES)}.")
+    check_patches(args.flap_dir)
     commit = subprocess.run(["git", "-C", str(args.flap_dir), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or None
 
