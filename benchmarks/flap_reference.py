@@ -48,7 +48,9 @@ records them as FLAP frees them; later runs in the process give FLAP nsamples = 
 objects holding the recorded statistics, so they differ from a full run in time only (their seconds are selection
 and compression; the JSON says which runs replayed). --no-replay runs every one in full.
 
-Seconds are wall time on this machine's 2 CPU cores, shared with other work while measured.
+flap-reference-cpu.json: `python benchmarks/flap_reference.py --flap-dir /tmp/flap_ref --threads 1`, on 2 CPU cores
+shared with other work (load average 9-15): seconds are contended wall time; one thread, as FLAP's batch-1 forward
+passes ran 3-4x slower on two threads there.
 """
 
 from __future__ import annotations
