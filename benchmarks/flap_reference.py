@@ -46,7 +46,8 @@ Time only: prune_flap computes its statistics (each o_proj/down_proj input's mea
 dense model, whatever the structure and ratio. The first run computes them with FLAP's own forward passes and
 records them as FLAP frees them; later runs in the process give FLAP nsamples = 0 (no forward pass) and BiasGPT
 objects holding the recorded statistics, so they differ from a full run in time only (their seconds are selection
-and compression; the JSON says which runs replayed). --no-replay runs every one in full.
+and compression; the JSON says which runs replayed). --no-replay runs every one in full: AL-AM 0.3 so run gave the
+same blocks and perplexity to the last digit as replayed, in 189 s of calibration and pruning (contended).
 
 flap-reference-cpu.json: `python benchmarks/flap_reference.py --flap-dir /tmp/flap_ref --threads 1`, on 2 CPU cores
 shared with other work (load average 9-15): seconds are contended wall time; one thread, as FLAP's batch-1 forward
