@@ -134,3 +134,13 @@ def test_cli_prunes_a_tiny_model_with_alps_and_refuses_what_it_cannot_take(tmp_p
         assert main(["prune", "--model", str(tiny_model_dir), "--method", "alps", flag,
                      "--out", str(tmp_path / "refused")]) == 2
         assert capsys.readouterr().err.strip() and not (tmp_path / "refused").exists()
+
+
+def test_estimate_counts_the_solver_beside_the_hessian_passes(tiny_model_dir):
+    """ALPS costs SparseGPT's passes plus a per-weight solve that does not grow with the calibration."""
+    from wanda_gui.core.estimate import prune_seconds
+    from wanda_gui.core.models import load_model
+
+    info = load_model(str(tiny_model_dir)).info
+    small, large = (prune_seconds(info, "alps", n, 128) - prune_seconds(info, "sparsegpt", n, 128) for n in (8, 64))
+    assert small > 0 and large == pytest.approx(small, rel=1e-6)
