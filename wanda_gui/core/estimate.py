@@ -30,7 +30,8 @@ ATTENTION_OVERHEAD = 1.65  # attention's matmuls run slower than the linears' (s
 METHOD_TIME_FACTOR = {"sparsegpt": 1.65, "alps": 1.65}
 # ALPS then solves each linear alone, whatever the calibration size: some 30-60 ADMM iterations and 10 of conjugate
 # gradients, each a product of the weight with an inputs x inputs matrix (on one thread), plus the projections.
-# Counted as this many products of 2 x weights x hidden size FLOPs at the measured rate (fitted to the built-in model).
+# Counted as this many products of 2 x weights x hidden size FLOPs at the measured rate: 200 puts ALPS at 6.9x
+# SparseGPT for the built-in model at 16 x 256, where 2 shared cores measured 5.8x (745 s against 129 s); refit on P1.
 SOLVER_PRODUCTS = {"alps": 200}
 MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
 SELECTION_BYTES_PER_WEIGHT = 4 + 1 + 4 + 8  # fp32 score, bool mask, top-k values and int64 indices
