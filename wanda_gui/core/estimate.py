@@ -27,7 +27,12 @@ LINEAR_OVERHEAD = 1.26  # the linears' matmuls plus the norms, activations, resi
 ATTENTION_OVERHEAD = 1.65  # attention's matmuls run slower than the linears' (smaller, batched per head)
 # SparseGPT builds Hessians (about half the linears' FLOPs again) and updates column by column: P1 took 105 s for
 # it against Wanda's 63 s on the same machine (benchmarks/p1-cpu.json).
-METHOD_TIME_FACTOR = {"sparsegpt": 1.65}
+METHOD_TIME_FACTOR = {"sparsegpt": 1.65, "alps": 1.65}
+# ALPS then solves each linear alone, whatever the calibration size: some 30-60 ADMM iterations and 10 of conjugate
+# gradients, each a product of the weight with an inputs x inputs matrix (on one thread), plus the projections.
+# Counted as this many products of 2 x weights x hidden size FLOPs at the measured rate: 200 puts ALPS at 6.9x
+# SparseGPT for the built-in model at 16 x 256, where 2 shared cores measured 5.8x (745 s against 129 s); refit on P1.
+SOLVER_PRODUCTS = {"alps": 200}
 MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
 SELECTION_BYTES_PER_WEIGHT = 4 + 1 + 4 + 8  # fp32 score, bool mask, top-k values and int64 indices
 TOKENIZING_BYTES = 96 * 1024 ** 2  # tokenizing in 100k-character pieces: fitted to benchmarks/estimate_check.py
@@ -151,7 +156,8 @@ def memory_parts(info, method: str, nsamples: int, seqlen: int, dense_copy: bool
 
 
 def prune_seconds(info, method: str, nsamples: int, seqlen: int) -> float:
-    """Two block passes over nsamples x seqlen tokens (linears and attention) for activation methods, plus masking."""
+    """Two block passes over nsamples x seqlen tokens (linears and attention) for activation methods, a layer solver's
+    work (ALPS), plus masking."""
     masking = MASKING_SECONDS_PER_WEIGHT * info.linear_parameters
     if not get_method(method).needs_activations:
         return masking
@@ -160,8 +166,10 @@ def prune_seconds(info, method: str, nsamples: int, seqlen: int) -> float:
     attention_flops = 2 * 2 * 2 * info.blocks * info.hidden_size * seqlen * tokens  # QK^T and AV, both passes
     batch_tokens = default_batch_size(torch.device(info.device), seqlen) * seqlen
     rate = matmul_rate(info.device, _torch_dtype(info), batch_tokens, info.hidden_size)
-    factor = METHOD_TIME_FACTOR.get(get_method(method).name, 1.0)
-    return factor * (LINEAR_OVERHEAD * linear_flops + ATTENTION_OVERHEAD * attention_flops) / rate + masking
+    name = get_method(method).name
+    solver = SOLVER_PRODUCTS.get(name, 0) * 2 * info.linear_parameters * info.hidden_size / rate
+    factor = METHOD_TIME_FACTOR.get(name, 1.0)
+    return factor * (LINEAR_OVERHEAD * linear_flops + ATTENTION_OVERHEAD * attention_flops) / rate + solver + masking
 
 
 def estimate(info, method: str, nsamples: int, seqlen: int, dense_copy: bool, batch_size: int | None = None,

@@ -4,6 +4,7 @@ refusals all loop over these two tables. A new method or option is one file and 
 from __future__ import annotations
 
 from ..errors import UserError
+from .alps import ALPS_METHOD
 from .base import BlockMasked, Method, RunContext, ScoreMethod, Step
 from .dsnot import DSnoT
 from .flap import FLAP_METHOD
@@ -13,7 +14,7 @@ from .ria import RIA
 from .sparsegpt import SPARSEGPT
 from .wanda import MAGNITUDE, WANDA
 
-METHODS: dict[str, Method] = {m.name: m for m in (WANDA, MAGNITUDE, SPARSEGPT, RIA, FLAP_METHOD)}
+METHODS: dict[str, Method] = {m.name: m for m in (WANDA, MAGNITUDE, SPARSEGPT, RIA, ALPS_METHOD, FLAP_METHOD)}
 OPTIONS: dict[str, type[Step]] = {o.key: o for o in (OWL, DSnoT, Reconstruct)}  # in the order they act
 
 
