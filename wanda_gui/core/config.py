@@ -32,6 +32,8 @@ class PruneConfig:
     wanda_variant: bool = False  # Wanda only: the reference's α-variant (per-layer target, rows differ)
     explain: bool = False  # attach to each LinearPruned its input norms and how Wanda's mask differs from magnitude's
     options: tuple[str, ...] = ()  # keys of methods.OPTIONS, kept in the order they act
+    efforts: dict[str, str] = dataclasses.field(default_factory=dict)  # an option's named setting (Step.efforts) by
+    # its key; every chosen option that has settings gets its first unless one is named
 
     def __post_init__(self):
         """Parse and check what needs no model."""
@@ -56,6 +58,7 @@ class PruneConfig:
                 raise UserError(f"{option.label} {option.unstructured_only}, but {self.pattern} fixes every row's "
                                 f"sparsity: use the unstructured pattern with {option.label}, or turn it off.")
             option.check(self.pattern)
+        self.efforts = chosen_efforts(self.options, self.efforts)
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {self.batch_size}.")
 
@@ -77,7 +80,8 @@ class PruneConfig:
 
     def steps(self) -> tuple[Step, ...]:
         """The options' steps, fresh for each run (they keep per-run state)."""
-        return tuple(option() for option in self.option_classes)
+        return tuple(option(**option.efforts[self.efforts[option.key]][1]) if option.efforts else option()
+                     for option in self.option_classes)
 
     def selection(self, sparsity: float) -> Selection:
         """What a method reads of this run for a stage pruned to `sparsity`."""
@@ -88,3 +92,15 @@ def refuse_without_activations(option: type[Step], method: Method) -> None:
     if option.needs_activations and not method.needs_activations:
         raise UserError(f"{option.label} {option.reads}: choose a method that reads them "
                         f"({', '.join(methods_reading_activations())}), or turn {option.label} off.")
+
+
+def chosen_efforts(options: tuple[str, ...], efforts: dict[str, str]) -> dict[str, str]:
+    """Each chosen option's setting: the one named, else its first; a setting of an option that is off, or a name
+    the option does not have, refused."""
+    for key, effort in efforts.items():
+        option = get_option(key)
+        if option.key not in options:
+            raise UserError(f"An effort for {option.label} needs {option.label} on: turn it on, or leave the effort out.")
+        if effort not in option.efforts:
+            raise UserError(f"{option.label} has no effort {effort!r}: use one of {', '.join(option.efforts) or 'none'}.")
+    return {key: efforts.get(key, next(iter(OPTIONS[key].efforts))) for key in options if OPTIONS[key].efforts}

@@ -84,6 +84,15 @@ def refit(weight: torch.Tensor, dense: torch.Tensor, keep: torch.Tensor, H: torc
     return x
 
 
+def stalled(losses: list[float], window: int, tolerance: float) -> bool:
+    """The loss stopped falling: its mean over the last `window` steps is less than `tolerance` (relative) below
+    its mean over the window before (a window, not single steps: each step sees other samples)."""
+    if tolerance <= 0 or len(losses) < 2 * window:
+        return False
+    last, before = sum(losses[-window:]), sum(losses[-2 * window:-window])
+    return last > (1 - tolerance) * before
+
+
 def outputs(module: nn.Module, call: BlockCall, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([call(module, hidden[s:s + batch_size]).float() for s in range(0, len(hidden), batch_size)])
@@ -129,17 +138,34 @@ class Reconstruct(Step):
     torchrun_refusal = ("Block reconstruction fits weights on each process's own windows, so the processes would "
                         "end with different models: run it in one process.")
 
-    def __init__(self, epochs: int = 2, lr: float = 1e-4, batch_size: int = 4, refit_iterations: int = 30,
-                 dense_stream: bool = True):
-        if epochs < 0 or refit_iterations < 0 or batch_size < 1 or not lr > 0:
+    # Named settings, the first the default: (what it costs, the constructor's arguments). Adam stops early once
+    # the block's loss falls by less than `tolerance` (relative) from one window of steps to the next.
+    efforts = {
+        "fast": ("a short refit, then one epoch of Adam, stopped sooner when the block's loss stops falling", {}),
+        "thorough": ("a longer refit and up to 4 epochs of Adam, stopped only when the loss is flat: about 3x fast's "
+                     "time", dict(epochs=4, refit_iterations=30, window=8, tolerance=0.002)),
+    }
+
+    def __init__(self, epochs: int = 1, lr: float = 3e-4, batch_size: int = 2, refit_iterations: int = 10,
+                 dense_stream: bool = True, window: int = 4, tolerance: float = 0.01):
+        if epochs < 0 or refit_iterations < 0 or batch_size < 1 or not lr > 0 or window < 1 or not tolerance >= 0:
             raise UserError("Reconstruction needs epochs and refit iterations of 0 or more, a batch of at least one "
-                            f"sample and a positive learning rate; got epochs={epochs}, refit_iterations="
-                            f"{refit_iterations}, batch_size={batch_size}, lr={lr}.")
+                            "sample, a positive learning rate, a window of at least one step and a tolerance of 0 or "
+                            f"more; got epochs={epochs}, refit_iterations={refit_iterations}, batch_size={batch_size}, "
+                            f"lr={lr}, window={window}, tolerance={tolerance}.")
         self.epochs, self.lr, self.batch_size, self.refit_iterations = epochs, lr, batch_size, refit_iterations
-        self.dense_stream = dense_stream
+        self.dense_stream, self.window, self.tolerance = dense_stream, window, tolerance
         self.statistic = Hessian if refit_iterations else None  # shared with SparseGPT's when it runs
         self.errors: list[tuple[float, float, float]] = []
+        self.steps: list[int] = []  # per block, the Adam steps taken (fewer than epochs allow when it stopped early)
         self.stream: torch.Tensor | None = None  # the dense model's hidden states at the current block's input
+
+    def extra_passes(self, nsamples: int, seqlen: int, width: int) -> float:
+        """At most: the dense targets (one pass), Adam's epochs (a forward and a backward, about three passes
+        each), and the refit (iterations x 2 C_out C_in^2 a linear: C_in is about 1.4 widths on average, as
+        SmolLM2's blocks have it), in passes over nsamples x seqlen tokens."""
+        refit = self.refit_iterations * 1.4 * width / max(1, nsamples * seqlen)
+        return (1 + 3 * self.epochs) * (1 if self.dense_stream else 2) + refit
 
     def before_pruning(self, ctx: RunContext) -> None:
         if self.dense_stream and ctx.hidden is not None:
@@ -222,6 +248,7 @@ class Reconstruct(Step):
             w.requires_grad_(True)
         optimizer = torch.optim.Adam(weights.values(), lr=self.lr)
         generator = torch.Generator().manual_seed(block.index)
+        losses: list[float] = []
         try:
             with torch.enable_grad():
                 for _ in range(self.epochs):
@@ -229,6 +256,8 @@ class Reconstruct(Step):
                     for start in range(0, len(hidden), self.batch_size):
                         if ctx.cancel is not None and ctx.cancel.is_set():
                             raise Cancelled
+                        if stalled(losses, self.window, self.tolerance):
+                            return
                         rows = order[start:start + self.batch_size]
                         loss = F.mse_loss(call(module, hidden[rows]).float(), targets[rows])
                         optimizer.zero_grad(set_to_none=True)
@@ -236,7 +265,9 @@ class Reconstruct(Step):
                         for name, w in weights.items():
                             w.grad.mul_(stored_keeps[name])
                         optimizer.step()
+                        losses.append(float(loss.detach()))
         finally:
+            self.steps.append(len(losses))
             optimizer.zero_grad(set_to_none=True)
             del optimizer
             for w in weights.values():
