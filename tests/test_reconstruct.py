@@ -217,9 +217,9 @@ def test_the_thorough_setting_reaches_a_loss_at_most_the_defaults():
                       for efforts in ({}, {"reconstruct": "thorough"}))
     for step in (fast, thorough):
         drain(prune(tiny_model("llama"), PruneConfig("sparsegpt", 0.5, "2:4"), calibration(), steps=(step,)))
-    assert (fast.epochs, thorough.epochs) == (2, 8) and sum(thorough.steps) > sum(fast.steps)
-    for (masked_fast, _, final_fast), (masked_thorough, _, final_thorough) in zip(fast.errors, thorough.errors):
-        assert masked_fast == pytest.approx(masked_thorough) and final_thorough <= final_fast
+    assert (fast.epochs, thorough.epochs) == (1, 4) and sum(thorough.steps) > sum(fast.steps)
+    assert fast.errors[0][0] == pytest.approx(thorough.errors[0][0])  # the same block 0 (later inputs differ)
+    assert all(t[2] <= f[2] for f, t in zip(fast.errors, thorough.errors)), (fast.errors, thorough.errors)
 
 
 def test_the_effort_goes_through_the_config_and_the_cli():
@@ -227,7 +227,7 @@ def test_the_effort_goes_through_the_config_and_the_cli():
     assert PruneConfig("wanda", 0.5).efforts == {}
     config = prune_job(_parser().parse_args(["prune", "--model", "builtin", "--reconstruct", "--reconstruct-effort",
                                              "thorough", "--out", "x"])).config
-    assert config.efforts == {"reconstruct": "thorough"} and config.steps()[0].refit_iterations == 60
+    assert config.efforts == {"reconstruct": "thorough"} and config.steps()[0].refit_iterations == 30
     with pytest.raises(UserError, match="needs Block reconstruction on"):
         PruneConfig("wanda", 0.5, efforts={"reconstruct": "thorough"})
     with pytest.raises(UserError, match="no effort 'slow'"):
