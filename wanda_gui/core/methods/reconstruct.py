@@ -7,10 +7,20 @@ Two stages per block, both on the kept weights only:
    calibration inputs X (the input Hessian H = X^T X, 1% damped as in SparseGPT), solved by preconditioned
    conjugate gradients on all rows at once. After Wanda or RIA this is the update they lack; after SparseGPT it
    finishes SparseGPT's one-pass approximation of the same optimum.
-2. Adam on the block's output (the regional optimisation of Wanda++, Yang et al. 2025): a few epochs over the
+2. Adam on the block's output (the regional optimisation of Wanda++, Yang et al. 2025): epochs over the
    calibration samples minimising the MSE between the pruned block's outputs and the dense targets, which also
    corrects what the per-linear refit cannot see (errors passing from one linear to the next through attention and
-   MLP).
+   MLP); stopped early once the loss stops falling.
+
+Where the time goes (profiled on the built-in model, 16 x 512, one thread): an Adam step costs about three block
+forwards of its samples (the weights' matmuls are 73% of it, attention 19%), so Adam's sample-steps are most of the
+cost; the refit is a fixed cost a block (30 iterations about 3 s here, as much as 6 samples' Adam steps); the
+targets are one forward. The fast default takes what a step buys best: a 3x larger learning rate (3e-4: the loss
+after 8 steps lower than 1e-4's), 2 samples a step instead of 4 (as good a loss per sample seen), one epoch instead
+of two, and 10 refit iterations instead of 30 (Adam then makes up the rest: the held-out block error was no worse).
+On the first 3 blocks (SparseGPT 2:4, 16 x 512; the relative error of the last block's outputs on 8 held-out
+windows): no reconstruction 0.058, the former default (2 epochs, batch 4, lr 1e-4, 30 iterations) 0.038 in 25
+CPU-s, fast 0.034 in 14 CPU-s, thorough-like (4 epochs) 0.031 in 48 CPU-s.
 
 The targets are by default the dense model's own hidden states after the block (dense inputs through dense blocks,
 kept as a second stream beside the pruned one), so that each block also absorbs the error accumulated upstream;
@@ -122,10 +132,11 @@ def fp32_copy(module: nn.Module) -> Iterator[None]:
 
 class Reconstruct(Step):
     """After a block is masked: refit each linear's kept weights in closed form (`refit_iterations` of conjugate
-    gradients, 0 to skip), then `epochs` of Adam (`lr`, `batch_size` calibration samples a step) on the block's
-    output error against the dense targets (`dense_stream`: the dense model's hidden states, else the dense block on
-    the pruned inputs). `errors` records per block that MSE on the first batch of samples: after masking, after the
-    refit, after Adam."""
+    gradients, 0 to skip), then at most `epochs` of Adam (`lr`, `batch_size` calibration samples a step) on the
+    block's output error against the dense targets (`dense_stream`: the dense model's hidden states, else the dense
+    block on the pruned inputs), stopped once the mean loss of the last `window` steps is less than `tolerance`
+    below the window's before (0: never early). `errors` records per block that MSE on the first batch of samples:
+    after masking, after the refit, after Adam; `steps` the Adam steps taken."""
 
     key, label = "reconstruct", "Block reconstruction"
     description = ("Block reconstruction: after each block is masked, refit its kept weights (least squares on the "
