@@ -8,6 +8,10 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from tests.test_estimate import smollm2
+from wanda_gui.app.steps.method import prune_config
+from wanda_gui.cli import _parser, prune_job
+from wanda_gui.core import estimate as est
 from wanda_gui.core.architecture import find_blocks, find_linears, weight_out_in
 from wanda_gui.core.config import PruneConfig
 from wanda_gui.core.engine import prune
@@ -15,9 +19,6 @@ from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.events import RunCancelled
 from wanda_gui.core.methods import Step
-from tests.test_estimate import smollm2
-from wanda_gui.cli import _parser, prune_job
-from wanda_gui.core import estimate as est
 from wanda_gui.core.methods.reconstruct import Reconstruct, refit, stalled
 from wanda_gui.core.sweep import sweep_runs
 
@@ -244,3 +245,9 @@ def test_the_estimate_counts_reconstruction_by_its_effort(monkeypatch):
         "sparsegpt", 0.5, options=options, efforts=efforts).steps()).seconds
         for options, efforts in (((), {}), (("reconstruct",), {}), (("reconstruct",), {"reconstruct": "thorough"}))]
     assert seconds[0] < seconds[1] < seconds[2]
+
+
+def test_the_apps_effort_choice_reaches_the_config_only_with_reconstruction_on():
+    on = prune_config("SparseGPT", 0.5, "2:4", "1:4", "", "", False, 0, False, ["Block reconstruction"], "thorough")
+    off = prune_config("SparseGPT", 0.5, "2:4", "1:4", "", "", False, 0, False, [], "thorough")
+    assert on.efforts == {"reconstruct": "thorough"} and on.steps()[0].epochs == 4 and off.efforts == {}
