@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from wanda_gui.app.steps.chat import text_of
 from wanda_gui.app.steps.method import CALIBRATION
 from wanda_gui.app.steps.model import SOURCES
+from wanda_gui.core.methods import get_method
 
 
 def free_port() -> int:
@@ -46,7 +47,7 @@ def load_tiny(client, folder):
 def prune_args(files, **overrides):
     args = dict(method="Wanda", sparsity=0.5, pattern="unstructured", custom_nm="1:4", calib_kind=CALIBRATION[1],
                 files=[handle_file(str(f)) for f in files], dataset="", nsamples=4, seqlen=32, seed=0, include="",
-                exclude="", prune_head=False, batch_size=0, wanda_variant=False, options=[],
+                exclude="", prune_head=False, batch_size=0, wanda_variant=False, options=[], widths="uniform",
                 reconstruct_effort="fast")
     args.update(overrides)
     return list(args.values())
@@ -191,8 +192,9 @@ def test_every_method_and_the_wanda_variant_run_from_the_page(url, tiny_model_di
     client = Client(url, verbose=False)
     load_tiny(client, tiny_model_dir)
     for label, name in METHOD_NAMES.items():
-        final = client.predict(*prune_args([text_file], method=label, sparsity=0.6), api_name="/prune")
-        assert final[0].startswith("✓ Pruned") and f"**{name} · unstructured**" in final[4], (label, final[0])
+        pattern = "structured" if get_method(name).structured_only else "unstructured"
+        final = client.predict(*prune_args([text_file], method=label, sparsity=0.6, pattern=pattern), api_name="/prune")
+        assert final[0].startswith("✓ Pruned") and f"**{name} · {pattern}" in final[4], (label, final[0])
     final = client.predict(*prune_args([text_file], wanda_variant=True), api_name="/prune")
     assert final[0].startswith("✓ Pruned") and "**wanda (α-variant) · unstructured**" in final[4]
     assert "α-variant is a Wanda option" in error_of(lambda: client.predict(
@@ -207,6 +209,29 @@ def test_every_method_and_the_wanda_variant_run_from_the_page(url, tiny_model_di
         "chosen sparsity", "outlier ratio (%)", "run target 50%"]
     assert "unstructured pattern with OWL" in error_of(lambda: client.predict(
         *prune_args([text_file], pattern="2:4", options=["OWL"]), api_name="/prune"))
+    client.close()
+
+
+def test_a_structured_run_shrinks_the_model_and_shows_each_blocks_widths(url, tiny_model_dir, text_file, tmp_path):
+    client = Client(url, verbose=False)
+    load_tiny(client, tiny_model_dir)
+    job = client.submit(*prune_args([text_file], method="FLAP", pattern="structured", sparsity=0.5, widths="adaptive"),
+                        api_name="/prune")
+    updates = list(job)
+    final = job.result()
+    assert any("block 1/2: kept" in u[0] and "MLP channels" in u[0] for u in updates if isinstance(u[0], str))
+    assert final[0].startswith("✓ Pruned") and "parameters" in final[0]
+    widths = json.loads(final[2]["plot"])  # the live view's map: kept channels and heads per block
+    assert [t["name"] for t in widths["data"]] == ["MLP channels kept", "attention heads kept"]
+    assert "**flap · structured (adaptive widths)**" in final[4] and "→" in final[4]
+    assert "FLAP scores" not in final[4] and "single weights" in error_of(lambda: client.predict(
+        *prune_args([text_file], method="SparseGPT", pattern="structured"), api_name="/prune"))
+    message, _ = client.predict(str(tmp_path / "export"), False, api_name="/export")
+    assert message.startswith("✓ Exported")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")  # padded to the widest block
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in dense.parameters())
+    assert len(reloaded.config.structured_widths["intermediate_size"]) == 2
     client.close()
 
 

@@ -91,6 +91,8 @@ def test_every_method_and_the_wanda_variant_from_the_command_line(tmp_path, tiny
     for name in (*METHODS, "wanda-variant"):
         out = tmp_path / name
         flags = ["--method", "wanda", "--wanda-variant"] if name == "wanda-variant" else ["--method", name]
+        if name in METHODS and METHODS[name].structured_only:  # FLAP: whole channels and heads only
+            flags += ["--pattern", "structured"]
         assert main(["prune", "--model", str(tiny_model_dir), *flags, "--sparsity", "0.6", "--calib", str(text_file),
                      "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--json"]) == 0
         report = json.loads((out / "pruning_report.json").read_text())

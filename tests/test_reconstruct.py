@@ -248,6 +248,7 @@ def test_the_estimate_counts_reconstruction_by_its_effort(monkeypatch):
 
 
 def test_the_apps_effort_choice_reaches_the_config_only_with_reconstruction_on():
-    on = prune_config("SparseGPT", 0.5, "2:4", "1:4", "", "", False, 0, False, ["Block reconstruction"], "thorough")
-    off = prune_config("SparseGPT", 0.5, "2:4", "1:4", "", "", False, 0, False, [], "thorough")
+    on = prune_config("SparseGPT", 0.5, "2:4", "1:4", "", "", False, 0, False, ["Block reconstruction"],
+                      reconstruct_effort="thorough")
+    off = prune_config("SparseGPT", 0.5, "2:4", "1:4", "", "", False, 0, False, [], reconstruct_effort="thorough")
     assert on.efforts == {"reconstruct": "thorough"} and on.steps()[0].epochs == 4 and off.efforts == {}

@@ -16,13 +16,13 @@ from .core import distributed
 from .core import events as ev
 from .core import sweep as sw
 from .core.calibration import check_seqlen, read_text_files
-from .core.config import PruneConfig
+from .core.config import WIDTHS, PruneConfig
 from .core.errors import UserError
 from .core.estimate import check_eval_fits
 from .core.evaluate import perplexity
 from .core.export import zero_shot_note, zero_shot_table
 from .core.memory import parse_bytes
-from .core.methods import METHODS, OPTIONS
+from .core.methods import METHODS, OPTIONS, structured_methods
 from .core.passes import Cancelled
 from .core.runs import (CalibrationSpec, ModelSource, PruneJob, RunError, list_tasks, prepare_tasks, prune_and_export,
                          vocab_size)
@@ -64,8 +64,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="Wanda only: the reference's per-layer alpha search (rows differ in sparsity; slightly worse "
                             "than plain Wanda on the built-in model)")
     _add_option_args(prune, "")
-    prune.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row to zero, in [0, 1) (unstructured)")
-    prune.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8 or any N:M")
+    prune.add_argument("--sparsity", type=float, default=0.5,
+                       help="fraction of each row to zero, in [0, 1) (unstructured); with --pattern structured, the "
+                            "fraction of the decoder linears' weights removed")
+    prune.add_argument("--pattern", default="unstructured",
+                       help="unstructured, 2:4, 4:8 or any N:M (zeros stored densely), or structured: whole MLP channels "
+                            "and attention heads removed, the linears made smaller (methods "
+                            f"{', '.join(structured_methods())}; smaller files, faster on every runtime)")
+    prune.add_argument("--widths", default="uniform", choices=list(WIDTHS),
+                       help="with --pattern structured: " + "; ".join(f"{k}: {v}" for k, v in WIDTHS.items()))
     prune.add_argument("--layerwise", action="store_true", help="magnitude: one threshold per layer instead of per row")
     prune.add_argument("--include", nargs="*", default=[], metavar="GLOB", help="prune only linears whose name matches")
     prune.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="skip linears whose name matches")
@@ -190,7 +197,8 @@ def prune_job(args):
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
                          include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
                          batch_size=args.batch_size, wanda_variant=args.wanda_variant,
-                         options=chosen_options(args), efforts=chosen_efforts(args), restore_on_abort=False)
+                         options=chosen_options(args), efforts=chosen_efforts(args), restore_on_abort=False,
+                         widths=args.widths)
     return PruneJob(model_source(args), config, calibration, Path(args.out).expanduser().absolute(), args.overwrite,
                     args.eval_nwindows if args.eval else None, "offload" if args.offload else "memory",
                     parse_bytes(args.max_memory) if args.max_memory is not None else None, task_spec(args))
@@ -210,6 +218,10 @@ class Bar:
         elif isinstance(event, ev.LinearPruned):
             self.bar.set_postfix_str(f"linear {event.done}/{event.total} {event.name.rsplit('.', 1)[-1]} "
                                      f"{event.sparsity:.1%}")
+        elif isinstance(event, ev.BlockShrunk) and self.shown:
+            tqdm.write(f"block {event.index}: kept {event.kept_heads}/{event.total_heads} heads, "
+                           f"{event.kept_channels}/{event.total_channels} MLP channels, "
+                           f"{event.parameters_after:,}/{event.parameters_before:,} linear weights", file=sys.stderr)
         elif isinstance(event, ev.BlockFinished):
             self.bar.update(1)
 
@@ -259,6 +271,9 @@ def cmd_prune(args) -> dict:
         print(f"{report['method']} {report['pattern']}: achieved sparsity {report['achieved_sparsity']:.2%} over "
               f"{report['pruned_parameters']:,} weights in {report['seconds']['calibration_and_pruning']:.1f} s"
               + (" (offloaded block by block)" if "offload" in report else ""))
+        if report["structure"]:
+            print(f"parameters {report['parameters']['before']:,} -> {report['parameters']['after']:,}; "
+                  f"export: {report['structure']['export']}")
         for key, value in (report["perplexity"] or {}).items():
             print(f"{key} perplexity {value['perplexity']:.3f} (seqlen {value['seqlen']}, {value['nwindows']} windows)")
         if report["zero_shot"]:

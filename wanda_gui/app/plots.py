@@ -52,6 +52,25 @@ def block_chart(blocks: int, sparsity: dict[int, float], seconds: dict[int, floa
     return fig
 
 
+def widths_chart(blocks: int, shrunk: dict[int, tuple[int, int, int, int]]) -> go.Figure:
+    """A structured run: each block's kept share of MLP channels and of attention heads (bars, counts on hover),
+    filling in as blocks are shrunk. shrunk: block -> (kept channels, channels, kept heads, heads)."""
+    done, span = sorted(shrunk), [-0.5, max(blocks, 1) - 0.5]
+    fig = go.Figure()
+    for name, kept, total, color in (("MLP channels", 0, 1, ACCENT), ("attention heads", 2, 3, SECOND)):
+        fig.add_bar(x=done, y=[shrunk[i][kept] / shrunk[i][total] for i in done], name=f"{name} kept",
+                    marker_color=color, customdata=[[shrunk[i][kept], shrunk[i][total]] for i in done],
+                    hovertemplate=f"block %{{x}}<br>%{{customdata[0]}} of %{{customdata[1]}} {name} kept<extra></extra>")
+    fig.update_layout(**{**LAYOUT, "margin": dict(l=60, r=60, t=TOP, b=45)},
+                      title=titled("Kept channels and heads per block",
+                                   "structured: the removed ones are gone, the linears are smaller"),
+                      legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom", font=dict(size=11)),
+                      barmode="group", bargap=0.15)
+    fig.update_xaxes(title=dict(text="decoder block", standoff=6), range=span, dtick=max(1, blocks // 15))
+    fig.update_yaxes(title="kept", range=[0, 1], tickformat=".0%")
+    return fig
+
+
 def cell_windows(n: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
     """Start and end (exclusive) of the indices each cell of an adaptive average pool of n into `cells` covers."""
     i = np.arange(cells)

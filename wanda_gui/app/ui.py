@@ -54,6 +54,8 @@ def build(policy: ServePolicy | None = None) -> gr.Blocks:
 
         demo.load(lambda: gr.update(choices=device_choices()), None, page["device"], queue=False,
                   api_visibility="private")
+        demo.load(method.pattern_changed, page.out(("pattern", "method")), page.out(("method", "widths")),
+                  queue=False, api_visibility="private")  # the method choice narrowed to the pattern's methods
         demo.unload(close_session)
         for step in STEPS:
             step.wire(page)

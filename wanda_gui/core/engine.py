@@ -26,6 +26,7 @@ from .memory import keep_freed_memory_mapped, peak_bytes, release_memory
 from .methods import BlockMasked, Method, RunContext, Step, get_method
 from .passes import Cancelled, collect_input_stats, run_block
 from .statistics import Several, SquaredMean
+from .structured import prune_structured, validate_structured
 
 MAP_SIZE = 128
 
@@ -57,6 +58,9 @@ def select_linears(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList
 
 def validate(model: nn.Module, config: PruneConfig) -> None:
     """The checks of the configuration against this model that can fail before a weight is touched."""
+    if config.pattern.structured:
+        validate_structured(model, config)
+        return
     _, stages = select_linears(model, config)
     if config.pattern.nm:
         for linears in stages:
@@ -201,8 +205,10 @@ class Run:
     def finished(self) -> RunFinished:
         self.done = True
         self.backup.clear()
-        return RunFinished(summarize(self.config, self.method.name, self.layers, time.perf_counter() - self.started,
-                                     self.calibration_seconds, peak_bytes(self.ctx.device)))
+        summary = summarize(self.config, self.method.name, self.layers, time.perf_counter() - self.started,
+                            self.calibration_seconds, peak_bytes(self.ctx.device))
+        summary.parameters_before = summary.parameters_after = sum(p.numel() for p in self.ctx.model.parameters())
+        return RunFinished(summary)
 
     @torch.no_grad()
     def restore(self) -> bool:
@@ -239,6 +245,9 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
     once, so its peak is what it holds (a few percent slower on CPU). On cancellation, a failure, or the consumer
     closing the stream, every pruned weight is restored (unless restore_on_abort is off).
     """
+    if config.pattern.structured:
+        yield from prune_structured(model, config, calibration, cancel, model_name, steps)
+        return
     run = Run(model, config, calibration, cancel, steps, bounded)
     yield run.started_event(model_name)
     try:

@@ -72,6 +72,20 @@ class BlockFinished:
 
 
 @dataclasses.dataclass
+class BlockShrunk:
+    """A block made smaller by structured pruning: what it kept of its MLP channels and attention heads (whole
+    key/value groups with their query heads), and its linears' weights before and after."""
+
+    index: int
+    kept_channels: int
+    total_channels: int
+    kept_heads: int  # query heads
+    total_heads: int
+    parameters_before: int
+    parameters_after: int
+
+
+@dataclasses.dataclass
 class LayerSparsity:
     name: str
     block: int
@@ -92,6 +106,9 @@ class PruneSummary:
     seconds: float
     calibration_seconds: float
     peak_memory_bytes: int
+    parameters_before: int = 0  # the whole model's (a structured run makes it smaller; zeros do not)
+    parameters_after: int = 0
+    structure: dict | None = None  # a structured run: widths, kept channels and heads per block, bias compensation
 
 
 @dataclasses.dataclass
@@ -113,4 +130,4 @@ class RunFailed:
     detail: str = ""  # the traceback, for --debug
 
 
-Event = RunStarted | Progress | TargetsChosen | BlockStarted | LinearPruned | BlockFinished | RunFinished | RunCancelled | RunFailed
+Event = RunStarted | Progress | TargetsChosen | BlockStarted | LinearPruned | BlockShrunk | BlockFinished | RunFinished | RunCancelled | RunFailed

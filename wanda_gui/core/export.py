@@ -18,6 +18,7 @@ import torch
 
 from . import atomic
 from .errors import UserError
+from .structured import padded_to_widest
 
 REPORT_NAME = "pruning_report.json"
 MARKER, MARKER_VALUE = "exported_by", "wanda_gui"  # the report key that makes a folder a previous export
@@ -47,6 +48,8 @@ def make_report(model_info, summary, calibration: dict | None, timings: dict, pe
         "target_sparsity": summary.target_sparsity,
         "achieved_sparsity": summary.achieved_sparsity,
         "pruned_parameters": summary.pruned_parameters,
+        "parameters": {"before": summary.parameters_before, "after": summary.parameters_after},
+        "structure": summary.structure,
         "sparsity_by_type": summary.by_type,
         "settings": summary.settings,
         "calibration": calibration,
@@ -77,6 +80,8 @@ def model_card(report: dict) -> str:
         " No weight was retrained or updated: pruned weights are zeros.",
         "",
     ]
+    if report.get("structure"):
+        lines[2:4] = [structured_card(report), ""]
     if calib:
         lines += [f"Calibration: {calib.get('source')}, {calib.get('nsamples')} windows of {calib.get('seqlen')} tokens, "
                   f"seed {calib.get('seed')}.", ""]
@@ -90,7 +95,7 @@ def model_card(report: dict) -> str:
     if report.get("zero_shot"):
         measured = report["zero_shot"]
         lines += ["## Zero-shot accuracy", "", zero_shot_note(measured), "", *zero_shot_table(measured), ""]
-    lines += [
+    lines += [] if report.get("structure") else [
         "## What the zeros buy",
         "The weights are stored densely in safetensors: the zeros do **not** shrink the files, and a dense runtime "
         "does **not** run any faster. 2:4 patterns can be accelerated on NVIDIA Ampere and newer GPUs with "
@@ -101,6 +106,25 @@ def model_card(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def structured_card(report: dict) -> str:
+    """What a structured run removed, what the export holds, and who reads it."""
+    structure, parameters = report["structure"], report["parameters"]
+    blocks = structure["blocks"]
+    widths = sorted({(b["kept_heads"], b["kept_channels"]) for b in blocks})
+    kept = (f"every block keeps {widths[0][0]} of {blocks[0]['total_heads']} attention heads and {widths[0][1]} of "
+            f"{blocks[0]['total_channels']} MLP channels" if structure["uniform"] else
+            f"blocks keep {min(w[0] for w in widths)}-{max(w[0] for w in widths)} of {blocks[0]['total_heads']} heads "
+            f"and {min(w[1] for w in widths)}-{max(w[1] for w in widths)} of {blocks[0]['total_channels']} MLP channels "
+            f"({structure['widths']} widths; each block's in {REPORT_NAME})")
+    compensated = [name for name, done in structure["bias_compensation"].items() if done]
+    return (f"Structured pruning with **{report['method']}**: {report['achieved_sparsity']:.2%} of the decoder blocks' "
+            f"linear weights removed as whole channels and heads ({kept}); the model has {parameters['after']:,} "
+            f"parameters, {parameters['before']:,} before. The linears are really smaller: this model is smaller and "
+            f"faster on every runtime. " + (f"FLAP's bias compensation is in {' and '.join(compensated)}'s bias. "
+                                             if compensated else "") +
+            f"Which runtimes read it: {structure['export']}. Load it with `AutoModelForCausalLM.from_pretrained(path)`.")
 
 
 def zero_shot_note(measured: dict) -> str:
@@ -209,7 +233,8 @@ def export_model(model: torch.nn.Module, tokenizer, out: str | Path, report: dic
     """Write model, tokenizer, report and card into a temporary sibling folder, then rename it into place."""
     with export_into(out, overwrite, source, overwrite_control=overwrite_control,
                      list_contents=list_contents) as folder:
-        model.save_pretrained(folder)
+        with padded_to_widest(model):  # per-block widths as no config can say them (core.structured)
+            model.save_pretrained(folder)
         write_rest(model, tokenizer, folder, report)
     return Path(out).absolute()
 

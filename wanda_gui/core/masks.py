@@ -12,10 +12,12 @@ from .errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Pattern:
-    """Unstructured (n = m = 0) or N:M (keep at most n of every m consecutive inputs of a row)."""
+    """Unstructured (n = m = 0), N:M (keep at most n of every m consecutive inputs of a row), or structured (whole
+    MLP channels and attention heads removed, the linears made smaller: core.structured)."""
 
     n: int = 0
     m: int = 0
+    structured: bool = False
 
     @property
     def nm(self) -> bool:
@@ -23,16 +25,18 @@ class Pattern:
         return self.m > 0
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.nm else "unstructured"
+        return f"{self.n}:{self.m}" if self.nm else "structured" if self.structured else "unstructured"
 
     @classmethod
     def parse(cls, text: str) -> "Pattern":
         text = (text or "").strip().lower()
         if text in ("", "unstructured", "none"):
             return cls()
+        if text == "structured":
+            return cls(structured=True)
         match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
         if not match:
-            raise UserError(f"Unknown pattern {text!r}: use 'unstructured' or N:M such as 2:4 or 4:8.")
+            raise UserError(f"Unknown pattern {text!r}: use 'unstructured', 'structured' or N:M such as 2:4 or 4:8.")
         n, m = int(match[1]), int(match[2])
         if not 0 < n < m:
             raise UserError(f"Pattern {n}:{m} is invalid: N:M needs 0 < N < M (2:4 keeps 2 of every 4).")

@@ -30,6 +30,31 @@ class SquaredMean:
         self.tokens = int(sum_across_ranks(tokens).item())
 
 
+class Moments:
+    """mean(x_j), mean(x_j^2) and the variance of every input feature over every token, summed in float64 (a
+    feature's variance is a small difference of large sums): FLAP's baseline input and fluctuation, Wanda's norm.
+    result() is (3, width) float32: mean, squared mean, variance."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.sums = torch.zeros(2, width, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).double()
+        self.sums[0] += flat.sum(dim=0)
+        self.sums[1] += (flat * flat).sum(dim=0)
+        self.tokens += flat.shape[0]
+
+    def result(self) -> torch.Tensor:
+        mean, square = self.sums / max(1, self.tokens)
+        return torch.stack([mean, square, (square - mean * mean).clamp_(min=0)]).float()
+
+    def all_reduce(self) -> None:
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.sums.device)
+        sum_across_ranks(self.sums)
+        self.tokens = int(sum_across_ranks(tokens).item())
+
+
 class Hessian:
     """H = (2 / nsamples) X^T X over every token of the calibration samples, as SparseGPT defines it: summed batch by
     batch in one product (the reference rescales a running average before each sample: the same H to rounding, at

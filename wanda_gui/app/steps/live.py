@@ -33,6 +33,7 @@ def prune_stream(ws: Workspace, events: Iterator, method: str) -> Iterator[dict]
                **cleared(RUN_VIEW, AFTER_RUN))
     sparsity_by_block, seconds_by_block, targets, differing, block_target = {}, {}, None, {}, None
     blocks, target, started, heatmap, why, last_drawn, last_status = 1, None, time.perf_counter(), gr.update(), gr.update(), 0.0, 0.0
+    shrunk: dict[int, tuple[int, int, int, int]] = {}  # a structured run's kept widths per block
     owl_figure = None  # OWL's choice per block; a fresh gr.update each time (Gradio consumes an update's value)
 
     def block_plot():
@@ -75,17 +76,26 @@ def prune_stream(ws: Workspace, events: Iterator, method: str) -> Iterator[dict]
                     why = plots.why_chart(event.name, plots.coarser_explanation(event.explanation), differing)
                 shown.update(map_plot=heatmap, why_plot=why)
             yield shown
+        elif isinstance(event, ev.BlockShrunk):  # a structured run: no per-weight maps, the widths instead
+            shrunk[event.index] = (event.kept_channels, event.total_channels, event.kept_heads, event.total_heads)
+            heatmap = plots.widths_chart(blocks, shrunk)
+            yield dict(prune_status=f"… block {event.index + 1}/{blocks}: kept {event.kept_heads}/"
+                                    f"{event.total_heads} heads and {event.kept_channels}/{event.total_channels} MLP channels · "
+                                    f"{time.perf_counter() - started:.0f} s elapsed", map_plot=heatmap)
         elif isinstance(event, ev.BlockFinished):
             sparsity_by_block[event.index] = event.sparsity
             seconds_by_block[event.index] = event.seconds
             yield dict(block_plot=block_plot())
         elif isinstance(event, ev.RunFinished):
-            names = list(ws.maps)
-            yield dict(prune_status=f"✓ Pruned in {event.summary.seconds:.1f} s: achieved sparsity "
-                                    f"{event.summary.achieved_sparsity:.2%}.",
+            names, summary = list(ws.maps), event.summary
+            removed = (f"removed {summary.achieved_sparsity:.2%} of the block linears' weights: "
+                       f"{summary.parameters_before:,} → {summary.parameters_after:,} parameters" if summary.structure
+                       else f"achieved sparsity {summary.achieved_sparsity:.2%}")
+            yield dict(prune_status=f"✓ Pruned in {summary.seconds:.1f} s: {removed}.",
                        block_plot=block_plot(), map_plot=heatmap, why_plot=why,
                        owl_plot=gr.update(value=owl_figure, visible=True) if owl_figure else gr.update(),
-                       layer_pick=gr.update(choices=names, value=names[-1]), results=results_markdown(ws),
+                       layer_pick=gr.update(choices=names, value=names[-1] if names else None),
+                       results=results_markdown(ws),
                        **buttons(ws))
         elif isinstance(event, ev.RunCancelled):
             yield dict(prune_status="■ Stopped. " + ("The dense weights were restored." if event.restored else

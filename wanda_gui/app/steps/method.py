@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ...core.config import PruneConfig
+from ...core.config import WIDTHS, PruneConfig
 from ...core.errors import UserError
 from ...core.estimate import estimate, other_cpu_use
 from ...core.masks import Pattern
@@ -16,7 +16,7 @@ from .live import PRUNE_OUTPUTS, prune_failed, prune_stream
 
 METHOD_NAMES = {method.label: name for name, method in METHODS.items()}  # the page's label -> the method's name
 OPTION_NAMES = {option.label: key for key, option in OPTIONS.items()}  # the page's label -> the option's key
-PATTERNS = ["unstructured", "2:4", "4:8", "custom N:M"]
+PATTERNS = ["unstructured", "2:4", "4:8", "custom N:M", "structured"]
 CALIBRATION = ["Built-in corpus (State of the Union, 1900-1999)", "Text files", "Hub dataset"]
 
 
@@ -38,12 +38,28 @@ def method_name(label: str) -> str:
 
 
 def prune_config(method, sparsity, pattern, custom_nm, include, exclude, prune_head, batch_size, wanda_variant,
-                 options=(), reconstruct_effort=None) -> PruneConfig:
+                 options=(), widths="uniform", reconstruct_effort=None) -> PruneConfig:
     return PruneConfig(method=method_name(method), sparsity=sparsity,
                        pattern=custom_nm if pattern == "custom N:M" else pattern, include=globs(include),
                        exclude=globs(exclude), prune_head=bool(prune_head),
                        batch_size=check_count(batch_size, "Batch size", 0) or None, wanda_variant=bool(wanda_variant),
-                       explain=True, options=option_keys(options), efforts=efforts_of(options, reconstruct_effort))
+                       explain=True, options=option_keys(options), widths=widths or "uniform",
+                       efforts=efforts_of(options, reconstruct_effort))
+
+
+def method_choices(pattern: str) -> list[str]:
+    """The methods a pattern takes: FLAP only with structured, single-weight methods (SparseGPT, RIA) never."""
+    structured = pattern == "structured"
+    return [method.label for method in METHODS.values()
+            if (method.channel_score is not None if structured else not method.structured_only)]
+
+
+def pattern_changed(pattern: str, method: str):
+    """The method choice the pattern takes (keeping the current one where it can), and the widths shown only for
+    the structured pattern."""
+    choices = method_choices(pattern)
+    return (gr.update(choices=choices, value=method if method in choices else choices[0]),
+            gr.update(visible=pattern == "structured"))
 
 
 def efforts_of(options, reconstruct_effort) -> dict[str, str]:
@@ -77,7 +93,7 @@ def estimate_text(method, nsamples, seqlen, options, reconstruct_effort, request
     device = ws.loaded.info.device
     keys = tuple(key for key in option_keys(options) if OPTIONS[key].needs_activations <= get_method(
         method_name(method)).needs_activations)  # Start refuses the rest in words; the estimate leaves them out
-    steps = PruneConfig(method_name(method), options=keys, efforts=efforts_of(options, reconstruct_effort)).steps()
+    steps = option_steps(keys, {k: e for k, e in efforts_of(options, reconstruct_effort).items() if k in keys})
     e = estimate(ws.loaded.info, method_name(method), check_count(nsamples, "Samples"),
                  check_count(seqlen, "Sequence length", 2), not ws.offloaded,
                  busy=other_cpu_use() if device == "cpu" else 0.0, steps=steps)
@@ -88,6 +104,8 @@ def sparsity_label(pattern_choice: str, custom_nm: str):
     """The slider applies to unstructured pruning only; N:M fixes the sparsity at 1 - N/M."""
     if pattern_choice == "unstructured":
         return gr.update(interactive=True, label="Sparsity (unstructured)")
+    if pattern_choice == "structured":
+        return gr.update(interactive=True, label="Fraction of the block linears' weights removed (structured)")
     try:
         pattern = Pattern.parse(custom_nm if pattern_choice == "custom N:M" else pattern_choice)
         fixed = f"{pattern.sparsity(0):.0%}, set by {pattern}"
@@ -101,10 +119,16 @@ def layout(page: Page) -> None:
     with gr.Column(scale=1, elem_classes="step"):
         gr.Markdown("### 2 · Prune")
         with gr.Row():
+            # every method, so that an API caller may send FLAP with the structured pattern; the page narrows the
+            # choice to the pattern's methods as it loads and whenever the pattern changes
             add("method", gr.Radio(list(METHOD_NAMES), value="Wanda", label="Method", elem_id="method"))
-            add("pattern", gr.Radio(PATTERNS, value="unstructured", label="Pattern", elem_id="pattern"))
+            add("pattern", gr.Radio(PATTERNS, value="unstructured", label="Pattern", elem_id="pattern",
+                                    info="structured removes whole MLP channels and attention heads: a really smaller, "
+                                         "faster model"))
         add("method_note", gr.Markdown(method_description("Wanda"), elem_id="method-note"))
         add("custom_nm", gr.Textbox(label="Custom N:M", value="1:4", visible=False, elem_id="custom-nm"))
+        add("widths", gr.Radio(list(WIDTHS), value="uniform", label="Widths (structured)", visible=False,
+                               info=" · ".join(f"{k}: {v}" for k, v in WIDTHS.items()), elem_id="widths"))
         add("sparsity", gr.Slider(0.0, 0.95, value=0.5, step=0.05, label="Sparsity (unstructured)",
                                   info="Fraction of each output row set to zero. N:M patterns zero 1 - N/M.",
                                   elem_id="sparsity"))
@@ -148,12 +172,13 @@ def options_note() -> str:
 
 @user_errors(prune_failed)
 def prune(method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed, include, exclude,
-          prune_head, batch_size, wanda_variant, options, reconstruct_effort=None, request: gr.Request = None):
+          prune_head, batch_size, wanda_variant, options, widths, reconstruct_effort=None,
+          request: gr.Request = None):
     """Start: prune the session's model as the page says; step 3 shows the run."""
     ws = session(request)
     ws.require_model()
     config = prune_config(method, sparsity, pattern, custom_nm, include, exclude, prune_head, batch_size,
-                          wanda_variant, options, reconstruct_effort)
+                          wanda_variant, options, widths, reconstruct_effort)
     source = calibration_source(served(request).policy, calib_kind, files, dataset)
     nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
     seed = check_count(seed, "Seed", 0)
@@ -169,6 +194,8 @@ def stop_pruning(request: gr.Request):
 
 def wire(page: Page) -> None:
     page["pattern"].change(lambda p: gr.update(visible=p == "custom N:M"), page["pattern"], page["custom_nm"],
+                           queue=False, api_visibility="private")
+    page["pattern"].change(pattern_changed, page.out(("pattern", "method")), page.out(("method", "widths")),
                            queue=False, api_visibility="private")
     for name in ("pattern", "custom_nm"):
         page[name].change(sparsity_label, page.out(("pattern", "custom_nm")), page["sparsity"], queue=False,

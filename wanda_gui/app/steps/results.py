@@ -22,6 +22,11 @@ HONEST_NOTE = ("Zeros stored densely do not shrink the files or make a dense run
                "can be removed and what that costs in quality.")
 
 
+def span(values: list[int]) -> str:
+    """'4' or '2-4': the kept widths of all blocks."""
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
 def results_markdown(ws: Workspace) -> str:
     s = ws.summary
     kinds = sorted(s.by_type)
@@ -40,6 +45,16 @@ def results_markdown(ws: Workspace) -> str:
         "**not kept** (no memory for a copy: the model was pruned in place; reload it to chat with the dense model)"
     variant = " (α-variant)" if s.settings.get("wanda_variant") else ""
     variant += "".join(f" + {OPTIONS[key].label}" for key in s.settings.get("options", ()))
+    if s.structure:
+        blocks = s.structure["blocks"]
+        heads = sorted({b["kept_heads"] for b in blocks})
+        channels = sorted({b["kept_channels"] for b in blocks})
+        return (f"**{s.method}{variant} · structured ({s.structure['widths']} widths)** · removed "
+                f"**{s.achieved_sparsity:.2%}** of the block linears' weights in {s.seconds:.1f} s: "
+                f"**{s.parameters_before:,} → {s.parameters_after:,} parameters**; blocks keep {span(heads)} of "
+                f"{blocks[0]['total_heads']} heads and {span(channels)} of {blocks[0]['total_channels']} MLP channels. "
+                f"Dense model: {dense}.\n\n{table}\n\nThe linears are really smaller: the pruned model is smaller and "
+                f"faster on every runtime (the chat's tokens/s shows it). Export: {s.structure['export']}.")
     return (f"**{s.method}{variant} · {s.pattern}** · target {s.target_sparsity:.1%} · achieved **{s.achieved_sparsity:.2%}** "
             f"over {s.pruned_parameters:,} weights in {s.seconds:.1f} s. Dense model: {dense}.{shared}\n\n{table}\n\n"
             f"{HONEST_NOTE}")

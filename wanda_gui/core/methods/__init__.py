@@ -6,13 +6,14 @@ from __future__ import annotations
 from ..errors import UserError
 from .base import BlockMasked, Method, RunContext, ScoreMethod, Step
 from .dsnot import DSnoT
+from .flap import FLAP_METHOD
 from .owl import OWL
 from .reconstruct import Reconstruct
 from .ria import RIA
 from .sparsegpt import SPARSEGPT
 from .wanda import MAGNITUDE, WANDA
 
-METHODS: dict[str, Method] = {m.name: m for m in (WANDA, MAGNITUDE, SPARSEGPT, RIA)}
+METHODS: dict[str, Method] = {m.name: m for m in (WANDA, MAGNITUDE, SPARSEGPT, RIA, FLAP_METHOD)}
 OPTIONS: dict[str, type[Step]] = {o.key: o for o in (OWL, DSnoT, Reconstruct)}  # in the order they act
 
 
@@ -30,9 +31,13 @@ def get_option(key: str) -> type[Step]:
         raise UserError(f"Unknown option {key!r}: use one of {', '.join(OPTIONS)}.") from None
 
 
+def structured_methods() -> list[str]:
+    return [name for name, method in METHODS.items() if method.channel_score is not None]
+
+
 def methods_reading_activations() -> list[str]:
     return [name for name, method in METHODS.items() if method.needs_activations]
 
 
 __all__ = ["METHODS", "OPTIONS", "BlockMasked", "Method", "RunContext", "ScoreMethod", "Step", "get_method",
-           "get_option", "methods_reading_activations"]
+           "get_option", "methods_reading_activations", "structured_methods"]

@@ -49,6 +49,7 @@ class BlockMasked:
     # restore_on_abort is on or a hook overrides after_masking)
     statistics: dict[type, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)  # per statistic class
     # (the method's and each hook's `statistic`), per linear: collected from the stage's inputs before pruning
+    dense_block: nn.Module | None = None  # a structured run: the block as it was (its linears had other shapes)
 
 
 class Step:
@@ -71,6 +72,7 @@ class Step:
     torchrun_refusal: str | None = None  # why it cannot run split over torchrun processes; None: it can
     efforts: dict[str, tuple[str, dict]] = {}  # named settings, the first the default: (what it costs, the
     # constructor's arguments); the CLI's --<key>-effort, the app's choice and PruneConfig.efforts read them
+    takes_structured: bool = False  # it works on a block whose linears were made smaller (core.structured)
 
     @classmethod
     def check(cls, pattern: Pattern) -> None:
@@ -105,6 +107,14 @@ class Method(Step):
     description: str = ""  # one line for the app and --help, citing the paper
     score_label: str = ""  # what the LinearPruned score map shows
     statistic: type | None = None  # a class from core.statistics, or None
+    # structured pruning (core.structured): the score of each input channel of o_proj / down_proj, from the weight
+    # (C_out, C_in) and statistics.Moments of its input (None without calibration); None: the method cannot choose
+    # whole channels. structured_only: it has no per-weight rule. compensates: the removed channels' mean input,
+    # times their weights, is added as an output bias (FLAP)
+    channel_score: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    structured_only: bool = False
+    compensates: bool = False
+    head_score_power: int = 1  # a head group's score: the sum of each channel's score to this power (FLAP: 2)
 
     @property
     def needs_activations(self) -> bool:
@@ -123,9 +133,11 @@ class ScoreMethod(Method):
     """A method that scores each weight and zeroes the lowest: no update of the others."""
 
     def __init__(self, name: str, label: str, description: str, score: Callable[..., torch.Tensor],
-                 statistic: type | None, score_label: str):
+                 statistic: type | None, score_label: str,
+                 channel_score: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None):
         self.name, self.label, self.description, self.score, self.statistic, self.score_label = (
             name, label, description, score, statistic, score_label)
+        self.channel_score = channel_score
 
     def prune(self, weight, prepared, selection):
         score = self.score(weight, prepared)

@@ -143,6 +143,7 @@ class Reconstruct(Step):
                    "inputs, then a few epochs of Adam) to the dense model's outputs, masks held; the regional "
                    "optimisation of Wanda++, Yang et al. 2025")
     needs_activations = True
+    takes_structured = True
     reads = "fits each pruned block to the dense model's outputs on calibration inputs"
     offload_refusal = ("Block reconstruction holds the dense and the pruned block together and is not supported "
                        "with offload yet: run it on the model loaded whole (without offload).")
@@ -214,6 +215,12 @@ class Reconstruct(Step):
                       block: BlockMasked) -> torch.Tensor:
         """The dense block's outputs, its dense weights swapped in: on the dense stream (which moves on by one
         block), or on the block's own inputs from the pruned upstream."""
+        if block.dense_block is not None:  # a structured block: its dense self, as it was
+            with fp32_copy(block.dense_block):
+                if self.stream is not None:
+                    self.stream = outputs(block.dense_block, call, self.stream, ctx.batch_size)
+                    return self.stream
+                return outputs(block.dense_block, call, hidden, ctx.batch_size)
         pruned = {name: linear.weight.detach().clone() for name, linear in block.linears.items()}
         with torch.no_grad():
             for name, linear in block.linears.items():
@@ -236,7 +243,7 @@ class Reconstruct(Step):
 
         masked = error()
         keeps = {name: ~block.masks[name].to(linear.weight.device) for name, linear in block.linears.items()}
-        if self.refit_iterations:
+        if self.refit_iterations and Hessian in block.statistics:  # a structured block keeps whole dense rows: no refit
             hessians = block.statistics[Hessian]
             for name, linear in block.linears.items():
                 if ctx.cancel is not None and ctx.cancel.is_set():

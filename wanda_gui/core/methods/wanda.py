@@ -18,7 +18,17 @@ def magnitude_score(weight: torch.Tensor, input_sq_mean: torch.Tensor | None = N
     return weight.float().abs()
 
 
+def wanda_channel_score(weight: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """Wanda-sp (as FLAP's reference runs it): |W_ij| x ||X_j|| averaged over the output rows, per input channel."""
+    return weight.float().abs().mul_(moments[1].sqrt().unsqueeze(0)).mean(dim=0)
+
+
+def magnitude_channel_score(weight: torch.Tensor, moments: torch.Tensor | None = None) -> torch.Tensor:
+    """The l2 norm of each input channel's weight column (FLAP's reference magnitude-sp)."""
+    return weight.float().norm(dim=0)
+
+
 WANDA = ScoreMethod("wanda", "Wanda", "Wanda: |W| x input-feature norm, per output row (Sun et al. 2023)", wanda_score,
-                    SquaredMean, "|W| x ||X_j||")
+                    SquaredMean, "|W| x ||X_j||", wanda_channel_score)
 MAGNITUDE = ScoreMethod("magnitude", "Magnitude", "Magnitude: |W| only, per output row or layer-wide", magnitude_score,
-                        None, "|W|")
+                        None, "|W|", magnitude_channel_score)
