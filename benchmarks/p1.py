@@ -82,16 +82,19 @@ def input_widths(model) -> list[int]:
 
     from wanda_gui.core.architecture import find_blocks, find_linears
 
-    seen: dict[int, int] = {}
-    handles = [m.register_forward_pre_hook(lambda m, args: seen.setdefault(id(args[0]), args[0].shape[-1]))
-               for block in find_blocks(model)[1] for m in find_linears(block).values()]
+    seen: dict[int, torch.Tensor] = {}  # each input held, so that no id is reused by a later tensor
+
+    def record(module, args) -> None:  # a pre-hook that returned a value would replace the linear's input
+        seen.setdefault(id(args[0]), args[0])
+
+    handles = [m.register_forward_pre_hook(record) for block in find_blocks(model)[1] for m in find_linears(block).values()]
     try:
         with torch.inference_mode():
             model(input_ids=torch.zeros(1, 8, dtype=torch.long, device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
-    return list(seen.values())
+    return [x.shape[-1] for x in seen.values()]
 
 
 def every_run() -> list[str]:
@@ -112,17 +115,25 @@ def every_run() -> list[str]:
     return runs
 
 
+def generation_speed(loaded) -> float:
+    """Generation tokens/s as the app and `prune --speed` measure it (core.speed: batch 1, 128 new tokens after a
+    512-token prompt, median of 3)."""
+    from wanda_gui.core.speed import measure_speed
+
+    return measure_speed(loaded.model, loaded.tokenizer, loaded.info.device)["generation_tokens_per_second"]
+
+
 def dense_figures(loaded, nwindows: int, cache: str | None):
     """The dense model's perplexity and generation speed: measured by the first run of a benchmark and read from
     `cache` by the others (they cannot differ: the same model, windows and device)."""
-    from wanda_gui.core.evaluate import Perplexity, generation_speed, perplexity
+    from wanda_gui.core.evaluate import Perplexity, perplexity
 
     if cache and os.path.exists(cache):
         saved = json.load(open(cache))
         if saved["perplexity"]["nwindows"] == nwindows:
             return Perplexity(**saved["perplexity"]), saved["tokens_per_second"]
     dense = perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=nwindows)
-    speed = generation_speed(loaded.model, loaded.tokenizer)
+    speed = generation_speed(loaded)
     if cache:
         json.dump({"perplexity": dense.__dict__, "tokens_per_second": speed}, open(cache, "w"))
     return dense, speed
@@ -135,7 +146,7 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     from wanda_gui.core.config import PruneConfig
     from wanda_gui.core.engine import prune
     from wanda_gui.core.runs import drain
-    from wanda_gui.core.evaluate import generation_speed, perplexity
+    from wanda_gui.core.evaluate import perplexity
     from wanda_gui.core.export import make_report
     from wanda_gui.core.masks import Pattern
     from wanda_gui.core.methods import get_method
@@ -166,7 +177,7 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     rates += matmul_times(device, dtype)  # measured on both sides of the prune phase
     rate, median_rate = max(rates), statistics.median(rates)  # the best is the floor: the stricter ratio
     pruned = perplexity(loaded.model, loaded.tokenizer, seqlen=512, nwindows=nwindows)
-    pruned_speed = generation_speed(loaded.model, loaded.tokenizer)
+    pruned_speed = generation_speed(loaded)
 
     config = loaded.model.config
     tokens = windows.numel()

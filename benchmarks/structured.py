@@ -16,20 +16,20 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from wanda_gui.core.calibration import builtin_evaluation_text, calibration_windows, tokenize  # noqa: E402
+from wanda_gui.core.calibration import calibration_windows  # noqa: E402
 from wanda_gui.core.config import PruneConfig  # noqa: E402
 from wanda_gui.core.engine import prune  # noqa: E402
 from wanda_gui.core.evaluate import perplexity  # noqa: E402
 from wanda_gui.core.export import export_model, make_report  # noqa: E402
 from wanda_gui.core.models import load_model  # noqa: E402
 from wanda_gui.core.runs import drain, pruned_copy  # noqa: E402
+from wanda_gui.core.speed import measure_speed  # noqa: E402
 
 RUNS = ["wanda:uniform", "flap:uniform", "flap+reconstruct:uniform", "wanda:adaptive", "flap:adaptive",
         "flap+reconstruct:adaptive"]
@@ -37,30 +37,13 @@ QUICK_RUNS = ["wanda:uniform", "flap:adaptive", "flap+reconstruct:uniform"]
 SPARSITIES = [0.1, 0.2, 0.3, 0.5]
 
 
-@torch.inference_mode()
-def measure_speed(model, tokenizer, device, prompt_tokens: int = 512, new_tokens: int = 128) -> dict:
-    """Prefill tokens/s (one forward over a prompt of `prompt_tokens` tokens of the evaluation text) and greedy
-    generation tokens/s (batch 1, `new_tokens` after a short prompt), each the best of three after a warm-up. (Until
-    wanda_gui/core/speed.py is merged; the lead folds this into it.)"""
-    ids = tokenize(tokenizer, builtin_evaluation_text())[:prompt_tokens][None].to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def best(run) -> float:
-        run()
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    prefill = best(lambda: model(input_ids=ids, use_cache=False))
-    short = ids[:, :16]
-    generation = best(lambda: model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=new_tokens,
-                                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad))
-    return {"prefill_tokens_per_s": prompt_tokens / prefill, "generation_tokens_per_s": new_tokens / generation}
+def speed(model, tokenizer, device, prompt_tokens: int, new_tokens: int) -> dict:
+    """Prefill and generation tokens/s as the app and `prune --speed` measure them (core.speed: batch 1, greedy,
+    exactly new_tokens after a prompt_tokens prompt, the median of 3 after a warm-up)."""
+    measured = measure_speed(model, tokenizer, device, prompt_tokens, new_tokens)
+    return {"prefill_tokens_per_s": measured["prefill_tokens_per_second"],
+            "generation_tokens_per_s": measured["generation_tokens_per_second"],
+            "other_cpu_share": measured["other_cpu_share"]}
 
 
 def saved_bytes(model) -> int:
@@ -91,7 +74,7 @@ def main() -> int:
     dense_model, tokenizer = loaded.model, loaded.tokenizer
     dense = {"perplexity": perplexity(dense_model, tokenizer, seqlen=512, nwindows=nwindows).perplexity,
              "parameters": sum(p.numel() for p in dense_model.parameters()),
-             "export_bytes": saved_bytes(dense_model), **measure_speed(dense_model, tokenizer, device, prompt, new)}
+             "export_bytes": saved_bytes(dense_model), **speed(dense_model, tokenizer, device, prompt, new)}
     result = {"setting": {"model": loaded.name, "device": str(device), "dtype": loaded.info.dtype,
                           "calibration": calibration, "eval": {"seqlen": 512, "stride": 512, "nwindows": nwindows},
                           "speed": {"prompt_tokens": prompt, "new_tokens": new, "batch": 1}, "quick": args.quick},
@@ -113,7 +96,7 @@ def main() -> int:
                    "parameters": summary.parameters_after,
                    "export_bytes": export_bytes(model, tokenizer,
                                                 make_report(loaded.info, summary, calibration, {})),
-                   **measure_speed(model, tokenizer, device, prompt, new)}
+                   **speed(model, tokenizer, device, prompt, new)}
             row["generation_speedup"] = row["generation_tokens_per_s"] / dense["generation_tokens_per_s"]
             row["prefill_speedup"] = row["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"]
             result["runs"].append(row)

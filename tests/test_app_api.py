@@ -89,7 +89,7 @@ def test_whole_flow_load_prune_results_chat_export_reload(url, tiny_model_dir, t
     assert dense[1]["content"] != pruned[1]["content"]  # pruning changed the (random) model's answer
 
     out = tmp_path / "export"
-    message, report = client.predict(str(out), False, api_name="/export")
+    message, report, _ = client.predict(str(out), False, api_name="/export")
     assert report["visible"] and message.startswith("✓ Exported")
     assert json.loads(open(report["value"]).read())["achieved_sparsity"] == 0.5
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -226,8 +226,10 @@ def test_a_structured_run_shrinks_the_model_and_shows_each_blocks_widths(url, ti
     assert "**flap · structured (adaptive widths)**" in final[4] and "→" in final[4]
     assert "FLAP scores" not in final[4] and "single weights" in error_of(lambda: client.predict(
         *prune_args([text_file], method="SparseGPT", pattern="structured"), api_name="/prune"))
-    message, _ = client.predict(str(tmp_path / "export"), False, api_name="/export")
-    assert message.startswith("✓ Exported")
+    assert "What pruning bought" in final[4] and "fewer parameters" in final[4]
+    message, _, results = client.predict(str(tmp_path / "export"), False, api_name="/export")
+    size = sum(f.stat().st_size for f in (tmp_path / "export").glob("*.safetensors"))
+    assert message.startswith("✓ Exported") and f"({size:,} bytes)" in results
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")  # padded to the widest block
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in dense.parameters())

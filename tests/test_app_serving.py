@@ -79,7 +79,7 @@ def test_a_new_run_clears_the_previous_runs_results_and_locks_the_controls(url, 
         assert "| pruned |" in ppl
         chat = client.predict("Hello", [], [], 4, True, 0.7, 0.9, 0, api_name="/chat")
         assert chat[1] and chat[2]
-        message, report = client.predict(str(tmp_path / "first"), False, api_name="/export")
+        message, report, _ = client.predict(str(tmp_path / "first"), False, api_name="/export")
         assert message.startswith("✓ Exported")
         assert set(json.loads(open(report["value"]).read())["generation_tokens_per_second"]) == {"dense", "pruned"}
 

@@ -20,7 +20,7 @@ from .core.config import WIDTHS, PruneConfig
 from .core.errors import UserError
 from .core.estimate import check_eval_fits
 from .core.evaluate import perplexity
-from .core.export import zero_shot_note, zero_shot_table
+from .core.export import bought, zero_shot_note, zero_shot_table
 from .core.memory import parse_bytes
 from .core.methods import METHODS, OPTIONS, structured_methods
 from .core.passes import Cancelled
@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval", action="store_true", help="measure dense and pruned perplexity (PROTOCOL windows)")
     prune.add_argument("--eval-nwindows", type=int, default=64)
     _add_task_args(prune, "of the dense and the pruned model")
+    prune.add_argument("--speed", action="store_true",
+                       help="measure prefill (a 512-token prompt) and generation (batch 1, 128 new tokens) tokens/s of "
+                            "the dense model before pruning and of the pruned one after, on --device")
     prune.add_argument("--offload", action="store_true",
                        help="bring the model in block by block from its safetensors and write the export block by "
                             "block: memory holds one block, what lies outside the blocks and the calibration data")
@@ -201,7 +204,8 @@ def prune_job(args):
                          widths=args.widths)
     return PruneJob(model_source(args), config, calibration, Path(args.out).expanduser().absolute(), args.overwrite,
                     args.eval_nwindows if args.eval else None, "offload" if args.offload else "memory",
-                    parse_bytes(args.max_memory) if args.max_memory is not None else None, task_spec(args))
+                    parse_bytes(args.max_memory) if args.max_memory is not None else None, task_spec(args),
+                    args.speed)
 
 
 class Bar:
@@ -278,6 +282,8 @@ def cmd_prune(args) -> dict:
             print(f"{key} perplexity {value['perplexity']:.3f} (seqlen {value['seqlen']}, {value['nwindows']} windows)")
         if report["zero_shot"]:
             print_zero_shot(report["zero_shot"])
+        if report["parameter_counts"]:
+            print("\n".join(bought(report["parameter_counts"], report["speed"], report["export_bytes"])))
         print(f"exported to {report['export']}")
     return report
 

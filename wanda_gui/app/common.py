@@ -146,9 +146,10 @@ def check_count(value, name: str, minimum: int = 1) -> int:
 # Each callback names its outputs; the page maps the names to components, so a callback returns only what it changes.
 
 BUTTONS = ("load_btn", "start_btn", "send_btn", "export_btn", "eval_btn", "stop_btn", "compare_btn", "compare_stop",
-           "take_btn", "zs_btn")
+           "take_btn", "zs_btn", "speed_btn")
+# what a run produces after pruning: cleared when a new model or run starts
 AFTER_RUN = ("ppl_md", "dense_chat", "pruned_chat", "dense_stats", "pruned_stats", "chat_status", "export_status",
-             "report_file", "zs_md")  # what a run produces after pruning: cleared when a new model or run starts
+             "report_file", "zs_md", "speed_md")
 RUN_VIEW = ("block_plot", "map_plot", "layer_pick", "results", "why_plot", "owl_plot")
 COMPARE_VIEW = ("compare_chart", "compare_time_chart", "compare_table", "compare_pick", "compare_files")  # what a comparison shows
 
@@ -169,14 +170,15 @@ def buttons(ws: Workspace, running: bool = False, stop: str | None = None) -> di
                 compare_btn=gr.update(interactive=dense and not ws.offloaded),
                 compare_stop=gr.update(interactive=stop == "compare_stop"),
                 take_btn=gr.update(interactive=dense and bool(ws.comparison and ws.comparison.finished)),
-                zs_btn=gr.update(interactive=pruned))
+                zs_btn=gr.update(interactive=pruned), speed_btn=gr.update(interactive=pruned))
 
 
 def cleared(*groups: tuple[str, ...]) -> dict:
     """Empty values for everything a previous model or run left on the page."""
     empty = dict(block_plot=plots.block_chart(1, {}, {}, None), map_plot=plots.empty(MAPS_EMPTY),
                  why_plot=plots.empty(WHY_EMPTY), owl_plot=gr.update(value=None, visible=False),
-                 layer_pick=gr.update(choices=[], value=None), results="", ppl_md="", zs_md="", dense_chat=[],
+                 layer_pick=gr.update(choices=[], value=None), results="", ppl_md="", zs_md="", speed_md="",
+                 dense_chat=[],
                  pruned_chat=[], dense_stats="", pruned_stats="", chat_status="", export_status="",
                  report_file=gr.update(value=None, visible=False), compare_chart=plots.empty(COMPARE_EMPTY),
                  compare_time_chart=plots.empty(COMPARE_TIME_EMPTY),

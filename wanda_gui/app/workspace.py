@@ -33,6 +33,7 @@ from ..core.memory import free_bytes, parse_bytes, release_memory, resident_byte
 from ..core.methods import get_method
 from ..core import models
 from ..core.offload import open_lazy
+from ..core.speed import count_parameters, export_bytes, measure_speeds
 from ..core.runs import MEMORY_MODES, MemoryNeed, decide_offload, prepare_tasks, prune_offloaded, pruned_copy
 from ..core.zeroshot import TaskSpec, ZeroShot
 from .pool import ModelPool, model_key
@@ -141,6 +142,10 @@ class Workspace:
         self._dense_perplexity: dict = {}
         self.zero_shot: dict[str, ZeroShot] = {}
         self.generation: dict = {}
+        self.dense_counts: dict | None = None  # the dense model's parameters (core.speed.count_parameters)
+        self.counts: dict | None = None  # {"dense": ..., "pruned": ...}, for a model held in memory
+        self.speed: dict = {}  # {"dense": ..., "pruned": ...}, measured in one call (core.speed.measure_speeds)
+        self.exported: int | None = None  # bytes of the last export's safetensors
         self.timings: dict = {}
         self.comparison: Comparison | None = None
 
@@ -292,6 +297,8 @@ class Workspace:
         if in_place and not self.pool.take_private(self, loaded):
             raise UserError("Not enough free memory for this session's pruned copy, and the dense model is shared with "
                             "other sessions, so it cannot be pruned in place. Try again when the server is less busy.")
+        if self.dense_counts is None:  # counted before pruning: a model pruned in place is not dense after
+            self.dense_counts = count_parameters(loaded.model)
         model = loaded.model if in_place else pruned_copy(loaded.model, config)
         config = dataclasses.replace(config, restore_on_abort=in_place)
         self.run["in_place"] = in_place
@@ -299,6 +306,7 @@ class Workspace:
             if isinstance(event, ev.RunFinished):
                 self.pruned = model
                 self.dense_kept = not in_place
+                self.counts = {"dense": self.dense_counts, "pruned": count_parameters(model)}
             self._record(event)
             yield event
 
@@ -332,7 +340,7 @@ class Workspace:
     def drop_pruned(self) -> None:
         """Let the pruned copy (or its folder on disk) and everything measured on it go (the dense model stays)."""
         self.pruned, self.summary, self.maps, self.perplexity, self.generation, self.run = None, None, {}, {}, {}, None
-        self.zero_shot = {}
+        self.zero_shot, self.counts, self.speed, self.exported = {}, None, {}, None
         self.pruned_lazy = None
         if self.pruned_folder is not None:
             shutil.rmtree(self.pruned_folder, ignore_errors=True)
@@ -455,6 +463,26 @@ class Workspace:
             self.zero_shot = results
             return results
 
+    def measure_speed(self, progress=None) -> dict:
+        """Prefill and generation speed of the dense and the pruned model on their device, in one call taking turns
+        (core.speed.measure_speeds); progress(generations done, total)."""
+        with self.doing("measuring speed"):
+            loaded = self.require_model()
+            pruned = self.require_pruned()
+            if self.offloaded:
+                raise UserError("Speed is measured on a model held in memory; this one is read block by block from "
+                                "disk, so every token would read every block (it would time the disk): load it whole.")
+            if self.dense_model is None:
+                raise UserError("The dense model was not kept (it was pruned in place, for lack of memory), so there "
+                                "is nothing to measure the pruned one against: reload the model to compare them.")
+            run_id = self.run_id
+            measured = measure_speeds({"dense": self.dense_model, "pruned": pruned}, loaded.tokenizer,
+                                      loaded.info.device, progress=progress)
+            if run_id != self.run_id:
+                raise UserError("A new run finished while measuring; measure again.")
+            self.speed = measured
+            return measured
+
     def record_generation(self, column: str, tokens_per_second: float) -> None:
         """The last measured generation speed of a chat column, for the report."""
         self.generation[column] = round(tokens_per_second, 2)
@@ -466,7 +494,10 @@ class Workspace:
         ppl = {k: v.__dict__ for k, v in self.perplexity.items()} or None
         report = make_report(loaded.info, self.summary, self.run.get("calibration"), dict(self.timings), ppl,
                              dict(self.generation) or None,
-                             {k: v.as_dict() for k, v in self.zero_shot.items()} or None)
+                             {k: v.as_dict() for k, v in self.zero_shot.items()} or None, self.counts,
+                             self.speed or None)
+        if self.exported is not None:
+            report["export_bytes"] = self.exported
         if self.offloaded:  # as the CLI's --offload reports it
             report["offload"] = {"block_bytes": loaded.lazy.block_bytes(), "resident_bytes": loaded.lazy.resident_bytes(),
                                  "max_memory": self.budget}
@@ -478,8 +509,10 @@ class Workspace:
             loaded = self.require_model()
             pruned = self.require_pruned()
             if not self.offloaded:
-                return export_model(pruned, loaded.tokenizer, folder, self.report(), overwrite, source=loaded.path,
-                                    overwrite_control=overwrite_control, list_contents=list_contents)
+                out = export_model(pruned, loaded.tokenizer, folder, self.report(), overwrite, source=loaded.path,
+                                   overwrite_control=overwrite_control, list_contents=list_contents)
+                self.exported = export_bytes(out)
+                return out
             with export_into(folder, overwrite, loaded.path, overwrite_control=overwrite_control,
                              list_contents=list_contents) as target:
                 for weights in self.pruned_folder.iterdir():  # written block by block as the run went
@@ -488,4 +521,5 @@ class Workspace:
                     except OSError:  # another file system
                         shutil.copyfile(weights, target / weights.name)
                 write_rest(self.pruned_lazy.model, loaded.tokenizer, target, self.report())
+            self.exported = export_bytes(folder)
             return Path(folder).absolute()

@@ -56,16 +56,26 @@ def matmul_rate(device: str, dtype: torch.dtype, tokens: int = 1024, width: int 
     return 2 * tokens * width * 4 * width / best
 
 
-def other_cpu_use(interval: float = 0.3) -> float:
-    """The share (0..1) of the CPU's cores that other work used over a short look, this process's own excluded."""
-    me = psutil.Process()
-    system, own, started = psutil.cpu_times(), me.cpu_times(), time.monotonic()
-    time.sleep(interval)
-    system_now, own_now, seconds = psutil.cpu_times(), me.cpu_times(), time.monotonic() - started
+def cpu_times() -> tuple:
+    """A reading for other_cpu_share: the whole CPU's times, this process's, and the clock."""
+    return psutil.cpu_times(), psutil.Process().cpu_times(), time.monotonic()
+
+
+def other_cpu_share(since: tuple) -> float:
+    """The share (0..1) of the CPU's cores that other work used since a cpu_times() reading, this process's own
+    excluded."""
+    (system, own, started), (system_now, own_now, now) = since, cpu_times()
     busy = (sum(system_now) - system_now.idle - getattr(system_now, "iowait", 0.0)) - \
         (sum(system) - system.idle - getattr(system, "iowait", 0.0))
     mine = (own_now.user + own_now.system) - (own.user + own.system)
-    return min(1.0, max(0.0, (busy - mine) / (seconds * (psutil.cpu_count() or 1))))
+    return min(1.0, max(0.0, (busy - mine) / (max(now - started, 1e-9) * (psutil.cpu_count() or 1))))
+
+
+def other_cpu_use(interval: float = 0.3) -> float:
+    """The share (0..1) of the CPU's cores that other work used over a short look, this process's own excluded."""
+    since = cpu_times()
+    time.sleep(interval)
+    return other_cpu_share(since)
 
 
 MOST_BUSY = 0.9  # beyond this share taken by others, the estimate says "at least" ten times the idle time

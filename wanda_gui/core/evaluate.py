@@ -1,4 +1,4 @@
-"""Perplexity on PROTOCOL.md's evaluation windows, and generation speed."""
+"""Perplexity on PROTOCOL.md's evaluation windows."""
 
 from __future__ import annotations
 
@@ -97,17 +97,3 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str | None = None, seqle
               window_losses(model, windows, batch_size, cancel, progress))
     return Perplexity(math.exp(losses.double().mean().item()), seqlen, seqlen, len(windows), windows.numel(),
                       time.perf_counter() - started)
-
-
-@torch.inference_mode()
-def generation_speed(model: torch.nn.Module, tokenizer, prompt: str = "The history of the United States",
-                     new_tokens: int = 64) -> float:
-    """Greedy decoding tokens per second for one prompt (after a short warm-up)."""
-    device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt").to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=pad)
-    started = time.perf_counter()
-    out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-    produced = out.shape[1] - ids["input_ids"].shape[1]
-    return produced / (time.perf_counter() - started)

@@ -18,9 +18,12 @@ import torch
 
 from . import atomic
 from .errors import UserError
+from .memory import format_bytes
+from .speed import export_bytes
 from .structured import padded_to_widest
 
 REPORT_NAME = "pruning_report.json"
+BUSY = 0.1  # a share of the CPU taken by other work that a speed measurement mentions
 MARKER, MARKER_VALUE = "exported_by", "wanda_gui"  # the report key that makes a folder a previous export
 FILES_KEY = "exported_files"  # what that export wrote: the only names an overwrite may replace
 LOCK_SUFFIX = ".export-lock"
@@ -38,9 +41,11 @@ def versions() -> dict[str, str]:
 
 
 def make_report(model_info, summary, calibration: dict | None, timings: dict, perplexity: dict | None = None,
-                generation: dict | None = None, zero_shot: dict | None = None) -> dict:
+                generation: dict | None = None, zero_shot: dict | None = None, counts: dict | None = None,
+                speed: dict | None = None) -> dict:
     """Everything PROTOCOL.md's benchmark report lists, as plain JSON-able data; zero_shot: {"dense": ...,
-    "pruned": ...}, each core.zeroshot.ZeroShot.as_dict()."""
+    "pruned": ...}, each core.zeroshot.ZeroShot.as_dict(); counts and speed likewise, each
+    core.speed.count_parameters() and measure_speed()."""
     return {
         "model": {"name": model_info.name, "architecture": model_info.architecture, "parameters": model_info.parameters},
         "method": summary.method,
@@ -60,6 +65,8 @@ def make_report(model_info, summary, calibration: dict | None, timings: dict, pe
         "perplexity": perplexity,
         "zero_shot": zero_shot,
         "generation_tokens_per_second": generation,
+        "parameter_counts": counts,
+        "speed": speed,
         "layers": [dataclasses.asdict(layer) for layer in summary.layers],
         "versions": versions(),
     }
@@ -95,6 +102,9 @@ def model_card(report: dict) -> str:
     if report.get("zero_shot"):
         measured = report["zero_shot"]
         lines += ["## Zero-shot accuracy", "", zero_shot_note(measured), "", *zero_shot_table(measured), ""]
+    if report.get("parameter_counts") or report.get("speed"):
+        lines += ["## What pruning bought", "", *bought(report.get("parameter_counts"), report.get("speed"),
+                                                        report.get("export_bytes")), ""]
     lines += [] if report.get("structure") else [
         "## What the zeros buy",
         "The weights are stored densely in safetensors: the zeros do **not** shrink the files, and a dense runtime "
@@ -106,6 +116,82 @@ def model_card(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def bought_table(parameters: dict | None, speed: dict | None) -> list[str]:
+    """Markdown rows, dense against pruned: parameters stored and non-zero and their bytes, and prefill and
+    generation speed where measured; the ratio pruned / dense."""
+    rows = ["| | dense | pruned | pruned / dense |", "|---|---|---|---|"]
+
+    def row(label: str, dense, pruned, shown) -> None:
+        rows.append(f"| {label} | {shown(dense)} | {shown(pruned)} | {f'{pruned / dense:.2f}x' if dense else ''} |")
+
+    if parameters:
+        dense, pruned = parameters["dense"], parameters["pruned"]
+        for key, label in (("stored", "parameters stored"), ("nonzero", "parameters non-zero"),
+                           ("linear_stored", "decoder linears' weights stored"),
+                           ("linear_nonzero", "decoder linears' weights non-zero")):
+            row(label, dense[key], pruned[key], lambda n: f"{n:,}")
+        row("parameters' bytes", dense["bytes"], pruned["bytes"], format_bytes)
+    if speed:
+        dense, pruned = speed["dense"], speed["pruned"]
+        row(f"prefill tokens/s ({dense['prompt_tokens']}-token prompt)", dense["prefill_tokens_per_second"],
+            pruned["prefill_tokens_per_second"], lambda v: f"{v:,.1f}")
+        row(f"generation tokens/s (batch 1, {dense['new_tokens']} new tokens)", dense["generation_tokens_per_second"],
+            pruned["generation_tokens_per_second"], lambda v: f"{v:,.1f}")
+    return rows
+
+
+def bought(parameters: dict | None, speed: dict | None, exported: int | None) -> list[str]:
+    """Markdown lines: the table, then what the export's files take, what the storage buys and how speed was
+    measured, each where known."""
+    lines = [*bought_table(parameters, speed), ""]
+    if exported:
+        lines.append(f"The export's safetensors files take {format_bytes(exported)} ({exported:,} bytes).")
+    elif parameters:
+        padded = parameters["pruned"]["stored"] < parameters["dense"]["stored"]
+        lines.append("An export's weights take about the pruned model's parameters' bytes" +
+                     (" (an adaptive structured export more: it is padded to its widest block)." if padded else "."))
+    if parameters:
+        lines.append(zeros_note(parameters))
+    if speed:
+        lines.append(speed_note(speed))
+    return lines
+
+
+def speed_note(speed: dict) -> str:
+    """How the speeds were measured, in a line."""
+    s = speed["dense"]
+    when = ("both in one call, taking turns run by run (so that other work on the machine weighs on both alike)"
+            if s["in_turns"] else "the dense model before pruning, the pruned one after")
+    return (f"Speed measured on {s['device']}, batch 1, greedy, {when}: the same {s['prompt_tokens']}-token prompt, "
+            f"its prefill up to the first new token, then {s['new_tokens'] - 1} more decoding steps (generate with "
+            f"min_new_tokens, so the count is exact); a warm-up, then the median of {s['repeats']} runs."
+            + busy_note(speed))
+
+
+def busy_note(speed: dict) -> str:
+    """Other work on the CPU slows a measurement there, decoding's many small steps most of all: say how much."""
+    shares = [s["other_cpu_share"] for s in speed.values() if s["device"] == "cpu"]
+    if not shares or max(shares) < BUSY:
+        return ""
+    compare = ("compare the two models with each other, not with figures measured elsewhere"
+               if speed["dense"]["in_turns"] else "and as the two were measured one after the other, a change in that "
+               "work between them moves their ratio too")
+    return (f" Other work took up to {max(shares):.0%} of the CPU meanwhile: these figures are slower than the "
+            f"machine's own (decoding most, its many small steps each waiting for every thread), {compare}.")
+
+
+def zeros_note(parameters: dict) -> str:
+    """What the pruned model's storage buys, honestly."""
+    dense, pruned = parameters["dense"], parameters["pruned"]
+    if pruned["stored"] >= dense["stored"]:
+        return ("The pruned weights are zeros stored densely (unstructured or N:M): they do not shrink the files "
+                "(the same bytes as the dense model's), and a dense runtime multiplies every zero, so both run at the "
+                "same speed on a CPU (and on a GPU without 2:4 sparse kernels); any difference measured is noise.")
+    removed = dense["stored"] - pruned["stored"]
+    return (f"The pruned model stores {removed:,} fewer parameters ({removed / dense['stored']:.1%}): its files are "
+            "smaller and every runtime computes less.")
 
 
 def structured_card(report: dict) -> str:
@@ -286,7 +372,7 @@ def export_into(out: str | Path, overwrite: bool = False, source: Path | None = 
 
 def write_rest(model, tokenizer, folder: Path, report: dict) -> None:
     """Everything beside the weights: the config without quantization, generation config, tokenizer, the report
-    (with the file list) and the card."""
+    (with the file list and the weights' bytes, which the caller's report gets too) and the card."""
     if not (folder / "config.json").exists():  # a streamed export wrote only the weights
         model.config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -297,6 +383,7 @@ def write_rest(model, tokenizer, folder: Path, report: dict) -> None:
     if config.pop("quantization_config", None) is not None:  # zeros stored densely are not a quantization
         config_path.write_text(json.dumps(config, indent=2))
     files = sorted({p.name for p in folder.iterdir()} | {REPORT_NAME, "README.md"})
+    report["export_bytes"] = export_bytes(folder)  # the caller's report says it too
     (folder / REPORT_NAME).write_text(json.dumps({**report, MARKER: MARKER_VALUE, FILES_KEY: files}, indent=2))
     (folder / "README.md").write_text(model_card(report))
 

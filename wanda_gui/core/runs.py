@@ -28,6 +28,7 @@ from .methods import get_method
 from .models import LoadedModel
 from .offload import Checkpoint, LazyModel, Offload
 from .passes import Cancelled
+from .speed import count_parameters, measure_speed
 from .zeroshot import TaskProgress, TaskSpec, ZeroShot
 
 MEMORY_MODES = {"memory": "In memory", "offload": "On disk, block by block",
@@ -220,6 +221,7 @@ class PruneJob:
     memory: str = "memory"  # a key of MEMORY_MODES
     budget: int | None = None  # the process's peak (RAM on CPU, the GPU's memory on CUDA)
     tasks: TaskSpec | None = None  # zero-shot accuracy dense and pruned on these tasks
+    speed: bool = False  # prefill and generation speed, dense and pruned (core.speed)
 
     @property
     def needs_activations(self) -> bool:
@@ -246,6 +248,10 @@ class PruneJob:
         if self.tasks is not None:
             raise UserError("Zero-shot tasks run every example through the whole model, which this run keeps on disk "
                             "block by block: drop --tasks, or --offload (or raise --max-memory).")
+        if self.speed:
+            raise UserError("--speed measures a model held whole; this run keeps it on disk block by block, where "
+                            "every token would read every block (it would time the disk): drop --speed, or "
+                            "--offload (or raise --max-memory).")
 
     def run_parts(self, loaded: LoadedModel) -> dict[str, int]:
         """What the run needs beside the model: pruning's parts, or measuring's when that is more."""
@@ -337,9 +343,12 @@ def measure_tasks(tasks, loaded: LoadedModel, name: str, log, on_task) -> ZeroSh
 
 def export_in_memory(job, loaded, windows, calibration, timings, on_event, log, tasks=None, on_task=None) -> dict:
     lead = distributed.rank() == 0
-    ppl, zero_shot = {}, {}
+    ppl, zero_shot, speed = {}, {}, {}
+    counts = {"dense": count_parameters(loaded.model)} if lead else {}
     if job.eval_windows and lead:
         ppl["dense"] = measure(job, loaded, "dense", log)
+    if job.speed and lead:
+        speed["dense"] = measure_speed_of(loaded, "dense", log)
     if tasks is not None and lead:
         zero_shot["dense"] = measure_tasks(tasks, loaded, "dense", log, on_task)
     share = windows if windows is None else distributed.shard(windows)
@@ -354,13 +363,26 @@ def export_in_memory(job, loaded, windows, calibration, timings, on_event, log, 
     if tasks is not None:
         zero_shot["pruned"] = measure_tasks(tasks, loaded, "pruned", log, on_task)
         timings["zero_shot"] = zero_shot["dense"].seconds + zero_shot["pruned"].seconds
+    if job.speed:
+        speed["pruned"] = measure_speed_of(loaded, "pruned", log)
+    counts["pruned"] = count_parameters(loaded.model)
     if distributed.active():
         calibration = {**calibration, "processes": distributed.world_size(), "samples_per_process": shares}
     report = make_report(loaded.info, summary, calibration, timings, {k: v.__dict__ for k, v in ppl.items()} or None,
-                         zero_shot={k: v.as_dict() for k, v in zero_shot.items()} or None)
+                         zero_shot={k: v.as_dict() for k, v in zero_shot.items()} or None, counts=counts,
+                         speed=speed or None)
     report["export"] = str(export_model(loaded.model, loaded.tokenizer, job.out, report, job.overwrite,
                                         source=loaded.path))
     return report
+
+
+def measure_speed_of(loaded: LoadedModel, name: str, log) -> dict:
+    """Prefill and generation speed, one model at a time: the CLI prunes in place, so the dense model is measured
+    before pruning and the pruned one after, on the same device and prompt."""
+    result = measure_speed(loaded.model, loaded.tokenizer, loaded.info.device)
+    log(f"{name} speed: prefill {result['prefill_tokens_per_second']:.1f} tokens/s, generation "
+        f"{result['generation_tokens_per_second']:.1f} tokens/s")
+    return result
 
 
 def export_offloaded(job, loaded, windows, calibration, timings, on_event, log) -> dict:

@@ -32,6 +32,9 @@ def plain_history(history: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
 
 
+SPEED_NOTE = ("<small>tok/s, alike in both columns: the tokens after the first over the seconds since it. The two "
+              "columns generate at once and share the device (one finishing first leaves the other more of it): for "
+              "each model's own speed, measured in turns, use **Measure speed** in step 4.</small>")
 SPARSE_LABEL = "Pruned column on 2:4 sparse kernels"
 NO_DENSE = "(The dense model was not kept: no memory for a copy. Reload to chat with it.)"
 NO_PRUNED = "(No pruned model yet: start pruning in step 2, then ask again to compare the two.)"
@@ -64,8 +67,9 @@ def chat(prompt, dense_chat, pruned_chat, max_new, greedy, temperature, top_p, c
         yield out(chat_status="Type a prompt first.")
         return
     loaded = ws.require_model()
-    if ws.activity in ("pruning", "comparing methods"):
-        raise UserError(f"This session is {ws.activity}; chat once it has finished (or press its Stop).")
+    if ws.activity in ("pruning", "comparing methods", "measuring speed"):  # the chat would disturb the timings
+        stop = "" if ws.activity == "measuring speed" else " (or press its Stop)"
+        raise UserError(f"This session is {ws.activity}; chat once it has finished{stop}.")
     settings = GenerationSettings(check_count(max_new, "Max new tokens"), bool(greedy), float(temperature),
                                   float(top_p), check_count(chat_seed, "Seed", 0))
     around = sparse_kernels_for(ws, bool(sparse_chat))
@@ -131,6 +135,7 @@ def layout(page: Page) -> None:
             add("chat_stop", gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop"))
             add("clear_btn", gr.Button("Clear", scale=1, elem_id="clear"))
         add("chat_status", gr.Markdown(elem_id="chat-status"))
+        gr.Markdown(SPEED_NOTE, elem_id="chat-speed-note")
         gr.Examples(EXAMPLES, inputs=page["prompt"], label="Example prompts")
         with gr.Accordion("Generation settings (shared by both columns)", open=False):
             with gr.Row():

@@ -10,8 +10,9 @@ import gradio as gr
 
 from ..common import WORK, Page, served, session, updates, user_errors
 from ..workspace import Workspace
+from .results import results_markdown
 
-EXPORT_OUTPUTS = ("export_status", "report_file")
+EXPORT_OUTPUTS = ("export_status", "report_file", "results")  # the results show the export's size
 OVERWRITE_CONTROL = "the 'Replace a previous export' box"
 
 
@@ -30,7 +31,7 @@ def export(export_dir, overwrite, request: gr.Request):
     report.write_text(json.dumps(ws.report(), indent=2))
     yield updates(EXPORT_OUTPUTS, export_status=f"✓ Exported to `{policy.shown(str(out))}` (safetensors, tokenizer, "
                                                 "README, pruning_report.json).",
-                  report_file=gr.update(value=str(report), visible=True))
+                  report_file=gr.update(value=str(report), visible=True), results=results_markdown(ws))
 
 
 def layout(page: Page) -> None:

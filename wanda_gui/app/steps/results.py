@@ -1,5 +1,5 @@
-"""Step 4 · Results: what the run achieved per layer type, and perplexity and zero-shot accuracy of the dense and
-pruned models."""
+"""Step 4 · Results: what the run achieved per layer type, what pruning bought (parameters, the export's size, speed),
+and perplexity and zero-shot accuracy of the dense and pruned models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import gradio as gr
 
 from ...core.copies import shared_bytes, tensor_bytes
-from ...core.export import zero_shot_note, zero_shot_table
+from ...core.export import bought, zero_shot_note, zero_shot_table
 from ...core.memory import format_bytes
 from ...core.zeroshot import WANDA_TASKS, TaskSpec, ZeroShot, task_names
 from ..common import (BUTTONS, STATUS_INTERVAL, WORK, Page, buttons, check_count, on_a_thread, served, session,
@@ -16,10 +16,21 @@ from ..common import (BUTTONS, STATUS_INTERVAL, WORK, Page, buttons, check_count
 from ..workspace import Workspace
 from ...core.methods import OPTIONS
 
-HONEST_NOTE = ("Zeros stored densely do not shrink the files or make a dense runtime faster. 2:4 can be accelerated on "
-               "NVIDIA Ampere or newer GPUs with semi-structured sparse kernels (modest, shape-dependent gains); on a "
-               "CPU, sparse matmul at 50% is slower than dense. What pruning shows here is how much of the model "
-               "can be removed and what that costs in quality.")
+ON_DISK_NOTE = ("Parameters and speed are counted and measured on a model held in memory; this one is read block by "
+                "block from disk. Zeros stored densely do not shrink the files or make a dense runtime faster.")
+MEASURE_SPEED = "Measure speed: dense vs pruned"
+
+
+def bought_markdown(ws: Workspace) -> str:
+    """What pruning bought: parameters stored and non-zero, the export's size, and speed once measured."""
+    if ws.counts is None:
+        exported = f" The export's safetensors files take {format_bytes(ws.exported)}." if ws.exported else ""
+        return f"#### What pruning bought\n\n{ON_DISK_NOTE}{exported}"
+    lines = ["#### What pruning bought", "", *bought(ws.counts, ws.speed or None, ws.exported)]
+    if not ws.speed:
+        lines.append(f"Press **{MEASURE_SPEED}** to time both models' prefill and generation on the same device, "
+                     "in one call.")
+    return "\n".join(lines)
 
 
 def span(values: list[int]) -> str:
@@ -54,10 +65,11 @@ def results_markdown(ws: Workspace) -> str:
                 f"**{s.parameters_before:,} → {s.parameters_after:,} parameters**; blocks keep {span(heads)} of "
                 f"{blocks[0]['total_heads']} heads and {span(channels)} of {blocks[0]['total_channels']} MLP channels. "
                 f"Dense model: {dense}.\n\n{table}\n\nThe linears are really smaller: the pruned model is smaller and "
-                f"faster on every runtime (the chat's tokens/s shows it). Export: {s.structure['export']}.")
+                f"faster on every runtime (the chat's tokens/s shows it). Export: {s.structure['export']}.\n\n"
+                f"{bought_markdown(ws)}")
     return (f"**{s.method}{variant} · {s.pattern}** · target {s.target_sparsity:.1%} · achieved **{s.achieved_sparsity:.2%}** "
             f"over {s.pruned_parameters:,} weights in {s.seconds:.1f} s. Dense model: {dense}.{shared}\n\n{table}\n\n"
-            f"{HONEST_NOTE}")
+            f"{bought_markdown(ws)}")
 
 
 def perplexity_markdown(ppl: dict) -> str:
@@ -90,6 +102,28 @@ def evaluate(nwindows, request: gr.Request):
         if isinstance(message, tuple):
             yield updates(EVAL_OUTPUTS, ppl_md=f"… Measuring perplexity: window {message[0]}/{message[1]}")
     yield updates(EVAL_OUTPUTS, ppl_md=perplexity_markdown(message.result), **buttons(ws))
+
+
+SPEED_OUTPUTS = ("speed_md", "results", *BUTTONS)
+
+
+def speed_failed(ws: Workspace, message: str):
+    return updates(SPEED_OUTPUTS, speed_md=f"✗ {message}", **buttons(ws))
+
+
+@user_errors(speed_failed)
+def measure_speed(request: gr.Request):
+    """Measure both models on a worker thread, counting generations done; the table above then shows the speeds."""
+    ws = session(request)
+    ws.require_pruned()
+    yield updates(SPEED_OUTPUTS, speed_md="… Measuring speed…", **buttons(ws, running=True))
+    for message in on_a_thread(lambda report: ws.measure_speed(progress=lambda done, total: report((done, total)))):
+        if isinstance(message, tuple):
+            done, total = message
+            yield updates(SPEED_OUTPUTS, speed_md=f"… Measuring speed: generation {done}/{total} (the dense and the "
+                                                  "pruned model in turns, after a warm-up each)")
+    yield updates(SPEED_OUTPUTS, speed_md="✓ Speed measured: see the table above.", results=results_markdown(ws),
+                  **buttons(ws))
 
 
 def zero_shot_markdown(measured: dict[str, ZeroShot]) -> str:
@@ -125,6 +159,9 @@ def layout(page: Page) -> None:
         gr.Markdown("### 4 · Results")
         page.add("results", gr.Markdown(elem_id="results"))
         with gr.Row():
+            page.add("speed_btn", gr.Button(MEASURE_SPEED, interactive=False, scale=1, elem_id="measure-speed"))
+            page.add("speed_md", gr.Markdown(elem_id="speed-status"))
+        with gr.Row():
             page.add("nwindows", gr.Number(16, label="Evaluation windows (512 tokens each; P1 uses 64)", precision=0,
                                            minimum=1, elem_id="nwindows"))
             page.add("eval_btn", gr.Button("Measure perplexity: dense vs pruned", interactive=False, elem_id="eval"))
@@ -147,5 +184,7 @@ def layout(page: Page) -> None:
 def wire(page: Page) -> None:
     page.queued(page["eval_btn"].click, "ppl_md", "measure perplexity", evaluate, page.out(EVAL_OUTPUTS),
                 api_name="evaluate", **WORK)
+    page.queued(page["speed_btn"].click, "speed_md", "measure speed", measure_speed, page.out(SPEED_OUTPUTS),
+                api_name="measure_speed", **WORK)
     page.queued(page["zs_btn"].click, "zs_md", "measure zero-shot accuracy", zero_shot, page.out(ZERO_SHOT_OUTPUTS),
                 api_name="zero_shot", **WORK)
