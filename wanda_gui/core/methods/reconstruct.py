@@ -156,8 +156,8 @@ class Reconstruct(Step):
     # the block's loss falls by less than `tolerance` (relative) from one window of steps to the next.
     efforts = {
         "fast": ("a short refit, then one epoch of Adam, stopped sooner when the block's loss stops falling", {}),
-        "thorough": ("a longer refit and up to 4 epochs of Adam, stopped only when the loss is flat: about 3x fast's "
-                     "time", dict(epochs=4, refit_iterations=30, window=8, tolerance=0.002)),
+        "thorough": ("a longer refit and up to 4 epochs of Adam, stopped only when the loss is flat: about twice "
+                     "fast's time", dict(epochs=4, refit_iterations=30, window=8, tolerance=0.002)),
     }
 
     def __init__(self, epochs: int = 1, lr: float = 3e-4, batch_size: int = 2, refit_iterations: int = 10,
