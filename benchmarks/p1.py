@@ -4,7 +4,8 @@
 Each setting runs in a fresh process so that its memory figures are its own. Prints a table and writes JSON.
 Usage: python benchmarks/p1.py [--out benchmarks/p1.json] [--runs wanda:unstructured sparsegpt+owl:unstructured
        sparsegpt+reconstruct:2:4 wanda-variant:unstructured] [--all] [--device cpu]
-A run is METHOD[+OPTION...]:PATTERN, the options being keys of the registry's OPTIONS (owl, dsnot, reconstruct...);
+A run is METHOD[+OPTION[=EFFORT]...]:PATTERN, the options being keys of the registry's OPTIONS (owl, dsnot,
+reconstruct...), an effort one of the option's settings (sparsegpt+reconstruct=thorough:2:4);
 --all runs every method, alone and with each option it takes, at 50%, 2:4 and 4:8.
 """
 
@@ -170,7 +171,8 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     with PeakRss() as rss:
         before = rss.peak
         config = PruneConfig(method="wanda" if variant else method, pattern=Pattern.parse(pattern), wanda_variant=variant,
-                             restore_on_abort=False, options=tuple(options))
+                             restore_on_abort=False, options=tuple(o.split("=")[0] for o in options),
+                             efforts=dict(o.split("=") for o in options if "=" in o))
         summary = drain(prune(loaded.model, config, windows))
     rates += matmul_times(device, dtype)  # measured on both sides of the prune phase
     rate, median_rate = max(rates), statistics.median(rates)  # the best is the floor: the stricter ratio

@@ -47,7 +47,8 @@ def load_tiny(client, folder):
 def prune_args(files, **overrides):
     args = dict(method="Wanda", sparsity=0.5, pattern="unstructured", custom_nm="1:4", calib_kind=CALIBRATION[1],
                 files=[handle_file(str(f)) for f in files], dataset="", nsamples=4, seqlen=32, seed=0, include="",
-                exclude="", prune_head=False, batch_size=0, wanda_variant=False, options=[], widths="uniform")
+                exclude="", prune_head=False, batch_size=0, wanda_variant=False, options=[], widths="uniform",
+                reconstruct_effort="fast")
     args.update(overrides)
     return list(args.values())
 

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from tests.test_estimate import smollm2
+from wanda_gui.app.steps.method import prune_config
+from wanda_gui.cli import _parser, prune_job
+from wanda_gui.core import estimate as est
 from wanda_gui.core.architecture import find_blocks, find_linears, weight_out_in
 from wanda_gui.core.config import PruneConfig
 from wanda_gui.core.engine import prune
@@ -15,8 +19,8 @@ from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.events import RunCancelled
 from wanda_gui.core.methods import Step
-from wanda_gui.core.methods.reconstruct import Reconstruct
-from wanda_gui.core.methods.reconstruct import refit
+from wanda_gui.core.methods.reconstruct import Reconstruct, refit, stalled
+from wanda_gui.core.sweep import sweep_runs
 
 
 def calibration():
@@ -111,7 +115,8 @@ def test_the_option_is_in_the_config_and_refused_without_calibration():
         PruneConfig("magnitude", 0.5, options=("reconstruct",))
 
 
-@pytest.mark.parametrize("settings", [dict(epochs=-1), dict(lr=0.0), dict(batch_size=0), dict(refit_iterations=-2)])
+@pytest.mark.parametrize("settings", [dict(epochs=-1), dict(lr=0.0), dict(batch_size=0), dict(refit_iterations=-2),
+                                      dict(window=0), dict(tolerance=-0.1)])
 def test_bad_settings_are_refused(settings):
     with pytest.raises(UserError, match="Reconstruction needs"):
         Reconstruct(**settings)
@@ -189,3 +194,61 @@ def test_adam_never_moves_a_pruned_weight():
     step.moved = []
     drain(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration(), steps=(step,)))
     assert len(step.moved) == 14 and max(step.moved) == 0.0, step.moved
+
+
+def test_stalled_reads_windows_of_steps():
+    assert not stalled([1.0] * 7, 4, 0.01)  # not two windows yet
+    assert stalled([1.0] * 8, 4, 0.01)
+    assert not stalled([2.0] * 4 + [1.0] * 4, 4, 0.01)  # still falling
+    assert not stalled([1.0] * 8, 4, 0.0)  # a tolerance of 0: never stops early
+
+
+def test_a_flat_loss_stops_adam_after_two_windows():
+    """One sample repeated and a learning rate too small to move anything plant a flat loss: Adam stops once two
+    windows of steps have shown it, far before its epochs run out; without a tolerance it runs them all."""
+    flat = Reconstruct(epochs=10, lr=1e-12, batch_size=1, window=3, tolerance=0.01)
+    full = Reconstruct(epochs=2, lr=1e-12, batch_size=1, window=3, tolerance=0.0)
+    for step in (flat, full):
+        drain(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration()[:1].repeat(8, 1), steps=(step,)))
+    assert flat.steps == [6, 6] and full.steps == [16, 16]
+
+
+def test_the_thorough_setting_reaches_a_loss_at_most_the_defaults():
+    fast, thorough = (PruneConfig("sparsegpt", 0.5, "2:4", options=("reconstruct",), efforts=efforts).steps()[0]
+                      for efforts in ({}, {"reconstruct": "thorough"}))
+    for step in (fast, thorough):
+        drain(prune(tiny_model("llama"), PruneConfig("sparsegpt", 0.5, "2:4"), calibration(), steps=(step,)))
+    assert (fast.epochs, thorough.epochs) == (1, 4) and sum(thorough.steps) > sum(fast.steps)
+    assert fast.errors[0][0] == pytest.approx(thorough.errors[0][0])  # the same block 0 (later inputs differ)
+    assert all(t[2] <= f[2] for f, t in zip(fast.errors, thorough.errors)), (fast.errors, thorough.errors)
+
+
+def test_the_effort_goes_through_the_config_and_the_cli():
+    assert PruneConfig("wanda", 0.5, options=("reconstruct",)).efforts == {"reconstruct": "fast"}
+    assert PruneConfig("wanda", 0.5).efforts == {}
+    config = prune_job(_parser().parse_args(["prune", "--model", "builtin", "--reconstruct", "--reconstruct-effort",
+                                             "thorough", "--out", "x"])).config
+    assert config.efforts == {"reconstruct": "thorough"} and config.steps()[0].refit_iterations == 30
+    with pytest.raises(UserError, match="needs Block reconstruction on"):
+        PruneConfig("wanda", 0.5, efforts={"reconstruct": "thorough"})
+    with pytest.raises(UserError, match="no effort 'slow'"):
+        PruneConfig("wanda", 0.5, options=("reconstruct",), efforts={"reconstruct": "slow"})
+    specs = sweep_runs(["wanda"], [0.5], ["2:4"], ("reconstruct",), {"reconstruct": "thorough"})
+    assert specs[0].key == "wanda+reconstruct=thorough|2:4|0.5" and specs[0].config().efforts["reconstruct"] == "thorough"
+    assert sweep_runs(["wanda"], [0.5], ["2:4"], ("reconstruct",))[0].key == "wanda+reconstruct|2:4|0.5"
+
+
+def test_the_estimate_counts_reconstruction_by_its_effort(monkeypatch):
+    monkeypatch.setattr(est, "matmul_rate", lambda device, dtype, tokens, width: 1e11)
+    info = smollm2()
+    seconds = [est.estimate(info, "sparsegpt", 64, 512, False, steps=PruneConfig(
+        "sparsegpt", 0.5, options=options, efforts=efforts).steps()).seconds
+        for options, efforts in (((), {}), (("reconstruct",), {}), (("reconstruct",), {"reconstruct": "thorough"}))]
+    assert seconds[0] < seconds[1] < seconds[2]
+
+
+def test_the_apps_effort_choice_reaches_the_config_only_with_reconstruction_on():
+    on = prune_config("SparseGPT", 0.5, "2:4", "1:4", "", "", False, 0, False, ["Block reconstruction"],
+                      reconstruct_effort="thorough")
+    off = prune_config("SparseGPT", 0.5, "2:4", "1:4", "", "", False, 0, False, [], reconstruct_effort="thorough")
+    assert on.efforts == {"reconstruct": "thorough"} and on.steps()[0].epochs == 4 and off.efforts == {}

@@ -167,7 +167,7 @@ def test_adaptive_widths_give_more_to_the_block_that_scores_higher_and_meet_the_
 
 def test_reconstruction_on_top_brings_the_blocks_outputs_closer_to_the_dense_ones():
     model = tiny_model("llama")
-    step = Reconstruct(epochs=4, batch_size=1)
+    step = Reconstruct(epochs=4, batch_size=1, lr=1e-4)  # errors of 1e-6 on this tiny model: small steps
     summary, _ = structured(model, method="flap", sparsity=0.3, steps=(step,))
     assert len(step.errors) == 2 and all(after < masked for masked, _, after in step.errors), step.errors
     assert model.model.layers[0].mlp.down_proj.in_features < 128

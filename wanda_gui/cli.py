@@ -63,8 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--wanda-variant", action="store_true",
                        help="Wanda only: the reference's per-layer alpha search (rows differ in sparsity; slightly worse "
                             "than plain Wanda on the built-in model)")
-    for key, option in OPTIONS.items():
-        prune.add_argument(f"--{key}", action="store_true", help=option.description)
+    _add_option_args(prune, "")
     prune.add_argument("--sparsity", type=float, default=0.5,
                        help="fraction of each row to zero, in [0, 1) (unstructured); with --pattern structured, the "
                             "fraction of the decoder linears' weights removed")
@@ -118,8 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--sparsities", default="0.3,0.5,0.6,0.7",
                        help="comma-separated fractions in [0, 1) for the unstructured runs (N:M patterns have their own)")
     sweep.add_argument("--patterns", default="unstructured", help="comma-separated: unstructured, 2:4, 4:8 or any N:M")
-    for key, option in OPTIONS.items():
-        sweep.add_argument(f"--{key}", action="store_true", help=f"on every run it applies to: {option.description}")
+    _add_option_args(sweep, "on every run it applies to: ")
     sweep.add_argument("--calib", nargs="+", default=["builtin"], metavar="SOURCE",
                        help="builtin, text FILE(s), or hf:NAME[:CONFIG] (wikitext2, c4 or any dataset)")
     sweep.add_argument("--nsamples", type=int, default=64)
@@ -175,6 +173,26 @@ def task_spec(args):
                     args.limit, args.num_fewshot)
 
 
+def _add_option_args(parser, prefix: str) -> None:
+    """Each option's flag, and --<key>-effort for an option with named settings (methods.OPTIONS)."""
+    for key, option in OPTIONS.items():
+        parser.add_argument(f"--{key}", action="store_true", help=prefix + option.description)
+        if option.efforts:
+            parser.add_argument(f"--{key}-effort", choices=list(option.efforts), default=None,
+                                help=f"with --{key}: " + "; ".join(f"{name}: {note}" for name, (note, _) in
+                                                                   option.efforts.items()) + f" (default {next(iter(option.efforts))})")
+
+
+def chosen_options(args) -> tuple[str, ...]:
+    return tuple(key for key in OPTIONS if getattr(args, key))
+
+
+def chosen_efforts(args) -> dict[str, str]:
+    """The efforts named on the command line, by option key (PruneConfig refuses one whose option is off)."""
+    return {key: getattr(args, f"{key}_effort") for key, option in OPTIONS.items()
+            if option.efforts and getattr(args, f"{key}_effort")}
+
+
 def prune_job(args):
     """The prune flags as the engine's job: everything after this reads the job, not the flags."""
     calibration = calibration_spec(args)
@@ -182,7 +200,7 @@ def prune_job(args):
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, layerwise=args.layerwise,
                          include=tuple(args.include), exclude=tuple(args.exclude), prune_head=args.prune_lm_head,
                          batch_size=args.batch_size, wanda_variant=args.wanda_variant,
-                         options=tuple(key for key in OPTIONS if getattr(args, key)), restore_on_abort=False,
+                         options=chosen_options(args), efforts=chosen_efforts(args), restore_on_abort=False,
                          widths=args.widths)
     return PruneJob(model_source(args), config, calibration, Path(args.out).expanduser().absolute(), args.overwrite,
                     args.eval_nwindows if args.eval else None, "offload" if args.offload else "memory",
@@ -318,7 +336,7 @@ def cmd_sweep(args) -> dict:
     _at_least(args.eval_seqlen, 2, "--eval-seqlen")
     job = sw.SweepJob(model_source(args), calibration,
                       sw.sweep_runs(_split(args.methods), _fractions(args.sparsities, "--sparsities"),
-                                    _split(args.patterns), tuple(key for key in OPTIONS if getattr(args, key))),
+                                    _split(args.patterns), chosen_options(args), chosen_efforts(args)),
                       Path(args.out).expanduser().absolute(), args.eval_nwindows, args.eval_seqlen)
     bar = None
     try:

@@ -41,6 +41,8 @@ class PruneConfig:
     wanda_variant: bool = False  # Wanda only: the reference's α-variant (per-layer target, rows differ)
     explain: bool = False  # attach to each LinearPruned its input norms and how Wanda's mask differs from magnitude's
     options: tuple[str, ...] = ()  # keys of methods.OPTIONS, kept in the order they act
+    efforts: dict[str, str] = dataclasses.field(default_factory=dict)  # an option's named setting (Step.efforts) by
+    # its key; every chosen option that has settings gets its first unless one is named
     widths: str = "uniform"  # structured pattern only: a key of WIDTHS
 
     def __post_init__(self):
@@ -67,6 +69,7 @@ class PruneConfig:
                 raise UserError(f"{option.label} {option.unstructured_only}, but {self.pattern} fixes every row's "
                                 f"sparsity: use the unstructured pattern with {option.label}, or turn it off.")
             option.check(self.pattern)
+        self.efforts = chosen_efforts(self.options, self.efforts)
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {self.batch_size}.")
 
@@ -121,7 +124,7 @@ class PruneConfig:
 
     def steps(self) -> tuple[Step, ...]:
         """The options' steps, fresh for each run (they keep per-run state)."""
-        return tuple(option() for option in self.option_classes)
+        return option_steps(self.options, self.efforts)
 
     def selection(self, sparsity: float) -> Selection:
         """What a method reads of this run for a stage pruned to `sparsity`."""
@@ -132,3 +135,22 @@ def refuse_without_activations(option: type[Step], method: Method) -> None:
     if option.needs_activations and not method.needs_activations:
         raise UserError(f"{option.label} {option.reads}: choose a method that reads them "
                         f"({', '.join(methods_reading_activations())}), or turn {option.label} off.")
+
+
+def chosen_efforts(options: tuple[str, ...], efforts: dict[str, str]) -> dict[str, str]:
+    """Each chosen option's setting: the one named, else its first; a setting of an option that is off, or a name
+    the option does not have, refused."""
+    for key, effort in efforts.items():
+        option = get_option(key)
+        if option.key not in options:
+            raise UserError(f"An effort for {option.label} needs {option.label} on: turn it on, or leave the effort out.")
+        if effort not in option.efforts:
+            raise UserError(f"{option.label} has no effort {effort!r}: use one of {', '.join(option.efforts) or 'none'}.")
+    return {key: efforts.get(key, next(iter(OPTIONS[key].efforts))) for key in options if OPTIONS[key].efforts}
+
+
+def option_steps(options: tuple[str, ...], efforts: dict[str, str]) -> tuple[Step, ...]:
+    """The chosen options' steps, each with its effort's settings (chosen_efforts)."""
+    efforts = chosen_efforts(options, efforts)
+    return tuple(OPTIONS[key](**OPTIONS[key].efforts[efforts[key]][1]) if key in efforts else OPTIONS[key]()
+                 for key in options)

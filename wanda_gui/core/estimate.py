@@ -19,7 +19,7 @@ import torch
 from .config import default_batch_size
 from .errors import UserError
 from .memory import format_bytes, free_bytes
-from .methods import get_method
+from .methods import Step, get_method
 
 # P1 (SmolLM2, 64 x 512, 2 cores) took 55 s: the linears' matmuls 34.2 s at the measured rate, attention 17% and
 # element-wise work 16% of the run, masking 2.7 s (README). Per FLOP at the matmul rate, that is:
@@ -33,6 +33,7 @@ METHOD_TIME_FACTOR = {"sparsegpt": 1.65, "alps": 1.65}
 # Counted as this many products of 2 x weights x hidden size FLOPs at the measured rate: 200 puts ALPS at 6.9x
 # SparseGPT for the built-in model at 16 x 256, where 2 shared cores measured 5.8x (745 s against 129 s); refit on P1.
 SOLVER_PRODUCTS = {"alps": 200}
+STEP_PASS_OVERHEAD = 1.0  # an option's pass (reconstruction's Adam steps, refit) against one of the method's
 MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
 SELECTION_BYTES_PER_WEIGHT = 4 + 1 + 4 + 8  # fp32 score, bool mask, top-k values and int64 indices
 TOKENIZING_BYTES = 96 * 1024 ** 2  # tokenizing in 100k-character pieces: fitted to benchmarks/estimate_check.py
@@ -155,28 +156,32 @@ def memory_parts(info, method: str, nsamples: int, seqlen: int, dense_copy: bool
     return parts
 
 
-def prune_seconds(info, method: str, nsamples: int, seqlen: int) -> float:
+def prune_seconds(info, method: str, nsamples: int, seqlen: int, steps: tuple[Step, ...] = ()) -> float:
     """Two block passes over nsamples x seqlen tokens (linears and attention) for activation methods, a layer solver's
-    work (ALPS), plus masking."""
+    work (ALPS), plus masking, plus the passes the options' steps add (Step.extra_passes: block reconstruction's, per
+    its setting)."""
     masking = MASKING_SECONDS_PER_WEIGHT * info.linear_parameters
     if not get_method(method).needs_activations:
         return masking
     tokens = nsamples * seqlen
-    linear_flops = 2 * 2 * info.linear_parameters * tokens
-    attention_flops = 2 * 2 * 2 * info.blocks * info.hidden_size * seqlen * tokens  # QK^T and AV, both passes
+    linear_flops = 2 * info.linear_parameters * tokens
+    attention_flops = 2 * 2 * info.blocks * info.hidden_size * seqlen * tokens  # QK^T and AV
     batch_tokens = default_batch_size(torch.device(info.device), seqlen) * seqlen
     rate = matmul_rate(info.device, _torch_dtype(info), batch_tokens, info.hidden_size)
+    one_pass = (LINEAR_OVERHEAD * linear_flops + ATTENTION_OVERHEAD * attention_flops) / rate
     name = get_method(method).name
     solver = SOLVER_PRODUCTS.get(name, 0) * 2 * info.linear_parameters * info.hidden_size / rate
     factor = METHOD_TIME_FACTOR.get(name, 1.0)
-    return factor * (LINEAR_OVERHEAD * linear_flops + ATTENTION_OVERHEAD * attention_flops) / rate + solver + masking
+    extra = sum(step.extra_passes(nsamples, seqlen, info.hidden_size) for step in steps)
+    return factor * 2 * one_pass + STEP_PASS_OVERHEAD * extra * one_pass + solver + masking
 
 
 def estimate(info, method: str, nsamples: int, seqlen: int, dense_copy: bool, batch_size: int | None = None,
-             busy: float = 0.0) -> Estimate:
+             busy: float = 0.0, steps: tuple[Step, ...] = ()) -> Estimate:
     """Time and memory of a pruning run; dense_copy: a second copy of the pruned linears is held (the app's pruned
-    model beside the dense one, or the engine's restore copy); busy: the share of the CPU other work takes now."""
-    return Estimate(prune_seconds(info, method, nsamples, seqlen),
+    model beside the dense one, or the engine's restore copy); busy: the share of the CPU other work takes now;
+    steps: the options' steps (PruneConfig.steps()), whose passes the time counts."""
+    return Estimate(prune_seconds(info, method, nsamples, seqlen, steps),
                     memory_parts(info, method, nsamples, seqlen, dense_copy, batch_size), busy)
 
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .config import PruneConfig
+from .config import PruneConfig, chosen_efforts
 from .engine import prune, select_linears, validate
 from .errors import UserError
 from .evaluate import perplexity
@@ -41,15 +41,18 @@ class RunSpec:
     pattern: Pattern
     sparsity: float
     options: tuple[str, ...] = ()  # keys of methods.OPTIONS, in their order
+    efforts: tuple[tuple[str, str], ...] = ()  # (option key, its named setting) where not the option's first
 
     @property
     def key(self) -> str:
         """Stable across processes, so a rerun recognises the runs already in results.json."""
-        return f"{self.method}{''.join('+' + o for o in self.options)}|{self.pattern}|{self.sparsity:g}"
+        efforts = dict(self.efforts)
+        options = ''.join(f"+{o}" + (f"={efforts[o]}" if o in efforts else "") for o in self.options)
+        return f"{self.method}{options}|{self.pattern}|{self.sparsity:g}"
 
     def config(self) -> PruneConfig:
         return PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern, options=self.options,
-                           restore_on_abort=False)
+                           efforts=dict(self.efforts), restore_on_abort=False)
 
     def row(self, **measured) -> dict:
         """A results row: the run's settings (a column per option) and what was measured."""
@@ -104,11 +107,13 @@ SweepEvent = SweepStarted | DenseMeasured | RunStarting | RunProgress | RunSkipp
 
 
 def sweep_runs(methods: list[str], sparsities: list[float], patterns: list[str | Pattern],
-               options: tuple[str, ...] = ()) -> list[RunSpec]:
+               options: tuple[str, ...] = (), efforts: dict[str, str] | None = None) -> list[RunSpec]:
     """Every method x pattern x sparsity, each with the options asked for; an N:M pattern has one sparsity of its
     own, so it ignores the sparsity axis (and an option that refuses N:M, such as OWL, leaves those runs alone)."""
     names = [get_method(m).name for m in methods]
     chosen = tuple(key for key in OPTIONS if key in {get_option(o).key for o in options})
+    named = {key: effort for key, effort in chosen_efforts(chosen, efforts or {}).items()
+             if effort != next(iter(OPTIONS[key].efforts))}
     parsed = [p if isinstance(p, Pattern) else Pattern.parse(p) for p in patterns]
     levels = [check_sparsity(s) for s in sparsities]
     if not names or not parsed:
@@ -120,7 +125,7 @@ def sweep_runs(methods: list[str], sparsities: list[float], patterns: list[str |
         for pattern in parsed:
             kept = tuple(key for key in chosen if not (pattern.nm and OPTIONS[key].unstructured_only))
             for sparsity in ([pattern.sparsity(0.0)] if pattern.nm else levels):
-                spec = RunSpec(name, pattern, sparsity, kept)
+                spec = RunSpec(name, pattern, sparsity, kept, tuple((k, e) for k, e in named.items() if k in kept))
                 spec.config()  # refused here, before anything runs, when the combination is invalid
                 specs.setdefault(spec.key, spec)
     return list(specs.values())

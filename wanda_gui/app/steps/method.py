@@ -38,12 +38,13 @@ def method_name(label: str) -> str:
 
 
 def prune_config(method, sparsity, pattern, custom_nm, include, exclude, prune_head, batch_size, wanda_variant,
-                 options=(), widths="uniform") -> PruneConfig:
+                 options=(), widths="uniform", reconstruct_effort=None) -> PruneConfig:
     return PruneConfig(method=method_name(method), sparsity=sparsity,
                        pattern=custom_nm if pattern == "custom N:M" else pattern, include=globs(include),
                        exclude=globs(exclude), prune_head=bool(prune_head),
                        batch_size=check_count(batch_size, "Batch size", 0) or None, wanda_variant=bool(wanda_variant),
-                       explain=True, options=option_keys(options), widths=widths or "uniform")
+                       explain=True, options=option_keys(options), widths=widths or "uniform",
+                       efforts=efforts_of(options, reconstruct_effort))
 
 
 def method_choices(pattern: str) -> list[str]:
@@ -59,6 +60,11 @@ def pattern_changed(pattern: str, method: str):
     choices = method_choices(pattern)
     return (gr.update(choices=choices, value=method if method in choices else choices[0]),
             gr.update(visible=pattern == "structured"))
+
+
+def efforts_of(options, reconstruct_effort) -> dict[str, str]:
+    """The page's effort choice, for reconstruction when it is on (the choice stays on the page when it is off)."""
+    return {"reconstruct": reconstruct_effort} if reconstruct_effort and "reconstruct" in option_keys(options) else {}
 
 
 def method_description(method: str) -> str:
@@ -80,14 +86,17 @@ def calibration_source(policy: ServePolicy, kind, files, dataset):
 
 
 @user_errors()
-def estimate_text(method, nsamples, seqlen, request: gr.Request):
+def estimate_text(method, nsamples, seqlen, options, reconstruct_effort, request: gr.Request):
     ws = session(request)
     if ws.loaded is None:
         return "Load a model to see an estimate."
     device = ws.loaded.info.device
+    keys = tuple(key for key in option_keys(options) if OPTIONS[key].needs_activations <= get_method(
+        method_name(method)).needs_activations)  # Start refuses the rest in words; the estimate leaves them out
+    steps = option_steps(keys, {k: e for k, e in efforts_of(options, reconstruct_effort).items() if k in keys})
     e = estimate(ws.loaded.info, method_name(method), check_count(nsamples, "Samples"),
                  check_count(seqlen, "Sequence length", 2), not ws.offloaded,
-                 busy=other_cpu_use() if device == "cpu" else 0.0)
+                 busy=other_cpu_use() if device == "cpu" else 0.0, steps=steps)
     return f"Estimate on {device}: {e} ({e.breakdown()})."
 
 
@@ -146,6 +155,10 @@ def layout(page: Page) -> None:
         add("options", gr.CheckboxGroup(list(OPTION_NAMES), value=[], label="Options (on top of the method)",
                                         elem_id="options"))
         gr.Markdown(options_note(), elem_id="options-note")
+        efforts = OPTIONS["reconstruct"].efforts
+        add("reconstruct_effort", gr.Radio(list(efforts), value=next(iter(efforts)), label="Reconstruction effort",
+                                           info="; ".join(f"{name}: {note}" for name, (note, _) in efforts.items()) +
+                                           ". The estimate below counts it.", elem_id="reconstruct-effort"))
         add("estimate", gr.Markdown("Load a model to see an estimate.", elem_id="estimate"))
         with gr.Row():
             add("start_btn", gr.Button("Start pruning", variant="primary", interactive=False, elem_id="start"))
@@ -159,12 +172,13 @@ def options_note() -> str:
 
 @user_errors(prune_failed)
 def prune(method, sparsity, pattern, custom_nm, calib_kind, files, dataset, nsamples, seqlen, seed, include, exclude,
-          prune_head, batch_size, wanda_variant, options, widths, request: gr.Request):
+          prune_head, batch_size, wanda_variant, options, widths, reconstruct_effort=None,
+          request: gr.Request = None):
     """Start: prune the session's model as the page says; step 3 shows the run."""
     ws = session(request)
     ws.require_model()
     config = prune_config(method, sparsity, pattern, custom_nm, include, exclude, prune_head, batch_size,
-                          wanda_variant, options, widths)
+                          wanda_variant, options, widths, reconstruct_effort)
     source = calibration_source(served(request).policy, calib_kind, files, dataset)
     nsamples, seqlen = check_count(nsamples, "Samples"), check_count(seqlen, "Sequence length", 2)
     seed = check_count(seed, "Seed", 0)
@@ -191,7 +205,7 @@ def wire(page: Page) -> None:
     page["calib_kind"].change(lambda k: (gr.update(visible=k == CALIBRATION[1]), gr.update(visible=k == CALIBRATION[2])),
                               page["calib_kind"], page.out(("files", "dataset")), queue=False, api_visibility="private")
     page.events["load"].then(estimate_text, page.inputs_of(estimate_text), page["estimate"], api_visibility="private")
-    for name in ("method", "nsamples", "seqlen"):
+    for name in ("method", "nsamples", "seqlen", "options", "reconstruct_effort"):
         page[name].change(estimate_text, page.inputs_of(estimate_text), page["estimate"], api_visibility="private")
     page.queued(page["start_btn"].click, "prune_status", "start pruning", prune, page.out(PRUNE_OUTPUTS),
                 api_name="prune", **WORK)

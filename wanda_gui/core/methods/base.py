@@ -70,11 +70,18 @@ class Step:
     unstructured_only: str = ""  # why it refuses N:M patterns ("" : it takes them)
     offload_refusal: str | None = None  # why it cannot run on a model read block by block from disk; None: it can
     torchrun_refusal: str | None = None  # why it cannot run split over torchrun processes; None: it can
+    efforts: dict[str, tuple[str, dict]] = {}  # named settings, the first the default: (what it costs, the
+    # constructor's arguments); the CLI's --<key>-effort, the app's choice and PruneConfig.efforts read them
     takes_structured: bool = False  # it works on a block whose linears were made smaller (core.structured)
 
     @classmethod
     def check(cls, pattern: Pattern) -> None:
         """Refuse, before a model is loaded, a pattern this option cannot serve (PruneConfig calls it when on)."""
+
+    def extra_passes(self, nsamples: int, seqlen: int, width: int) -> float:
+        """For the time estimate: the forward passes over the calibration tokens through every block that this
+        hook adds to the method's two (a backward counting two), at most."""
+        return 0.0
 
     def before_pruning(self, ctx: RunContext) -> Iterator[Event] | None:
         """Called once, the model still dense, after the first block's inputs are captured. A hook with work of its
