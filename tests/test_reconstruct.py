@@ -252,3 +252,15 @@ def test_the_apps_effort_choice_reaches_the_config_only_with_reconstruction_on()
                       reconstruct_effort="thorough")
     off = prune_config("SparseGPT", 0.5, "2:4", "1:4", "", "", False, 0, False, [], reconstruct_effort="thorough")
     assert on.efforts == {"reconstruct": "thorough"} and on.steps()[0].epochs == 4 and off.efforts == {}
+
+
+def test_adam_that_overshoots_gives_the_block_back_its_refit():
+    """A learning rate far too large makes Adam worse than the closed-form refit it starts from: the block keeps the
+    refit's weights (the final error is the refit's, exactly), and the masks still hold."""
+    step, seen = Reconstruct(epochs=2, lr=10.0), Masks()
+    model = tiny_model("llama")
+    drain(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(step, seen)))
+    assert all(final == refitted < masked for masked, refitted, final in step.errors), step.errors
+    modules = dict(model.named_modules())
+    for name, mask in seen.masks.items():
+        assert torch.equal(weight_out_in(modules[name]) == 0, mask), name

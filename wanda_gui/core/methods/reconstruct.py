@@ -255,9 +255,18 @@ class Reconstruct(Step):
                                self.refit_iterations)
                 weight_out_in(linear).data.copy_(fitted)
         refitted = error()
+        final = refitted
         if self.epochs:
+            before = {name: linear.weight.detach().clone() for name, linear in block.linears.items()}
             self.adam(ctx, module, call, hidden, targets, block, keeps)
-        self.errors.append((masked, refitted, error()))
+            final = error()
+            if final > refitted:  # Adam overshot a block the refit had already fitted well: keep the refit
+                with torch.no_grad():
+                    for name, linear in block.linears.items():
+                        linear.weight.copy_(before[name])
+                final = refitted
+            del before
+        self.errors.append((masked, refitted, final))
 
     def adam(self, ctx: RunContext, module: nn.Module, call: BlockCall, hidden: torch.Tensor, targets: torch.Tensor,
              block: BlockMasked, keeps: dict[str, torch.Tensor]) -> None:
