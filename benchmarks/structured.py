@@ -5,6 +5,7 @@ FLAP + block reconstruction, each with uniform and adaptive widths: perplexity, 
 same way in this one process. Writes JSON (after every run) and prints a table.
 
 Usage: python benchmarks/structured.py [--out benchmarks/structured-cpu.json] [--device cpu] [--quick]
+       [--runs flap:uniform flap+reconstruct:adaptive ...] [--sparsities 0.2 0.5]
 --quick: tiny sizes (4 x 64 calibration, 2 evaluation windows, 20% only, three runs, 64-token prompt, 8 new tokens),
 to check that the script works; its figures mean nothing.
 """
@@ -64,9 +65,12 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="write the JSON here (after every run)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
+    parser.add_argument("--runs", nargs="+", default=None, help="METHOD[+OPTION]:WIDTHS (default: all six)")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None, help="default: 0.1 0.2 0.3 0.5")
     args = parser.parse_args()
     nsamples, seqlen, nwindows, prompt, new = (4, 64, 2, 64, 8) if args.quick else (64, 512, 64, 512, 128)
     runs, sparsities = (QUICK_RUNS, [0.2]) if args.quick else (RUNS, SPARSITIES)
+    runs, sparsities = args.runs or runs, args.sparsities or sparsities
 
     loaded = load_model("builtin", args.device, None)
     device = torch.device(loaded.info.device)
