@@ -36,7 +36,7 @@ def latest(job, names) -> dict:
 
 def compare_args(files, **overrides):
     args = dict(methods=["Wanda", "Magnitude"], options=[], baseline=True, sparsities=[0.3, 0.6],
-                patterns=["unstructured"], nwindows=2, calib_kind=CALIBRATION[1],
+                patterns=["unstructured"], nwindows=2, speed=False, calib_kind=CALIBRATION[1],
                 files=[handle_file(str(f)) for f in files], dataset="", nsamples=4, seqlen=32, seed=0)
     args.update(overrides)
     return list(args.values())
@@ -130,4 +130,25 @@ def test_refusals_are_answered_in_words(app, tiny_model_dir, text_file):
     final = named(job.result(), COMPARE_OUTPUTS)
     assert table_runs(final["compare_table"]) == ["dense", "wanda + DSnoT", "magnitude"]
     assert "Magnitude reads no activations" in final["compare_status"]
+    client.close()
+
+
+def test_structured_runs_with_speed_show_parameters_and_a_speed_chart(app, tiny_model_dir, text_file):
+    """Structured beside unstructured, each method on the patterns it takes (FLAP structured only, said so), the
+    table with parameters and generation speed against dense, and the chart of perplexity against speed."""
+    client = Client(app.local_url, verbose=False)
+    load_tiny(client, tiny_model_dir)
+    job = client.submit(*compare_args([text_file], methods=["Wanda", "FLAP"], sparsities=[0.4], nwindows=1,
+                                      patterns=["unstructured", "structured"], speed=True), api_name="/compare")
+    final = latest(job, COMPARE_OUTPUTS)
+    assert final["compare_status"].startswith("✓ Compared 3 runs"), final["compare_status"]
+    assert "FLAP does not take unstructured" in final["compare_status"]
+    assert table_runs(final["compare_table"]) == ["dense", "wanda", "wanda structured", "flap structured"]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in final["compare_table"].splitlines()[2:]}
+    parameters = {name: float(cells[6].removesuffix(" M")) for name, cells in rows.items()}
+    assert parameters["wanda"] == parameters["dense"] > parameters["wanda structured"]
+    assert rows["dense"][8] == "1.00x" and all(float(cells[7]) > 0 for cells in rows.values())
+    speed = traces(final["compare_speed_chart"])
+    assert speed["dense model"] == 1 and speed["wanda structured"] == 1 and speed["flap structured"] == 1
     client.close()

@@ -16,7 +16,7 @@ from wanda_gui.core.copies import pruning_copy, shared_bytes, tensor_bytes
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.models import load_model
 from wanda_gui.core.sweep import (DenseMeasured, RunDone, RunSkipped, RunStarting, SweepFinished, SweepStarted, chart_figure,
-                                  run_sweep, sweep_runs)
+                                  figure_of, run_sweep, sweep_runs)
 
 METHODS = ["wanda", "magnitude", "sparsegpt"]
 EVAL = dict(eval_nwindows=3, eval_seqlen=32)
@@ -229,3 +229,40 @@ def test_an_output_path_that_is_a_file_is_refused(loaded, calibration, tmp_path)
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):
         with pytest.raises(UserError, match="file"):
             list(run_sweep(loaded, specs, *calibration, out_dir=out, **EVAL))
+
+
+def test_each_method_runs_the_patterns_it_takes_and_structured_runs_drop_single_weight_options():
+    """FLAP is structured only, SparseGPT scores single weights; a structured run keeps reconstruction (it refits the
+    smaller linears) and drops DSnoT (it swaps single weights)."""
+    specs = sweep_runs(["wanda", "sparsegpt", "flap"], [0.2], ["unstructured", "structured"], ("dsnot", "reconstruct"))
+    assert [s.key for s in specs] == ["wanda+dsnot+reconstruct|unstructured|0.2", "wanda+reconstruct|structured|0.2",
+                                      "sparsegpt+dsnot+reconstruct|unstructured|0.2", "flap+reconstruct|structured|0.2"]
+    with pytest.raises(UserError, match="takes the patterns"):
+        sweep_runs(["flap"], [0.5], ["unstructured", "2:4"])
+    with pytest.raises(UserError, match="takes the patterns"):
+        sweep_runs(["sparsegpt"], [0.5], ["structured"])
+
+
+def test_a_structured_sweep_with_speed_measures_parameters_and_tokens_per_second(loaded, calibration, tmp_path):
+    """Parameters and speed per row: a structured run really has fewer parameters, an unstructured one stores as many
+    as dense; a third chart puts perplexity against generation speed, the dense model as a point; a rerun without
+    speed is refused (its rows would have none)."""
+    specs = sweep_runs(["wanda"], [0.4], ["unstructured", "structured"])
+    list(run_sweep(loaded, specs, *calibration, out_dir=tmp_path, speed=True, **EVAL))
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    dense, flat, shrunk = rows["dense"], rows["wanda|unstructured|0.4"], rows["wanda|structured|0.4"]
+    assert flat["parameters"] == dense["parameters"] > shrunk["parameters"]
+    assert shrunk["achieved_sparsity"] == pytest.approx(0.4, abs=0.05)
+    assert all(r[c] > 0 for r in rows.values() for c in ("prefill_tokens_per_second", "generation_tokens_per_second"))
+    assert data["header"]["speed"] == {"device": "cpu"}
+    html = (tmp_path / "chart.html").read_text()
+    assert html.count('class="plotly-graph-div"') == 3 and "generation tokens/s" in html
+    figure = figure_of(data["rows"], "speed")
+    points = {t.name: list(t.x) for t in figure.data}
+    assert points["dense model"] == [dense["generation_tokens_per_second"]]
+    assert points["wanda structured"] == [shrunk["generation_tokens_per_second"]]
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert int(next(r for r in csv.DictReader(f) if r["key"] == shrunk["key"])["parameters"]) == shrunk["parameters"]
+    with pytest.raises(UserError, match="speed"):
+        list(run_sweep(loaded, specs, *calibration, out_dir=tmp_path, **EVAL))

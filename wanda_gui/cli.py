@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--methods", default="wanda,magnitude", help=f"comma-separated, from {','.join(METHODS)}")
     sweep.add_argument("--sparsities", default="0.3,0.5,0.6,0.7",
                        help="comma-separated fractions in [0, 1) for the unstructured runs (N:M patterns have their own)")
-    sweep.add_argument("--patterns", default="unstructured", help="comma-separated: unstructured, 2:4, 4:8 or any N:M")
+    sweep.add_argument("--patterns", default="unstructured",
+                       help="comma-separated: unstructured, structured, 2:4, 4:8 or any N:M")
     _add_option_args(sweep, "on every run it applies to: ")
     sweep.add_argument("--calib", nargs="+", default=["builtin"], metavar="SOURCE",
                        help="builtin, text FILE(s), or hf:NAME[:CONFIG] (wikitext2, c4 or any dataset)")
@@ -126,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--eval-nwindows", type=int, default=64)
     sweep.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (PROTOCOL: 512)")
     sweep.add_argument("--out", required=True, help="results folder; rerun with the same folder and settings to resume")
+    sweep.add_argument("--speed", action="store_true",
+                       help="measure each model's prefill and generation tokens/s too (batch 1; a chart against it)")
 
     return parser
 
@@ -337,7 +340,7 @@ def cmd_sweep(args) -> dict:
     job = sw.SweepJob(model_source(args), calibration,
                       sw.sweep_runs(_split(args.methods), _fractions(args.sparsities, "--sparsities"),
                                     _split(args.patterns), chosen_options(args), chosen_efforts(args)),
-                      Path(args.out).expanduser().absolute(), args.eval_nwindows, args.eval_seqlen)
+                      Path(args.out).expanduser().absolute(), args.eval_nwindows, args.eval_seqlen, args.speed)
     bar = None
     try:
         for event in sw.run_job(job, _progress):
@@ -359,8 +362,10 @@ def cmd_sweep(args) -> dict:
             bar.close()
     if not args.json:
         for row in finished.rows:
+            speed = row.get("generation_tokens_per_second")
             print(f"{row['key']:<30} sparsity {row['achieved_sparsity']:.4f}  perplexity {row['perplexity']:.3f}  "
-                  f"prune {row['prune_seconds']:.1f} s")
+                  f"prune {row['prune_seconds']:.1f} s  {row['parameters']:,} parameters" +
+                  (f"  generation {speed:.1f} tok/s" if speed is not None else ""))
         print(f"results in {job.out}: {sw.RESULTS_CSV}, {sw.RESULTS_JSON}, {sw.CHART_HTML}")
     return {"out": str(job.out), "header": finished.header, "rows": finished.rows}
 

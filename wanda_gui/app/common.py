@@ -151,7 +151,8 @@ BUTTONS = ("load_btn", "start_btn", "send_btn", "export_btn", "eval_btn", "stop_
 AFTER_RUN = ("ppl_md", "dense_chat", "pruned_chat", "dense_stats", "pruned_stats", "chat_status", "export_status",
              "report_file", "zs_md", "speed_md")
 RUN_VIEW = ("block_plot", "map_plot", "layer_pick", "results", "why_plot", "owl_plot")
-COMPARE_VIEW = ("compare_chart", "compare_time_chart", "compare_table", "compare_pick", "compare_files")  # what a comparison shows
+COMPARE_VIEW = ("compare_chart", "compare_time_chart", "compare_speed_chart", "compare_table", "compare_pick",
+                "compare_files")  # what a comparison shows
 
 
 def updates(names: tuple[str, ...], **values) -> tuple:
@@ -182,6 +183,7 @@ def cleared(*groups: tuple[str, ...]) -> dict:
                  pruned_chat=[], dense_stats="", pruned_stats="", chat_status="", export_status="",
                  report_file=gr.update(value=None, visible=False), compare_chart=plots.empty(COMPARE_EMPTY),
                  compare_time_chart=plots.empty(COMPARE_TIME_EMPTY),
+                 compare_speed_chart=gr.update(value=None, visible=False),
                  compare_table="", compare_pick=gr.update(choices=[], value=None),
                  compare_files=gr.update(value=None, visible=False))
     return {name: empty[name] for group in groups for name in group}

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..core.methods import get_method
-from ..core.sweep import AXES, DENSE, chart_figure
+from ..core.sweep import AXES, figure_of
 
 ACCENT = "#0f766e"
 SECOND = "#f59e0b"
@@ -244,16 +244,22 @@ def owl_chart(sparsities: list[float], outlier_ratios: list[float] | None, targe
     return fig
 
 
+# per axis of core.sweep.AXES: the chart's title and how to read it
+TITLES = {"sparsity": "Perplexity against sparsity", "seconds": "Perplexity against prune time",
+          "speed": "Perplexity against generation speed"}
+SUBTITLES = {"sparsity": "lower is better · log scale · a line per method · N:M and structured runs as diamonds",
+             "seconds": "lower and further left is better: the quality a run buys for its time · both axes log scale",
+             "speed": "lower and further right is better · the dense model as a star · zeros stored densely run at "
+                      "the dense speed; structured runs are smaller and faster"}
+
+
 def comparison_chart(rows: list[dict], x: str = "sparsity") -> go.Figure:
-    """core.sweep's chart (perplexity against sparsity, or against prune seconds, log scale, the dense line), titled
+    """core.sweep's chart (perplexity against sparsity, prune seconds or generation speed, the dense model), titled
     like the page's other figures. Its legend goes to the right, one entry a line: a comparison may have many entries,
     and a row of them above the plot would wrap up onto the title in a narrow window."""
-    dense = next((row["perplexity"] for row in rows if row["key"] == DENSE), None)
-    fig = chart_figure([row for row in rows if row["key"] != DENSE], dense, x)
-    subtitle = ("lower is better · log scale · a line per method · N:M runs as diamonds" if x == "sparsity" else
-                "lower and further left is better: the quality a run buys for its time · both axes log scale")
+    fig = figure_of(rows, x)
     fig.update_layout(**{**LAYOUT, "height": 420, "margin": dict(l=65, r=30, t=TOP, b=45)},
-                      title=titled(f"Perplexity against {'sparsity' if x == 'sparsity' else 'prune time'}", subtitle),
+                      title=titled(TITLES[x], SUBTITLES[x]),
                       legend=dict(title=None, orientation="v", x=1.02, xanchor="left", y=1, yanchor="top",
                                   font=dict(size=11)))
     fig.update_xaxes(title=dict(text=AXES[x][1], standoff=6))

@@ -349,13 +349,13 @@ class Workspace:
 
     # -- comparing
     def compare(self, specs: list, calibration_source, nsamples: int, seqlen: int, seed: int, eval_nwindows: int,
-                folder: Path) -> Iterator:
+                folder: Path, speed: bool = False) -> Iterator:
         """core.sweep's runs, one pruned copy at a time, each freed once measured; yields its events. The session's
         own pruned model is let go first, so that no more than one copy beside the dense model is ever held."""
         with self.doing("comparing methods"):
-            yield from self._compare(specs, calibration_source, nsamples, seqlen, seed, eval_nwindows, folder)
+            yield from self._compare(specs, calibration_source, nsamples, seqlen, seed, eval_nwindows, folder, speed)
 
-    def _compare(self, specs, calibration_source, nsamples, seqlen, seed, eval_nwindows, folder) -> Iterator:
+    def _compare(self, specs, calibration_source, nsamples, seqlen, seed, eval_nwindows, folder, speed) -> Iterator:
         loaded = self.require_model()
         if not self.dense_kept:
             raise UserError("The model was pruned in place (no room for a copy); reload it before comparing.")
@@ -380,7 +380,7 @@ class Workspace:
                                                   Path(folder))
         eval_seqlen = min(512, loaded.info.context_length or 512)
         for event in sweep.run_sweep(loaded, specs, windows, calibration, eval_nwindows, folder, self.cancel,
-                                     eval_seqlen):
+                                     eval_seqlen, speed):
             if isinstance(event, (sweep.DenseMeasured, sweep.RunDone)):
                 comparison.rows.append(event.row)
             yield event

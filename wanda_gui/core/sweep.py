@@ -21,16 +21,18 @@ from .evaluate import perplexity
 from .events import LinearPruned
 from .masks import Pattern, check_sparsity
 from .memory import release_memory
-from .methods import OPTIONS, get_method, get_option
+from .methods import OPTIONS, get_method, get_option, structured_methods
 from .passes import Cancelled
 from .calibration import check_seqlen
 from .estimate import check_eval_fits, check_fits
 from .runs import CalibrationSpec, ModelSource, outcome, pruned_copy, vocab_size
+from .speed import measure_speed
 
 DENSE = "dense"
 RESULTS_JSON, RESULTS_CSV, CHART_HTML = "results.json", "results.csv", "chart.html"
-COLUMNS = ("key", "method", "pattern", *OPTIONS, "target_sparsity", "achieved_sparsity", "perplexity",
-           "prune_seconds", "eval_seconds")
+SPEED_COLUMNS = ("prefill_tokens_per_second", "generation_tokens_per_second")  # with --speed / Compare's checkbox
+COLUMNS = ("key", "method", "pattern", *OPTIONS, "target_sparsity", "achieved_sparsity", "parameters", "perplexity",
+           "prune_seconds", "eval_seconds", *SPEED_COLUMNS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +111,9 @@ SweepEvent = SweepStarted | DenseMeasured | RunStarting | RunProgress | RunSkipp
 def sweep_runs(methods: list[str], sparsities: list[float], patterns: list[str | Pattern],
                options: tuple[str, ...] = (), efforts: dict[str, str] | None = None) -> list[RunSpec]:
     """Every method x pattern x sparsity, each with the options asked for; an N:M pattern has one sparsity of its
-    own, so it ignores the sparsity axis (and an option that refuses N:M, such as OWL, leaves those runs alone)."""
+    own, so it ignores the sparsity axis (and an option that refuses N:M, such as OWL, leaves those runs alone). A
+    method skips the patterns it cannot take (SparseGPT structured, FLAP anything else), and a structured run goes
+    without the options that work on single weights."""
     names = [get_method(m).name for m in methods]
     chosen = tuple(key for key in OPTIONS if key in {get_option(o).key for o in options})
     named = {key: effort for key, effort in chosen_efforts(chosen, efforts or {}).items()
@@ -122,12 +126,17 @@ def sweep_runs(methods: list[str], sparsities: list[float], patterns: list[str |
         raise UserError("An unstructured sweep needs at least one sparsity, e.g. 0.5.")
     specs: dict[str, RunSpec] = {}
     for name in names:
-        for pattern in parsed:
-            kept = tuple(key for key in chosen if not (pattern.nm and OPTIONS[key].unstructured_only))
+        for pattern in (p for p in parsed if get_method(name).takes(p)):
+            kept = tuple(key for key in chosen if not (pattern.nm and OPTIONS[key].unstructured_only)
+                         and not (pattern.structured and not OPTIONS[key].takes_structured))
             for sparsity in ([pattern.sparsity(0.0)] if pattern.nm else levels):
                 spec = RunSpec(name, pattern, sparsity, kept, tuple((k, e) for k, e in named.items() if k in kept))
                 spec.config()  # refused here, before anything runs, when the combination is invalid
                 specs.setdefault(spec.key, spec)
+    if not specs:
+        raise UserError(f"No method asked for takes the patterns asked for ({', '.join(map(str, parsed))}): "
+                        f"{', '.join(structured_methods())} remove whole channels (structured), the others single "
+                        "weights.")
     return list(specs.values())
 
 
@@ -139,10 +148,12 @@ def check_out_dir(out_dir: Path) -> None:
         raise UserError(f"{out_dir} lies under a file, not a folder; pick another output folder.")
 
 
-def sweep_header(loaded, calibration_info: dict, eval_seqlen: int, eval_nwindows: int) -> dict:
-    """What makes two sweeps' numbers comparable: a rerun must match it to reuse finished runs."""
-    return {"model": loaded.name, "dtype": loaded.info.dtype, "calibration": dict(calibration_info),
-            "evaluation": {"seqlen": eval_seqlen, "nwindows": eval_nwindows}}
+def sweep_header(loaded, calibration_info: dict, eval_seqlen: int, eval_nwindows: int, speed: bool = False) -> dict:
+    """What makes two sweeps' numbers comparable: a rerun must match it to reuse finished runs (one that measures
+    speed names its device: tokens/s compare only there)."""
+    header = {"model": loaded.name, "dtype": loaded.info.dtype, "calibration": dict(calibration_info),
+              "evaluation": {"seqlen": eval_seqlen, "nwindows": eval_nwindows}}
+    return {**header, "speed": {"device": loaded.info.device}} if speed else header
 
 
 def read_results(out_dir: Path, header: dict) -> list[dict]:
@@ -194,8 +205,7 @@ def save(out_dir: Path, header: dict, rows: list[dict]) -> None:
     """results.json, results.csv and chart.html, each replaced whole."""
     write_atomic(out_dir / RESULTS_JSON, json.dumps({"header": header, "rows": rows}, indent=2))
     write_atomic(out_dir / RESULTS_CSV, results_csv(rows))
-    dense = next((r["perplexity"] for r in rows if r["key"] == DENSE), None)
-    write_atomic(out_dir / CHART_HTML, chart_html([r for r in rows if r["key"] != DENSE], dense))
+    write_atomic(out_dir / CHART_HTML, chart_html(rows))
 
 
 class Stopped(Exception):
@@ -214,26 +224,33 @@ def zero_fraction(model: torch.nn.Module) -> float:
 
 
 def measure(loaded, model: torch.nn.Module, eval_seqlen: int, eval_nwindows: int,
-            cancel: threading.Event | None) -> tuple[float, float]:
-    """(perplexity, seconds) on the protocol's evaluation windows."""
+            cancel: threading.Event | None, speed: bool) -> dict:
+    """Perplexity and its seconds on the protocol's evaluation windows, the parameters stored, and with `speed`
+    prefill and generation tokens/s (core.speed, as the results page measures them)."""
     try:
         result = perplexity(model, loaded.tokenizer, seqlen=eval_seqlen, nwindows=eval_nwindows, cancel=cancel)
     except UserError:
         if stopped(cancel):
             raise Stopped from None
         raise
-    return result.perplexity, result.seconds
+    measured = {"parameters": sum(p.numel() for p in model.parameters()), "perplexity": result.perplexity,
+                "eval_seconds": result.seconds}
+    if speed:
+        if stopped(cancel):
+            raise Stopped
+        speeds = measure_speed(model, loaded.tokenizer, loaded.info.device)
+        measured.update({column: speeds[column] for column in SPEED_COLUMNS})
+    return measured
 
 
-def dense_row(loaded, eval_seqlen: int, eval_nwindows: int, cancel: threading.Event | None) -> dict:
-    ppl, seconds = measure(loaded, loaded.model, eval_seqlen, eval_nwindows, cancel)
+def dense_row(loaded, eval_seqlen: int, eval_nwindows: int, cancel: threading.Event | None, speed: bool) -> dict:
     return {"key": DENSE, "method": DENSE, "pattern": "", **{key: False for key in OPTIONS}, "target_sparsity": 0.0,
-            "achieved_sparsity": zero_fraction(loaded.model), "perplexity": ppl, "prune_seconds": 0.0,
-            "eval_seconds": seconds}
+            "achieved_sparsity": zero_fraction(loaded.model), "prune_seconds": 0.0,
+            **measure(loaded, loaded.model, eval_seqlen, eval_nwindows, cancel, speed)}
 
 
 def run_one(loaded, spec: RunSpec, windows: torch.Tensor, eval_seqlen: int, eval_nwindows: int,
-            cancel: threading.Event | None) -> Iterator[RunProgress | RunDone]:
+            cancel: threading.Event | None, speed: bool = False) -> Iterator[RunProgress | RunDone]:
     """Prune a copy that shares every untouched tensor with the dense model, measure it, free it."""
     config = spec.config()
     copy = pruned_copy(loaded.model, config)
@@ -248,25 +265,27 @@ def run_one(loaded, spec: RunSpec, windows: torch.Tensor, eval_seqlen: int, eval
         except UserError as e:
             raise UserError(f"Run {spec.key} failed: {e}. The finished runs are kept; rerun to resume.") from None
         prune_seconds = time.perf_counter() - started
-        ppl, eval_seconds = measure(loaded, copy, eval_seqlen, eval_nwindows, cancel)
+        measured = measure(loaded, copy, eval_seqlen, eval_nwindows, cancel, speed)
     finally:
         del copy
         release_memory()
     yield RunDone(spec.row(target_sparsity=summary.target_sparsity, achieved_sparsity=summary.achieved_sparsity,
-                           perplexity=ppl, prune_seconds=prune_seconds, eval_seconds=eval_seconds))
+                           prune_seconds=prune_seconds, **measured))
 
 
 def run_sweep(loaded, specs: list[RunSpec], windows: torch.Tensor, calibration_info: dict, eval_nwindows: int,
-              out_dir: str | Path, cancel: threading.Event | None = None, eval_seqlen: int = 512) -> Iterator[SweepEvent]:
+              out_dir: str | Path, cancel: threading.Event | None = None, eval_seqlen: int = 512,
+              speed: bool = False) -> Iterator[SweepEvent]:
     """Dense perplexity once, then each spec on a fresh pruning copy (the dense model is never touched); results
     are saved after every run, and runs already in out_dir's results.json (same settings) are skipped. A stop
-    ends the stream with SweepFinished(cancelled=True), the finished runs saved."""
+    ends the stream with SweepFinished(cancelled=True), the finished runs saved. `speed`: each model's prefill and
+    generation tokens/s too (a structured run's are its own; zeros stored densely run at the dense speed)."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     for spec in specs:  # every run must fit this model before the first one starts
         validate(loaded.model, spec.config())
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = sweep_header(loaded, calibration_info, eval_seqlen, eval_nwindows)
+    header = sweep_header(loaded, calibration_info, eval_seqlen, eval_nwindows, speed)
     rows = read_results(out_dir, header)
     done = {row["key"]: row for row in rows}
     todo = [s for s in specs if s.key not in done]
@@ -276,14 +295,14 @@ def run_sweep(loaded, specs: list[RunSpec], windows: torch.Tensor, calibration_i
             yield RunSkipped(spec, done[spec.key])
     try:
         if DENSE not in done:
-            rows.insert(0, dense_row(loaded, eval_seqlen, eval_nwindows, cancel))
+            rows.insert(0, dense_row(loaded, eval_seqlen, eval_nwindows, cancel, speed))
             save(out_dir, header, rows)
             yield DenseMeasured(rows[0])
         for index, spec in enumerate(todo, 1):
             if stopped(cancel):
                 raise Stopped
             yield RunStarting(index, len(todo), spec)
-            for event in run_one(loaded, spec, windows, eval_seqlen, eval_nwindows, cancel):
+            for event in run_one(loaded, spec, windows, eval_seqlen, eval_nwindows, cancel, speed):
                 if isinstance(event, RunDone):
                     rows.append(event.row)
                     save(out_dir, header, rows)
@@ -301,14 +320,21 @@ def trace_name(row: dict) -> str:
 
 
 # What a comparison's charts put on the x axis: the row's column, the axis title, and whether the axis is logarithmic
-AXES = {"sparsity": ("achieved_sparsity", "achieved sparsity", False),
-        "seconds": ("prune_seconds", "prune seconds (log scale)", True)}
+AXES = {"sparsity": ("achieved_sparsity", "achieved sparsity (structured: the linears' weights removed)", False),
+        "seconds": ("prune_seconds", "prune seconds (log scale)", True),
+        "speed": ("generation_tokens_per_second", "generation tokens/s (batch 1)", False)}
 
 
-def chart_figure(rows: list[dict], dense_ppl: float | None, x: str = "sparsity"):
+def axes_of(rows: list[dict]) -> list[str]:
+    """The AXES every pruned row has a value for (speed only where it was measured)."""
+    pruned = [row for row in rows if row["key"] != DENSE]
+    return [x for x, (column, _, _) in AXES.items() if all(row.get(column) is not None for row in pruned)]
+
+
+def chart_figure(rows: list[dict], dense_ppl: float | None, x: str = "sparsity", dense_x: float | None = None):
     """Perplexity (log scale) against a column of AXES, as a plotly Figure: a line per method against sparsity
-    (markers for N:M runs), markers against time, the dense model as a line (the app shows these figures live;
-    chart_html saves them)."""
+    (markers for N:M runs, diamonds for N:M and structured), markers against time and speed, the dense model as a
+    line (and, against speed, a point: `dense_x`); the app shows these figures live, chart_html saves them."""
     import plotly.graph_objects as go
 
     column, title, log = AXES[x]
@@ -319,15 +345,19 @@ def chart_figure(rows: list[dict], dense_ppl: float | None, x: str = "sparsity")
             groups.setdefault(trace_name(row), []).append(row)
     for name, group in groups.items():
         group.sort(key=lambda r: r[column])
-        structured = group[0]["pattern"] != "unstructured"
+        pattern = Pattern.parse(group[0]["pattern"])
+        diamond = pattern.nm or pattern.structured
         fig.add_scatter(x=[r[column] for r in group], y=[r["perplexity"] for r in group], name=name,
-                        mode="markers" if structured or log else "lines+markers",
-                        marker=dict(size=11 if structured else 7, symbol="diamond" if structured else "circle"),
+                        mode="markers" if pattern.nm or x != "sparsity" else "lines+markers",
+                        marker=dict(size=11 if diamond else 7, symbol="diamond" if diamond else "circle"),
                         customdata=[[r["key"], r["achieved_sparsity"], r["prune_seconds"]] for r in group],
                         hovertemplate="%{customdata[0]}<br>sparsity %{customdata[1]:.3f}<br>prune %{customdata[2]:.1f} s"
                                       "<br>perplexity %{y:.2f}<extra></extra>")
+    if dense_ppl is not None and dense_x is not None:  # the dense model's own point (its speed)
+        fig.add_scatter(x=[dense_x], y=[dense_ppl], name="dense model", mode="markers",
+                        marker=dict(color="black", size=10, symbol="star"), hoverinfo="name+x")
     if dense_ppl is not None:
-        values = [r[column] for r in rows if r["key"] != DENSE]
+        values = [r[column] for r in rows if r["key"] != DENSE] + ([dense_x] if dense_x is not None else [])
         span = [min(values), max(values)] if log and values else [0, max(values + [0.5])]
         fig.add_scatter(x=span, y=[dense_ppl, dense_ppl], name=f"dense ({dense_ppl:.2f})", mode="lines",
                         line=dict(color="black", dash="dash"), hoverinfo="name")
@@ -337,10 +367,18 @@ def chart_figure(rows: list[dict], dense_ppl: float | None, x: str = "sparsity")
     return fig
 
 
-def chart_html(rows: list[dict], dense_ppl: float | None) -> str:
-    """Every chart of AXES in one HTML file with plotly.js inlined, so it opens offline."""
-    figures = [chart_figure(rows, dense_ppl, x).to_html(include_plotlyjs=i == 0, full_html=False)
-               for i, x in enumerate(AXES)]
+def figure_of(rows: list[dict], x: str):
+    """chart_figure for every row of a sweep, the dense one included: its perplexity as the line, and its speed as
+    a point of its own on the speed axis."""
+    dense = next((row for row in rows if row["key"] == DENSE), None)
+    return chart_figure([row for row in rows if row["key"] != DENSE], dense and dense["perplexity"], x,
+                        dense.get(AXES[x][0]) if dense and x == "speed" else None)
+
+
+def chart_html(rows: list[dict]) -> str:
+    """Every chart of AXES the rows have values for, in one HTML file with plotly.js inlined, so it opens offline."""
+    figures = [figure_of(rows, x).to_html(include_plotlyjs=i == 0, full_html=False)
+               for i, x in enumerate(axes_of(rows))]
     return f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{''.join(figures)}</body></html>"
 
 
@@ -354,6 +392,7 @@ class SweepJob:
     out: Path
     eval_nwindows: int = 64
     eval_seqlen: int = 512  # PROTOCOL.md's evaluation windows
+    speed: bool = False  # each model's prefill and generation tokens/s too
 
     def check(self) -> None:
         """Everything that needs no model, before the model is loaded."""
@@ -374,4 +413,4 @@ def run_job(job: SweepJob, progress=None) -> Iterator[SweepEvent]:
     check_eval_fits(loaded.info, vocab_size(loaded.model), job.eval_seqlen, hint="lower --eval-seqlen")
     windows, calibration = c.windows(loaded, text)
     yield from run_sweep(loaded, job.runs, windows, calibration, job.eval_nwindows, job.out,
-                         eval_seqlen=job.eval_seqlen)
+                         eval_seqlen=job.eval_seqlen, speed=job.speed)

@@ -16,24 +16,28 @@ from ..common import (AFTER_RUN, BUTTONS, COMPARE_EMPTY, COMPARE_TIME_EMPTY, COM
                       WORK, Page, buttons, check_count, cleared, served, session, updates, user_errors)
 from ..workspace import Workspace
 from ...core import sweep
+from ...core.masks import Pattern
 from ...core.methods import OPTIONS, get_method
 from .live import PRUNE_OUTPUTS, prune_stream
 from .method import METHOD_NAMES, OPTION_NAMES, calibration_source, option_keys
 
 SPARSITIES = [(f"{level}%", level / 100) for level in range(10, 100, 10)]
-PATTERNS = ["unstructured", "2:4", "4:8"]
+PATTERNS = ["unstructured", "2:4", "4:8", "structured"]
 MEMORY_NOTE = ("Runs go one after another, each on a fresh copy of the linears it prunes, freed once measured: "
                "beside the dense model there is never more than one pruned copy. So Compare first lets go of this "
                "session's pruned model (steps 3-6). To chat with a run or export it, take it: it is pruned again "
                "with the same calibration windows (the same masks) into the session's model. Calibration: as set in "
                "step 2; every decoder linear is pruned.")
+SPEED_NOTE = ("Each model's prefill and generation tokens/s too (batch 1, a 512-token prompt and 128 new tokens, the "
+              "median of 3), as step 4 measures them: about 20 s a model for the built-in one on 2 CPU cores")
 COMPARE_OUTPUTS = ("compare_status", *COMPARE_VIEW, *BUTTONS, *RUN_VIEW, *AFTER_RUN, "prune_status")
 TAKE_OUTPUTS = (*PRUNE_OUTPUTS, "compare_status")
 
 
 def runs_of(methods, options, baseline, sparsities, patterns) -> tuple[list, list[str]]:
     """The sweep's runs for what the page asks: each method with the chosen options (where it reads activations,
-    which every option needs) and, when asked or without options, plain; and notes on what was left out."""
+    which every option needs) and, when asked or without options, plain, on the patterns it takes; and notes on
+    what was left out."""
     unknown = [m for m in methods or () if m not in METHOD_NAMES]
     if unknown:
         raise UserError(f"Unknown method {unknown[0]!r}: choose from {', '.join(METHOD_NAMES)}.")
@@ -46,6 +50,12 @@ def runs_of(methods, options, baseline, sparsities, patterns) -> tuple[list, lis
     specs, notes = {}, []
     for label in methods:
         name = METHOD_NAMES[label]
+        skipped = [p for p in patterns if not get_method(name).takes(Pattern.parse(p))]
+        if len(skipped) == len(patterns):
+            notes.append(f"{label} takes none of the patterns asked for ({', '.join(skipped)}), so it does not run.")
+            continue
+        if skipped:
+            notes.append(f"{label} does not take {', '.join(skipped)}, so it runs without.")
         settings = [()] if baseline or not keys else []
         if keys and get_method(name).needs_activations:
             settings.append(keys)
@@ -55,9 +65,15 @@ def runs_of(methods, options, baseline, sparsities, patterns) -> tuple[list, lis
         for setting in settings:
             for spec in sweep.sweep_runs([name], sparsities, list(patterns), setting):
                 specs.setdefault(spec.key, spec)
-    if any(p != "unstructured" for p in patterns):
+    if any(Pattern.parse(p).nm for p in patterns):
         notes += [f"{OPTIONS[key].label} {OPTIONS[key].unstructured_only}, so N:M runs go without it."
                   for key in keys if OPTIONS[key].unstructured_only]
+    if "structured" in patterns:
+        notes += [f"{OPTIONS[key].label} works on single weights, so structured runs go without it."
+                  for key in keys if not OPTIONS[key].takes_structured]
+    if not specs:
+        raise UserError("None of the methods chosen takes the patterns chosen: FLAP is structured only, and "
+                        "structured runs take the methods that score whole channels (Wanda, Magnitude, FLAP).")
     return list(specs.values()), notes
 
 
@@ -71,17 +87,26 @@ def run_label(row: dict) -> str:
 
 
 def table_markdown(rows: list[dict]) -> str:
-    """Every finished run beside the dense model: sparsity reached, perplexity and its ratio to dense, times."""
+    """Every finished run beside the dense model: sparsity reached, perplexity and its ratio to dense, times, the
+    parameters stored, and generation speed where measured."""
     if not rows:
         return ""
-    dense = next((row["perplexity"] for row in rows if row["key"] == sweep.DENSE), None)
-    lines = ["| run | target | achieved | perplexity | × dense | prune s | eval s |", "|---|---|---|---|---|---|---|"]
+    dense = next((row for row in rows if row["key"] == sweep.DENSE), None)
+    speed = all(row.get("generation_tokens_per_second") is not None for row in rows)
+    lines = ["| run | target | achieved | perplexity | × dense | prune s | eval s | parameters |" +
+             (" generation tok/s | × dense |" if speed else ""), "|---|---|---|---|---|---|---|---|" +
+             ("---|---|" if speed else "")]
     for row in rows:
-        ratio = f"{row['perplexity'] / dense:.2f}x" if dense else "–"
+        ratio = f"{row['perplexity'] / dense['perplexity']:.2f}x" if dense else "–"
         name, target, prune = ("dense", "–", "–") if row["key"] == sweep.DENSE else \
             (sweep.trace_name(row), f"{row['target_sparsity']:.0%}", f"{row['prune_seconds']:.1f}")
-        lines.append(f"| {name} | {target} | {row['achieved_sparsity']:.2%} | **{row['perplexity']:.2f}** | {ratio} "
-                     f"| {prune} | {row['eval_seconds']:.1f} |")
+        line = (f"| {name} | {target} | {row['achieved_sparsity']:.2%} | **{row['perplexity']:.2f}** | {ratio} "
+                f"| {prune} | {row['eval_seconds']:.1f} | {row['parameters'] / 1e6:.2f} M |")
+        if speed:
+            tokens = row["generation_tokens_per_second"]
+            line += f" {tokens:.1f} | {tokens / dense['generation_tokens_per_second']:.2f}x |" if dense else \
+                f" {tokens:.1f} | – |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -91,7 +116,10 @@ def shown_rows(ws: Workspace) -> dict:
     finished = ws.comparison.finished
     folder = ws.comparison.folder
     files = [str(folder / name) for name in ("results.csv", "chart.html") if (folder / name).exists()]
+    speed = "speed" in sweep.axes_of(rows) and len(rows) > 1
     return dict(compare_chart=plots.comparison_chart(rows), compare_time_chart=plots.comparison_chart(rows, "seconds"),
+                compare_speed_chart=gr.update(value=plots.comparison_chart(rows, "speed") if speed else None,
+                                              visible=speed),
                 compare_table=table_markdown(rows),
                 compare_pick=gr.update(choices=[(run_label(row), row["key"]) for row in finished],
                                        value=finished[-1]["key"] if finished else None),
@@ -104,7 +132,7 @@ def compare_failed(ws: Workspace, message: str):
 
 @user_errors(compare_failed)
 def compare(compare_methods, compare_options, compare_baseline, compare_sparsities, compare_patterns, compare_windows,
-            calib_kind, files, dataset, nsamples, seqlen, seed, request: gr.Request):
+            compare_speed, calib_kind, files, dataset, nsamples, seqlen, seed, request: gr.Request):
     ws = session(request)
     policy = served(request).policy
     ws.require_model()
@@ -119,7 +147,7 @@ def compare(compare_methods, compare_options, compare_baseline, compare_sparsiti
               **buttons(ws, running=True))
     folder = Path(tempfile.mkdtemp(prefix="compare-", dir=policy.files_dir))  # served, never a path the visitor names
     started, last_drawn, current = time.perf_counter(), 0.0, None
-    for event in ws.compare(specs, source, nsamples, seqlen, seed, nwindows, folder):
+    for event in ws.compare(specs, source, nsamples, seqlen, seed, nwindows, folder, bool(compare_speed)):
         elapsed = f"{time.perf_counter() - started:.0f} s elapsed"
         if isinstance(event, sweep.SweepStarted):
             yield out(compare_status=f"… Measuring the dense model ({nwindows} windows), then {event.total} runs.{noted}",
@@ -137,7 +165,7 @@ def compare(compare_methods, compare_options, compare_baseline, compare_sparsiti
                 continue
             last_drawn = time.perf_counter()
             doing = (f"linear {event.done}/{event.total}" if event.done < event.total else
-                     f"measuring perplexity ({nwindows} windows)")
+                     f"measuring perplexity ({nwindows} windows)" + (" and speed" if compare_speed else ""))
             yield out(compare_status=f"… {current} · {doing} · {elapsed}")
         elif isinstance(event, sweep.RunDone):
             yield out(compare_status=f"… {current} done: perplexity {event.row['perplexity']:.2f} · {elapsed}",
@@ -194,12 +222,16 @@ def layout(page: Page) -> None:
                                                 elem_id="compare-baseline"))
         with gr.Row():
             add("compare_sparsities", gr.CheckboxGroup(SPARSITIES, value=[0.3, 0.5, 0.6, 0.7],
-                                                       label="Sparsities (unstructured)", elem_id="compare-sparsities"))
+                                                       label="Sparsities (unstructured and structured)",
+                                                       elem_id="compare-sparsities"))
             add("compare_patterns", gr.CheckboxGroup(PATTERNS, value=["unstructured"], label="Patterns",
-                                                     info="N:M runs have their own sparsity (1 - N/M)",
+                                                     info="N:M runs have their own sparsity (1 - N/M); structured "
+                                                          "removes that share of the linears' weights",
                                                      elem_id="compare-patterns"))
             add("compare_windows", gr.Number(8, label="Evaluation windows per run (512 tokens each)", precision=0,
                                              minimum=1, elem_id="compare-windows"))
+            add("compare_speed", gr.Checkbox(value=False, label="Measure speed", info=SPEED_NOTE,
+                                             elem_id="compare-speed"))
         gr.Markdown(MEMORY_NOTE, elem_id="compare-note")
         with gr.Row():
             add("compare_btn", gr.Button("Compare", variant="primary", interactive=False, elem_id="compare"))
@@ -211,6 +243,8 @@ def layout(page: Page) -> None:
                                          min_width=520))
             add("compare_time_chart", gr.Plot(plots.empty(COMPARE_TIME_EMPTY), label="Quality for the time",
                                               elem_id="compare-time-chart", min_width=520))
+        add("compare_speed_chart", gr.Plot(None, label="Quality for the speed", visible=False,
+                                           elem_id="compare-speed-chart"))
         add("compare_table", gr.Markdown(elem_id="compare-table"))
         with gr.Row():
             add("compare_pick", gr.Dropdown([], label="A finished run", interactive=True, scale=3,

@@ -120,6 +120,11 @@ class Method(Step):
     def needs_activations(self) -> bool:
         return self.statistic is not None
 
+    def takes(self, pattern: Pattern) -> bool:
+        """Whether it can prune to this pattern: structured needs a channel score; a structured-only method takes
+        nothing else."""
+        return self.channel_score is not None if pattern.structured else not self.structured_only
+
     def prepare(self, stat: torch.Tensor | None) -> Any:
         """Work that depends only on the statistic, done once per shared input (SparseGPT: H's inverse)."""
         return stat
