@@ -257,7 +257,7 @@ def test_a_structured_sweep_with_speed_measures_parameters_and_tokens_per_second
     assert all(r[c] > 0 for r in rows.values() for c in ("prefill_tokens_per_second", "generation_tokens_per_second"))
     assert data["header"]["speed"] == {"device": "cpu"}
     html = (tmp_path / "chart.html").read_text()
-    assert html.count('class="plotly-graph-div"') == 3 and "generation tokens/s" in html
+    assert html.count('class="plotly-graph-div"') == 3 and "generation tokens" in html
     figure = figure_of(data["rows"], "speed")
     points = {t.name: list(t.x) for t in figure.data}
     assert points["dense model"] == [dense["generation_tokens_per_second"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ...core.config import WIDTHS, PruneConfig
+from ...core.config import WIDTHS, PruneConfig, option_steps
 from ...core.errors import UserError
 from ...core.estimate import estimate, other_cpu_use
 from ...core.masks import Pattern
