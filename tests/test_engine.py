@@ -26,7 +26,7 @@ from wanda_gui.core.errors import UserError
 from wanda_gui.core.masks import Pattern, Selection, select
 from wanda_gui.core.methods import base as method_base
 from wanda_gui.core.methods.wanda import wanda_score
-from wanda_gui.core.passes import collect_input_stats
+from wanda_gui.core.passes import collect_input_stats, run_block
 from wanda_gui.core.runs import drain
 
 CALIB = torch.randint(0, 512, (6, 24), generator=torch.Generator().manual_seed(1))
@@ -77,7 +77,7 @@ def test_replayed_blocks_reproduce_the_models_own_hidden_states(arch):
     with torch.inference_mode():
         expected = model(input_ids=CALIB, output_hidden_states=True, use_cache=False).hidden_states
         for i in range(2):  # the last entry of hidden_states is usually after the final norm
-            engine.run_block(blocks[i], hidden, calls[i], 4, None)
+            run_block(blocks[i], hidden, calls[i], 4, None)
             assert torch.allclose(hidden, expected[i + 1], atol=1e-5), (i, (hidden - expected[i + 1]).abs().max())
 
 
@@ -115,7 +115,7 @@ def test_statistics_come_from_the_pruned_upstream():
     dense = tiny_model("llama", seed=3)
     _, blocks = find_blocks(dense)
     hidden, calls = capture_block_inputs(dense, blocks, CALIB, 6, torch.device("cpu"))
-    engine.run_block(blocks[0], hidden, calls[0], 6, None)  # block 1's inputs from the *dense* block 0
+    run_block(blocks[0], hidden, calls[0], 6, None)  # block 1's inputs from the *dense* block 0
     dense_stats = collect_input_stats(blocks[1], find_linears(blocks[1]), hidden, calls[1], 6, None)
 
     masks = {}

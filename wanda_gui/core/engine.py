@@ -22,9 +22,9 @@ from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPr
                      RunFailed, RunFinished, RunStarted, TargetsChosen)
 from .explain import explain
 from .masks import Selection
-from .memory import keep_freed_memory_mapped, peak_bytes, release_memory
+from .memory import keep_freed_memory_mapped, peak_bytes
 from .methods import BlockMasked, Method, RunContext, Step, get_method
-from .passes import Cancelled, collect_input_stats, run_block
+from .passes import Cancelled, close_stage, collect_input_stats
 from .statistics import Several, SquaredMean
 from .structured import prune_structured, validate_structured
 
@@ -159,14 +159,9 @@ class Run:
         for hook in self.hooks:
             hook.after_masking(ctx, masked)
         del masked
-        if ctx.calibration is not None and not is_head and (index < len(ctx.blocks) - 1 or len(ctx.stages) > len(ctx.blocks)):
-            t = time.perf_counter()
-            run_block(ctx.blocks[index], ctx.hidden, ctx.calls[index], ctx.batch_size, self.cancel)
-            self.calibration_seconds += time.perf_counter() - t
-        for hook in self.hooks:
-            hook.after_stage(ctx, index)
-        if ctx.device.type == "cpu":
-            release_memory(collect=False)
+        feed_next = ctx.calibration is not None and not is_head and (
+            index < len(ctx.blocks) - 1 or len(ctx.stages) > len(ctx.blocks))
+        self.calibration_seconds += close_stage(ctx, self.hooks, index, feed_next)
         stage = [layer for layer in self.layers if layer.block == index]
         elements = sum(layer.shape[0] * layer.shape[1] for layer in stage)
         zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in stage)

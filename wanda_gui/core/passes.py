@@ -4,13 +4,19 @@ linear's inputs, and replace the hidden states by the block's outputs."""
 from __future__ import annotations
 
 import threading
+import time
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
 
 from .architecture import BlockCall, StopForward, weight_out_in
 from .distributed import merge
+from .memory import release_memory
 from .statistics import SquaredMean
+
+if TYPE_CHECKING:
+    from .methods import RunContext, Step
 
 
 class Cancelled(Exception):
@@ -74,3 +80,19 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, batch_siz
         if cancel is not None and cancel.is_set():
             raise Cancelled
         hidden[start:start + batch_size] = call(block, hidden[start:start + batch_size])
+
+
+def close_stage(ctx: "RunContext", hooks: Iterable["Step"], index: int, feed_next: bool) -> float:
+    """How every stage ends, whatever pruned it: its outputs replace its inputs for the next stage (when one reads
+    them), each hook hears that it is done, and on CPU the freed heap goes back to the OS. Returns the seconds the
+    forward took (calibration time)."""
+    seconds = 0.0
+    if feed_next:
+        started = time.perf_counter()
+        run_block(ctx.blocks[index], ctx.hidden, ctx.calls[index], ctx.batch_size, ctx.cancel)
+        seconds = time.perf_counter() - started
+    for hook in hooks:
+        hook.after_stage(ctx, index)
+    if ctx.device.type == "cpu":
+        release_memory(collect=False)
+    return seconds

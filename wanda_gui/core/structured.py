@@ -29,9 +29,9 @@ from .config import PruneConfig, default_batch_size, refuse_without_activations
 from .errors import UserError
 from .events import (BlockFinished, BlockShrunk, BlockStarted, Event, LayerSparsity, Progress, PruneSummary,
                      RunCancelled, RunFailed, RunFinished, RunStarted)
-from .memory import peak_bytes, release_memory
+from .memory import peak_bytes
 from .methods import BlockMasked, Method, RunContext, Step, get_method
-from .passes import Cancelled, collect_input_stats, run_block
+from .passes import Cancelled, close_stage, collect_input_stats, run_block
 from .statistics import Moments
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -310,14 +310,8 @@ class StructuredRun:
         for hook in self.hooks:
             hook.after_masking(ctx, masked)
         del masked, dense
-        if ctx.hidden is not None and index < len(ctx.blocks) - 1:
-            t = time.perf_counter()
-            run_block(ctx.blocks[index], ctx.hidden, ctx.calls[index], ctx.batch_size, self.cancel)
-            self.calibration_seconds += time.perf_counter() - t
-        for hook in self.hooks:
-            hook.after_stage(ctx, index)
-        if ctx.device.type == "cpu":
-            release_memory(collect=False)
+        self.calibration_seconds += close_stage(ctx, self.hooks, index,
+                                                ctx.hidden is not None and index < len(ctx.blocks) - 1)
         yield BlockFinished(index, time.perf_counter() - started, 1 - after / before, peak_bytes(ctx.device))
 
     @torch.no_grad()
