@@ -29,9 +29,9 @@ ATTENTION_OVERHEAD = 1.65  # attention's matmuls run slower than the linears' (s
 # it against Wanda's 63 s on the same machine (benchmarks/p1-cpu.json).
 METHOD_TIME_FACTOR = {"sparsegpt": 1.65, "alps": 1.65}
 # ALPS then solves each linear alone, whatever the calibration size: some 30-60 ADMM iterations and 10 of conjugate
-# gradients, each a product of the weight with an inputs x inputs matrix (on one thread), plus the projections.
-# Counted as this many products of 2 x weights x hidden size FLOPs at the measured rate: 200 puts ALPS at 6.9x
-# SparseGPT for the built-in model at 16 x 256, where 2 shared cores measured 5.8x (745 s against 129 s); refit on P1.
+# gradients, each a product of the weight with an inputs x inputs matrix, plus the projections.
+# Counted as this many products of 2 x weights x hidden size FLOPs at the measured rate: 200 puts ALPS at about 2.7x
+# Wanda's time on P1, where the idle machine measured 2.5x (253.5 s against 100.0 s, ALPS on every thread).
 SOLVER_PRODUCTS = {"alps": 200}
 STEP_PASS_OVERHEAD = 1.0  # an option's pass (reconstruction's Adam steps, refit) against one of the method's
 MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
