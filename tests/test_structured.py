@@ -16,7 +16,7 @@ import wanda_gui.core.models as models
 from wanda_gui.core.config import PruneConfig
 from wanda_gui.core.engine import prune, validate
 from wanda_gui.core.errors import UserError
-from wanda_gui.core.events import BlockShrunk, RunCancelled
+from wanda_gui.core.events import BlockShrunk, RunCancelled, RunFailed
 from wanda_gui.core.export import export_model, make_report
 from wanda_gui.core.methods.reconstruct import Reconstruct
 from wanda_gui.core.models import ModelInfo
@@ -185,6 +185,24 @@ def test_a_stopped_run_puts_the_dense_linears_back():
     assert all(b.mlp.down_proj.in_features == 128 and b.self_attn.q_proj.out_features == 64
                for b in model.model.layers)
     assert model.config.intermediate_size == 128
+
+
+def test_a_failure_in_a_block_names_it_and_puts_the_dense_linears_back():
+    """A failure after block 0 was shrunk, inside block 1's pass: the event says where, the model is whole again."""
+    model = tiny_model("llama")
+    dense = {name: p.clone() for name, p in model.named_parameters()}
+
+    def broken(module, args):
+        raise RuntimeError("a broken kernel")
+
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(broken)
+    events = list(prune(model, PruneConfig(method="flap", sparsity=0.5, pattern="structured"), calibration()))
+    assert sum(isinstance(e, BlockShrunk) for e in events) == 1
+    failed = events[-1]
+    assert isinstance(failed, RunFailed) and failed.restored
+    assert failed.reason == "RuntimeError at block 1: a broken kernel" and failed.layer == "block 1"
+    assert {name: p for name, p in model.named_parameters()}.keys() == dense.keys()
+    assert all(torch.equal(p, dense[name]) for name, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("config,message", [

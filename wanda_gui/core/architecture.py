@@ -37,9 +37,15 @@ def find_linears(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if isinstance(m, LINEAR_TYPES)}
 
 
+def out_in(linear: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped as the linear's weight, as a (C_out, C_in) view, or back: GPT-2's Conv1D stores its weight
+    transposed, and the swap is its own inverse."""
+    return tensor.t() if isinstance(linear, Conv1D) else tensor
+
+
 def weight_out_in(linear: nn.Module) -> torch.Tensor:
-    """The weight as a (C_out, C_in) view; Conv1D stores it transposed."""
-    return linear.weight.t() if isinstance(linear, Conv1D) else linear.weight
+    """The weight as a (C_out, C_in) view."""
+    return out_in(linear, linear.weight)
 
 
 class StopForward(Exception):

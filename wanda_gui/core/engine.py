@@ -6,7 +6,6 @@ import dataclasses
 import fnmatch
 import threading
 import time
-import traceback
 from collections import defaultdict
 from typing import Iterator
 
@@ -18,13 +17,13 @@ from torch import nn
 from .architecture import capture_block_inputs, find_blocks, find_head, find_linears, head_input_stat, weight_out_in
 from .config import PruneConfig, default_batch_size, refuse_without_activations
 from .errors import UserError
-from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPruned, PruneSummary, RunCancelled,
-                     RunFailed, RunFinished, RunStarted, TargetsChosen)
+from .events import (BlockFinished, BlockStarted, Event, LayerSparsity, LinearPruned, PruneSummary, RunFinished,
+                     RunStarted, TargetsChosen)
 from .explain import explain
 from .masks import Selection
 from .memory import keep_freed_memory_mapped, peak_bytes
 from .methods import BlockMasked, Method, RunContext, Step, get_method
-from .passes import Cancelled, close_stage, collect_input_stats
+from .passes import Cancelled, close_stage, collect_input_stats, drive
 from .statistics import Several, SquaredMean
 from .structured import prune_structured, validate_structured
 
@@ -213,19 +212,6 @@ class Run:
         self.backup.clear()
         return self.config.restore_on_abort
 
-    def stopped(self, error: BaseException) -> RunCancelled | RunFailed:
-        """The event that says why the run ended early, the dense weights restored."""
-        where = f" at {self.current_layer}" if self.current_layer else ""
-        detail = traceback.format_exc()
-        if isinstance(error, Cancelled):
-            return RunCancelled("stopped by the user", self.restore())
-        if isinstance(error, torch.cuda.OutOfMemoryError):
-            reason = f"out of GPU memory{where}: lower the batch size or the number of samples"
-        elif isinstance(error, UserError):
-            reason = str(error)
-        else:  # any other failure still leaves the dense model intact
-            reason = f"{type(error).__name__}{where}: {error}"
-        return RunFailed(reason, self.current_layer, self.restore(), detail)
 
 
 def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None,
@@ -244,17 +230,7 @@ def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | Non
         yield from prune_structured(model, config, calibration, cancel, model_name, steps)
         return
     run = Run(model, config, calibration, cancel, steps, bounded)
-    yield run.started_event(model_name)
-    try:
-        yield from run.before_pruning()
-        for index in range(len(run.ctx.stages)):
-            yield from run.stage(index)
-        yield run.finished()
-    except Exception as error:  # noqa: BLE001 - every failure becomes an event; the model is restored
-        yield run.stopped(error)
-    finally:
-        if not run.done:
-            run.restore()
+    yield from drive(run, len(run.ctx.stages), model_name)
 
 
 def statistic_kinds(method: Method, hooks: tuple[Step, ...], config: PruneConfig) -> tuple[type, ...]:

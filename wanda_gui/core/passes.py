@@ -1,17 +1,21 @@
 """The two kinds of pass over a decoder block that every method and option builds on: read a statistic of each
-linear's inputs, and replace the hidden states by the block's outputs."""
+linear's inputs, and replace the hidden states by the block's outputs; and the course every run takes over its
+stages, unstructured or structured."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable
+import traceback
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from .architecture import BlockCall, StopForward, weight_out_in
 from .distributed import merge
+from .errors import UserError
+from .events import Event, RunCancelled, RunFailed, RunFinished, RunStarted
 from .memory import release_memory
 from .statistics import SquaredMean
 
@@ -21,7 +25,6 @@ if TYPE_CHECKING:
 
 class Cancelled(Exception):
     pass
-
 
 
 @torch.inference_mode()
@@ -96,3 +99,47 @@ def close_stage(ctx: "RunContext", hooks: Iterable["Step"], index: int, feed_nex
     if ctx.device.type == "cpu":
         release_memory(collect=False)
     return seconds
+
+
+class PruningRun(Protocol):
+    """What `drive` needs of a run (engine.Run, structured.StructuredRun)."""
+
+    done: bool
+    current_layer: str | None
+
+    def started_event(self, model_name: str) -> RunStarted: ...
+    def before_pruning(self) -> Iterator[Event]: ...
+    def stage(self, index: int) -> Iterator[Event]: ...
+    def finished(self) -> RunFinished: ...
+    def restore(self) -> bool: ...
+
+
+def drive(run: PruningRun, stages: int, model_name: str) -> Iterator[Event]:
+    """Every run's course: started, each stage in turn, finished. Any failure, a cancel included, becomes the run's
+    last event, and a run that did not finish (a closed stream too) puts the dense model back."""
+    yield run.started_event(model_name)
+    try:
+        yield from run.before_pruning()
+        for index in range(stages):
+            yield from run.stage(index)
+        yield run.finished()
+    except Exception as error:  # noqa: BLE001 - every failure becomes an event; the model is restored
+        yield stopped(run, error)
+    finally:
+        if not run.done:
+            run.restore()
+
+
+def stopped(run: PruningRun, error: BaseException) -> RunCancelled | RunFailed:
+    """The event that says why the run ended early, the dense model restored."""
+    where = f" at {run.current_layer}" if run.current_layer else ""
+    detail = traceback.format_exc()
+    if isinstance(error, Cancelled):
+        return RunCancelled("stopped by the user", run.restore())
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        reason = f"out of GPU memory{where}: lower the batch size or the number of samples"
+    elif isinstance(error, UserError):
+        reason = str(error)
+    else:  # any other failure still leaves the dense model intact
+        reason = f"{type(error).__name__}{where}: {error}"
+    return RunFailed(reason, run.current_layer, run.restore(), detail)

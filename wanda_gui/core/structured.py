@@ -18,7 +18,6 @@ import dataclasses
 import math
 import threading
 import time
-import traceback
 from typing import Iterator
 
 import torch
@@ -28,10 +27,10 @@ from .architecture import capture_block_inputs, find_blocks
 from .config import PruneConfig, default_batch_size, refuse_without_activations
 from .errors import UserError
 from .events import (BlockFinished, BlockShrunk, BlockStarted, Event, LayerSparsity, Progress, PruneSummary,
-                     RunCancelled, RunFailed, RunFinished, RunStarted)
+                     RunFinished, RunStarted)
 from .memory import peak_bytes
 from .methods import BlockMasked, Method, RunContext, Step, get_method
-from .passes import Cancelled, close_stage, collect_input_stats, run_block
+from .passes import Cancelled, close_stage, collect_input_stats, drive, run_block
 from .statistics import Moments
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -228,6 +227,7 @@ class StructuredRun:
         self.replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self.layers: list[LayerSparsity] = []
         self.calibration_seconds = 0.0
+        self.current_layer: str | None = None  # the block being shrunk, for a failure's message
         self.done = False
 
     @staticmethod
@@ -290,7 +290,8 @@ class StructuredRun:
         ctx, layout = self.ctx, self.layouts[index]
         self.check_cancel()
         started = time.perf_counter()
-        yield BlockStarted(index, f"block {index}", len(layout.names), ctx.sparsities[index])
+        self.current_layer = f"block {index}"
+        yield BlockStarted(index, self.current_layer, len(layout.names), ctx.sparsities[index])
         for hook in reversed(self.hooks):
             hook.before_stage(ctx, index)
         moments = self.moments(index, ctx.hidden)
@@ -312,6 +313,7 @@ class StructuredRun:
         del masked, dense
         self.calibration_seconds += close_stage(ctx, self.hooks, index,
                                                 ctx.hidden is not None and index < len(ctx.blocks) - 1)
+        self.current_layer = None
         yield BlockFinished(index, time.perf_counter() - started, 1 - after / before, peak_bytes(ctx.device))
 
     @torch.no_grad()
@@ -378,11 +380,6 @@ class StructuredRun:
         self.replaced.clear()
         return True
 
-    def stopped(self, error: BaseException) -> RunCancelled | RunFailed:
-        if isinstance(error, Cancelled):
-            return RunCancelled("stopped by the user", self.restore())
-        reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-        return RunFailed(reason, None, self.restore(), traceback.format_exc())
 
 
 def export_note(uniform: bool) -> str:
@@ -473,14 +470,4 @@ def prune_structured(model: nn.Module, config: PruneConfig, calibration: torch.T
     block); on a stop or a failure the dense linears are put back."""
     validate_structured(model, config)
     run = StructuredRun(model, config, calibration, cancel, steps)
-    yield run.started_event(model_name)
-    try:
-        yield from run.before_pruning()
-        for index in range(len(run.layouts)):
-            yield from run.stage(index)
-        yield run.finished()
-    except Exception as error:  # noqa: BLE001 - every failure becomes an event; the model is restored
-        yield run.stopped(error)
-    finally:
-        if not run.done:
-            run.restore()
+    yield from drive(run, len(run.layouts), model_name)

@@ -31,9 +31,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from transformers.pytorch_utils import Conv1D
 
-from ..architecture import weight_out_in
+from ..architecture import out_in, weight_out_in
 from ..distributed import sum_across_ranks
 from ..errors import UserError
 from ..passes import Cancelled
@@ -162,11 +161,6 @@ def dsnot(weight: torch.Tensor, dense: torch.Tensor, mask: torch.Tensor, moments
     return mask
 
 
-def dense_out_in(linear: torch.nn.Module, dense: torch.Tensor) -> torch.Tensor:
-    """A copy of the linear's weight, stored as the linear stores it, as (C_out, C_in) (Conv1D stores it transposed)."""
-    return dense.t() if isinstance(linear, Conv1D) else dense
-
-
 class DSnoT(Step):
     """The option: after each stage's masks, DSnoT on every linear of the stage with the reference's settings."""
 
@@ -191,6 +185,6 @@ class DSnoT(Step):
         for name, linear in block.linears.items():
             if ctx.cancel is not None and ctx.cancel.is_set():
                 raise Cancelled
-            block.masks[name] = dsnot(weight_out_in(linear), dense_out_in(linear, block.dense_weights[name]),
+            block.masks[name] = dsnot(weight_out_in(linear), out_in(linear, block.dense_weights[name]),
                                       block.masks[name], moments[name], ctx.pattern.m, self.max_cycles,
                                       self.threshold, self.pow_of_var)

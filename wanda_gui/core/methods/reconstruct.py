@@ -39,9 +39,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ..architecture import BlockCall, weight_out_in
+from ..architecture import BlockCall, out_in, weight_out_in
 from ..errors import UserError
 from ..passes import Cancelled
 from ..statistics import Hessian
@@ -60,11 +59,6 @@ def trainable(value):
     if isinstance(value, dict):
         return {k: trainable(v) for k, v in value.items()}
     return value
-
-
-def swapped(linear: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """Between the (C_out, C_in) layout and the linear's own, both ways (GPT-2's Conv1D stores it transposed)."""
-    return weight.t() if isinstance(linear, Conv1D) else weight
 
 
 @torch.no_grad()
@@ -250,7 +244,7 @@ class Reconstruct(Step):
             for name, linear in block.linears.items():
                 if ctx.cancel is not None and ctx.cancel.is_set():
                     raise Cancelled
-                dense = swapped(linear, block.dense_weights[name].to(linear.weight.device))
+                dense = out_in(linear, block.dense_weights[name].to(linear.weight.device))
                 fitted = refit(weight_out_in(linear), dense, keeps[name], hessians[name].to(linear.weight.device),
                                self.refit_iterations)
                 weight_out_in(linear).data.copy_(fitted)
@@ -272,7 +266,7 @@ class Reconstruct(Step):
              block: BlockMasked, keeps: dict[str, torch.Tensor]) -> None:
         """Adam on the kept weights only: gradients masked, so Adam's moments and steps at pruned positions stay 0."""
         weights = {name: linear.weight for name, linear in block.linears.items()}
-        stored_keeps = {name: swapped(block.linears[name], keeps[name]) for name in weights}
+        stored_keeps = {name: out_in(block.linears[name], keeps[name]) for name in weights}
         for w in weights.values():
             w.requires_grad_(True)
         optimizer = torch.optim.Adam(weights.values(), lr=self.lr)
