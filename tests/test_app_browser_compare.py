@@ -339,7 +339,8 @@ def test_why_view_follows_the_pruned_linear_and_owl_draws_its_targets(browser, u
     # A run without OWL: no targets left over from the one before.
     tick(w, "options", set())
     click_and_wait(w, "start", "prune-status", "Pruned")
-    assert "wanda · unstructured" in w.text("results") and "OWL" not in w.text("results")
+    w.wait_text("results", "wanda · unstructured")  # the results may follow the status line by an update
+    assert "OWL" not in w.text("results")
     wait_figure(w, "block-plot", "f.drawn.bars === 2 && !f.traces.some(t => t.name === 'OWL target')")
     assert not page.locator("#owl-plot").is_visible()
     assert w.outside == [], w.outside

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -213,12 +214,28 @@ def test_a_flat_loss_stops_adam_after_two_windows():
     assert flat.steps == [6, 6] and full.steps == [16, 16]
 
 
+def test_adams_learning_rate_falls_along_a_cosine_over_the_epochs_steps(monkeypatch):
+    """Each block's Adam starts at lr and falls to 0 along a cosine over the steps its epochs allow, whatever the
+    block before it took."""
+    seen, adam_step = [], torch.optim.Adam.step
+
+    def step(optimizer, *args, **kwargs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return adam_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    fit = Reconstruct(epochs=2, lr=1e-3, batch_size=2)  # 8 samples: 4 steps an epoch, 8 a block
+    drain(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration(), steps=(fit,)))
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)]
+    assert fit.steps == [8, 8] and seen == pytest.approx(cosine * 2)
+
+
 def test_the_thorough_setting_reaches_a_loss_at_most_the_defaults():
     fast, thorough = (PruneConfig("sparsegpt", 0.5, "2:4", options=("reconstruct",), efforts=efforts).steps()[0]
                       for efforts in ({}, {"reconstruct": "thorough"}))
     for step in (fast, thorough):
         drain(prune(tiny_model("llama"), PruneConfig("sparsegpt", 0.5, "2:4"), calibration(), steps=(step,)))
-    assert (fast.epochs, thorough.epochs) == (1, 4) and sum(thorough.steps) > sum(fast.steps)
+    assert (fast.epochs, thorough.epochs) == (0.5, 4) and sum(thorough.steps) > sum(fast.steps)
     assert fast.errors[0][0] == pytest.approx(thorough.errors[0][0])  # the same block 0 (later inputs differ)
     assert all(t[2] <= f[2] for f, t in zip(fast.errors, thorough.errors)), (fast.errors, thorough.errors)
 

@@ -10,19 +10,22 @@ Two stages per block, both on the kept weights only:
 2. Adam on the block's output (the regional optimisation of Wanda++, Yang et al. 2025): epochs over the
    calibration samples minimising the MSE between the pruned block's outputs and the dense targets, which also
    corrects what the per-linear refit cannot see (errors passing from one linear to the next through attention and
-   MLP); stopped early once the loss stops falling.
+   MLP); thorough stops early once the loss stops falling.
 
 Where the time goes (profiled on the built-in model, 16 x 512, one thread): an Adam step costs about three block
 forwards of its samples (the weights' matmuls are 73% of it, attention 19%), so Adam's sample-steps are most of the
 cost; the refit is a fixed cost a block (30 iterations about 3 s here, as much as 6 samples' Adam steps); the
-targets are one forward. The fast default takes what a step buys best: a 3x larger learning rate (3e-4: the loss
-after 8 steps lower than 1e-4's), 2 samples a step instead of 4 (as good a loss per sample seen), one epoch instead
-of two, and 10 refit iterations instead of 30 (Adam then makes up the rest: the held-out block error was no worse).
-On the first 3 blocks (SparseGPT 2:4, 16 x 512; the relative error of the last block's outputs on 8 held-out
-windows): no reconstruction 0.058, the former default (2 epochs, batch 4, lr 1e-4, 30 iterations) 0.038 in 25
-CPU-s, fast 0.034 in 14 CPU-s, thorough-like (4 epochs) 0.031 in 48 CPU-s. The whole model, perplexity on 16
-evaluation windows: SparseGPT alone 68.5, former default 44.8 (reconstruction 266 CPU-s), fast 43.2 (142), thorough
-41.2 (294).
+targets are one forward. Each step must count: 2 samples a step (as good a loss per sample seen as 4), 10 refit
+iterations (Adam makes up the rest), and a learning rate that falls from its peak to 0 along a cosine over the steps
+the epochs allow, so that the large early steps move the weights and the small late ones settle them. On the whole
+model (benchmarks/reconstruct_schedule.py: SparseGPT 2:4, 16 x 512, 16 evaluation windows, one epoch: 8 steps a
+block, the same time each): a constant
+3e-4 stopped early (the former fast) 43.46, a cosine from 1e-3 41.75, from 2e-3 **40.57**, from 4e-3 41.86, a linear
+fall from 1e-3 42.27. Fast takes half an epoch on that schedule; on P1 (64 x 512), ALPS + fast gives 30.84 at 50%
+and 38.97 at 2:4 (the former fast: 31.26 and 42.17, in 8-11% less time; a whole epoch: 30.10 and 38.64, in 11-14%
+more). Fitting the attention and the MLP as separate regions (the attention to the dense attention's outputs, then
+the MLP, fed the fitted attention, to the block's) gave 45.32 at 2e-3 on the proxy and took longer: the whole block
+stays the region.
 
 The targets are by default the dense model's own hidden states after the block (dense inputs through dense blocks,
 kept as a second stream beside the pruned one), so that each block also absorbs the error accumulated upstream;
@@ -34,6 +37,7 @@ alone 54.7, refit + Adam on Wanda++'s targets 47.5, on the dense stream 42.9.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -128,11 +132,12 @@ def fp32_copy(module: nn.Module) -> Iterator[None]:
 
 class Reconstruct(Step):
     """After a block is masked: refit each linear's kept weights in closed form (`refit_iterations` of conjugate
-    gradients, 0 to skip), then at most `epochs` of Adam (`lr`, `batch_size` calibration samples a step) on the
-    block's output error against the dense targets (`dense_stream`: the dense model's hidden states, else the dense
-    block on the pruned inputs), stopped once the mean loss of the last `window` steps is less than `tolerance`
-    below the window's before (0: never early). `errors` records per block that MSE on the first batch of samples:
-    after masking, after the refit, after Adam; `steps` the Adam steps taken."""
+    gradients, 0 to skip), then at most `epochs` (a fraction too) of Adam (from `lr` down to 0 along a cosine,
+    `batch_size` calibration samples a step) on the block's output error against the dense targets (`dense_stream`:
+    the dense model's hidden states, else the dense block on the pruned inputs), stopped once the mean loss of the
+    last `window` steps is less than `tolerance` below the window's before (0: never early). `errors` records per
+    block that MSE on the first batch of samples: after masking, after the refit, after Adam; `steps` the Adam steps
+    taken."""
 
     key, label = "reconstruct", "Block reconstruction"
     description = ("Block reconstruction: after each block is masked, refit its kept weights (least squares on the "
@@ -149,13 +154,13 @@ class Reconstruct(Step):
     # Named settings, the first the default: (what it costs, the constructor's arguments). Adam stops early once
     # the block's loss falls by less than `tolerance` (relative) from one window of steps to the next.
     efforts = {
-        "fast": ("a short refit, then one epoch of Adam, stopped sooner when the block's loss stops falling", {}),
-        "thorough": ("a longer refit and up to 4 epochs of Adam, stopped only when the loss is flat: about twice "
-                     "fast's time", dict(epochs=4, refit_iterations=30, window=8, tolerance=0.002)),
+        "fast": ("a short refit, then half an epoch of Adam", {}),
+        "thorough": ("a longer refit and up to 4 epochs of Adam, stopped once the loss is flat: up to 4 times "
+                     "fast's Adam", dict(epochs=4, refit_iterations=30, window=8, tolerance=0.002)),
     }
 
-    def __init__(self, epochs: int = 1, lr: float = 3e-4, batch_size: int = 2, refit_iterations: int = 10,
-                 dense_stream: bool = True, window: int = 4, tolerance: float = 0.01):
+    def __init__(self, epochs: float = 0.5, lr: float = 2e-3, batch_size: int = 2, refit_iterations: int = 10,
+                 dense_stream: bool = True, window: int = 4, tolerance: float = 0.0):
         if epochs < 0 or refit_iterations < 0 or batch_size < 1 or not lr > 0 or window < 1 or not tolerance >= 0:
             raise UserError("Reconstruction needs epochs and refit iterations of 0 or more, a batch of at least one "
                             "sample, a positive learning rate, a window of at least one step and a tolerance of 0 or "
@@ -271,24 +276,28 @@ class Reconstruct(Step):
             w.requires_grad_(True)
         optimizer = torch.optim.Adam(weights.values(), lr=self.lr)
         generator = torch.Generator().manual_seed(block.index)
+        n, size = len(hidden), self.batch_size
+        orders = [torch.randperm(n, generator=generator).to(hidden.device) for _ in range(math.ceil(self.epochs))]
+        batches = [order[start:start + size] for order in orders for start in range(0, n, size)]
+        batches = batches[:math.ceil(self.epochs * math.ceil(n / size))]  # a fraction of an epoch too
+        schedule = torch.optim.lr_scheduler.LambdaLR(  # from lr down to 0 along a cosine
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / len(batches))))
         losses: list[float] = []
         try:
             with torch.enable_grad():
-                for _ in range(self.epochs):
-                    order = torch.randperm(len(hidden), generator=generator).to(hidden.device)
-                    for start in range(0, len(hidden), self.batch_size):
-                        if ctx.cancel is not None and ctx.cancel.is_set():
-                            raise Cancelled
-                        if stalled(losses, self.window, self.tolerance):
-                            return
-                        rows = order[start:start + self.batch_size]
-                        loss = F.mse_loss(call(module, hidden[rows]).float(), targets[rows])
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        for name, w in weights.items():
-                            w.grad.mul_(stored_keeps[name])
-                        optimizer.step()
-                        losses.append(float(loss.detach()))
+                for rows in batches:
+                    if ctx.cancel is not None and ctx.cancel.is_set():
+                        raise Cancelled
+                    if stalled(losses, self.window, self.tolerance):
+                        return
+                    loss = F.mse_loss(call(module, hidden[rows]).float(), targets[rows])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for name, w in weights.items():
+                        w.grad.mul_(stored_keeps[name])
+                    optimizer.step()
+                    schedule.step()
+                    losses.append(float(loss.detach()))
         finally:
             self.steps.append(len(losses))
             optimizer.zero_grad(set_to_none=True)
