@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -27,13 +26,17 @@ def variant(schedule: str, regions: bool):
     import torch
     import torch.nn.functional as F
 
-    from wanda_gui.core.architecture import out_in
-    from wanda_gui.core.methods.reconstruct import Reconstruct, stalled
+    from wanda_gui.core.methods.reconstruct import Reconstruct
 
     class Stop(Exception):
         pass
 
     class Variant(Reconstruct):
+        def rate(self, step, steps):
+            if schedule == "linear":
+                return 1 - step / steps
+            return 1.0 if schedule == "constant" else super().rate(step, steps)
+
         def dense_targets(self, ctx, module, call, hidden, block):
             if not regions:
                 return super().dense_targets(ctx, module, call, hidden, block)
@@ -46,49 +49,14 @@ def variant(schedule: str, regions: bool):
             self.attention_targets = torch.cat(seen)
             return targets
 
-        def optimise(self, loss_of, weights, keeps, n, seed):
-            for w in weights.values():
-                w.requires_grad_(True)
-            optimizer = torch.optim.Adam(weights.values(), lr=self.lr)
-            generator = torch.Generator().manual_seed(seed)
-            size = self.batch_size
-            orders = [torch.randperm(n, generator=generator) for _ in range(math.ceil(self.epochs))]
-            batches = [o[s:s + size] for o in orders for s in range(0, n, size)]
-            batches = batches[:math.ceil(self.epochs * math.ceil(n / size))]
-            factor = {"cosine": lambda s: 0.5 * (1 + math.cos(math.pi * s / len(batches))),
-                      "linear": lambda s: 1 - s / len(batches), "constant": lambda s: 1.0}[schedule]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-            losses = []
-            try:
-                with torch.enable_grad():
-                    for rows in batches:
-                        if stalled(losses, self.window, self.tolerance):
-                            break
-                        loss = loss_of(rows)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        for name, w in weights.items():
-                            w.grad.mul_(keeps[name])
-                        optimizer.step()
-                        scheduler.step()
-                        losses.append(float(loss.detach()))
-            finally:
-                self.steps.append(len(losses))
-                for w in weights.values():
-                    w.requires_grad_(False)
-
         def adam(self, ctx, module, call, hidden, targets, block, keeps):
-            stored = {name: out_in(block.linears[name], keeps[name]) for name in block.linears}
-            linears = {name: linear.weight for name, linear in block.linears.items()}
             if not regions:
-                self.optimise(lambda rows: F.mse_loss(call(module, hidden[rows]).float(), targets[rows]), linears,
-                              stored, len(hidden), block.index)
-                return
+                return super().adam(ctx, module, call, hidden, targets, block, keeps)
             attention, caught = module.self_attn, []
 
             def catch(m, a, out):
                 caught.append(out[0])
-                raise Stop
+                raise Stop  # the attention's output is all this region needs: the MLP is not run
 
             def attention_loss(rows):
                 caught.clear()
@@ -98,10 +66,12 @@ def variant(schedule: str, regions: bool):
                     pass
                 return F.mse_loss(caught[0].float(), self.attention_targets[rows])
 
+            parts = {True: {}, False: {}}  # attention's linears, the MLP's
+            for name, linear in block.linears.items():
+                parts[".self_attn." in name][name] = linear
             handle = attention.register_forward_hook(catch)
             try:
-                self.optimise(attention_loss, {n: w for n, w in linears.items() if ".self_attn." in n}, stored,
-                              len(hidden), block.index)
+                self.optimise(ctx, attention_loss, parts[True], keeps, len(hidden), block.index)
             finally:
                 handle.remove()
             seen = []
@@ -120,8 +90,7 @@ def variant(schedule: str, regions: bool):
 
             attention.forward = lambda *args, **kwargs: (current["rows"], None)  # the fitted attention's outputs
             try:
-                self.optimise(mlp_loss, {n: w for n, w in linears.items() if ".self_attn." not in n}, stored,
-                              len(hidden), block.index + 1000)
+                self.optimise(ctx, mlp_loss, parts[False], keeps, len(hidden), block.index + 1000)
             finally:
                 del attention.forward
 

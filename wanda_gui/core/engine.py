@@ -213,7 +213,6 @@ class Run:
         return self.config.restore_on_abort
 
 
-
 def prune(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None = None,
           cancel: threading.Event | None = None, model_name: str = "model", steps: tuple[Step, ...] = (),
           bounded: bool = False) -> Iterator[Event]:

@@ -381,7 +381,6 @@ class StructuredRun:
         return True
 
 
-
 def export_note(uniform: bool) -> str:
     if uniform:
         return ("every block has the same widths: config.json says them, and any runtime that reads the family "

@@ -19,13 +19,12 @@ targets are one forward. Each step must count: 2 samples a step (as good a loss 
 iterations (Adam makes up the rest), and a learning rate that falls from its peak to 0 along a cosine over the steps
 the epochs allow, so that the large early steps move the weights and the small late ones settle them. On the whole
 model (benchmarks/reconstruct_schedule.py: SparseGPT 2:4, 16 x 512, 16 evaluation windows, one epoch: 8 steps a
-block, the same time each): a constant
-3e-4 stopped early (the former fast) 43.46, a cosine from 1e-3 41.75, from 2e-3 **40.57**, from 4e-3 41.86, a linear
-fall from 1e-3 42.27. Fast takes half an epoch on that schedule; on P1 (64 x 512), ALPS + fast gives 30.84 at 50%
-and 38.97 at 2:4 (the former fast: 31.26 and 42.17, in 8-11% less time; a whole epoch: 30.10 and 38.64, in 11-14%
-more). Fitting the attention and the MLP as separate regions (the attention to the dense attention's outputs, then
-the MLP, fed the fitted attention, to the block's) gave 45.32 at 2e-3 on the proxy and took longer: the whole block
-stays the region.
+block, the same time each): a constant 3e-4 stopped early (the former fast) 43.46, a cosine from 1e-3 41.75, from
+2e-3 **40.57**, from 4e-3 41.86, a linear fall from 1e-3 42.27. Fast takes half an epoch on that schedule; on P1 (64
+x 512), ALPS + fast gives 30.84 at 50% and 38.97 at 2:4 (the former fast: 31.26 and 42.17, in 8-11% less time; a
+whole epoch: 30.10 and 38.64, in 11-14% more). Fitting the attention and the MLP as separate regions (the attention
+to the dense attention's outputs, then the MLP, fed the fitted attention, to the block's) gave 45.32 at 2e-3 on the
+proxy and took longer: the whole block stays the region.
 
 The targets are by default the dense model's own hidden states after the block (dense inputs through dense blocks,
 kept as a second stream beside the pruned one), so that each block also absorbs the error accumulated upstream;
@@ -38,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -269,19 +268,31 @@ class Reconstruct(Step):
 
     def adam(self, ctx: RunContext, module: nn.Module, call: BlockCall, hidden: torch.Tensor, targets: torch.Tensor,
              block: BlockMasked, keeps: dict[str, torch.Tensor]) -> None:
-        """Adam on the kept weights only: gradients masked, so Adam's moments and steps at pruned positions stay 0."""
-        weights = {name: linear.weight for name, linear in block.linears.items()}
-        stored_keeps = {name: out_in(block.linears[name], keeps[name]) for name in weights}
+        """Adam on the block's output error, every linear of the block at once."""
+        self.optimise(ctx, lambda rows: F.mse_loss(call(module, hidden[rows]).float(), targets[rows]), block.linears,
+                      keeps, len(hidden), block.index)
+
+    def rate(self, step: int, steps: int) -> float:
+        """The learning rate at `step` of `steps`, as a fraction of `lr`: from 1 down to 0 along a cosine."""
+        return 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    def optimise(self, ctx: RunContext, loss_of: Callable[[torch.Tensor], torch.Tensor], linears: dict[str, nn.Module],
+                 keeps: dict[str, torch.Tensor], nsamples: int, seed: int) -> None:
+        """Adam on the linears' kept weights only (`keeps`: True where kept, (C_out, C_in)), over batches of the
+        calibration samples whose loss `loss_of(rows)` gives: gradients masked, so Adam's moments and steps at pruned
+        positions stay 0."""
+        weights = {name: linear.weight for name, linear in linears.items()}
+        stored_keeps = {name: out_in(linears[name], keeps[name]) for name in weights}
+        device = next(iter(weights.values())).device
         for w in weights.values():
             w.requires_grad_(True)
         optimizer = torch.optim.Adam(weights.values(), lr=self.lr)
-        generator = torch.Generator().manual_seed(block.index)
-        n, size = len(hidden), self.batch_size
-        orders = [torch.randperm(n, generator=generator).to(hidden.device) for _ in range(math.ceil(self.epochs))]
-        batches = [order[start:start + size] for order in orders for start in range(0, n, size)]
-        batches = batches[:math.ceil(self.epochs * math.ceil(n / size))]  # a fraction of an epoch too
-        schedule = torch.optim.lr_scheduler.LambdaLR(  # from lr down to 0 along a cosine
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / len(batches))))
+        generator = torch.Generator().manual_seed(seed)
+        size = self.batch_size
+        orders = [torch.randperm(nsamples, generator=generator).to(device) for _ in range(math.ceil(self.epochs))]
+        batches = [order[start:start + size] for order in orders for start in range(0, nsamples, size)]
+        batches = batches[:math.ceil(self.epochs * math.ceil(nsamples / size))]  # a fraction of an epoch too
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.rate(step, len(batches)))
         losses: list[float] = []
         try:
             with torch.enable_grad():
@@ -290,7 +301,7 @@ class Reconstruct(Step):
                         raise Cancelled
                     if stalled(losses, self.window, self.tolerance):
                         return
-                    loss = F.mse_loss(call(module, hidden[rows]).float(), targets[rows])
+                    loss = loss_of(rows)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     for name, w in weights.items():
