@@ -3,8 +3,10 @@ reconstruction, NSAMPLES x 512 calibration (seed 0), perplexity on the first NWI
 
 How the fast setting's schedule was chosen (README, core/methods/reconstruct.py). Each setting runs in a fresh
 process. A setting is JSON: Reconstruct's arguments (lr, epochs, batch_size, tolerance...), plus "schedule":
-"cosine" (the app's: from lr down to 0), "constant" or "linear" (the alternatives measured), and "regions": true to
-fit the attention and the MLP as separate regions instead of the whole block (LLaMA-like blocks).
+"cosine" (the app's: from lr down to 0), "constant" or "linear" (the alternatives measured), "regions": true to
+fit the attention and the MLP as separate regions instead of the whole block (LLaMA-like blocks), "only": "mlp" to
+train only the linears so named (the others refitted only: no backward through the attention), and "bf16": false to
+run Adam in fp32 where the device has bf16 (Reconstruct's own argument, as every other key).
 Usage: python benchmarks/reconstruct_schedule.py [--method sparsegpt] [--pattern 2:4] [--nsamples 16]
        [--nwindows 16] SETTING...   e.g. '{"lr": 3e-4, "tolerance": 0.01, "epochs": 1, "schedule": "constant"}'
 """
@@ -21,8 +23,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def variant(schedule: str, regions: bool):
-    """Reconstruct with another learning-rate schedule, or with attention and MLP fitted as regions of their own."""
+def variant(schedule: str, regions: bool, only: str):
+    """Reconstruct with another learning-rate schedule, with attention and MLP fitted as regions of their own, or with
+    Adam on the linears whose name holds `only` (the rest refitted but not trained)."""
     import torch
     import torch.nn.functional as F
 
@@ -50,6 +53,10 @@ def variant(schedule: str, regions: bool):
             return targets
 
         def adam(self, ctx, module, call, hidden, targets, block, keeps):
+            if only:
+                linears = {name: linear for name, linear in block.linears.items() if only in name}
+                return self.optimise(ctx, lambda rows: F.mse_loss(call(module, hidden[rows]).float(), targets[rows]),
+                                     linears, keeps, len(hidden), block.index)
             if not regions:
                 return super().adam(ctx, module, call, hidden, targets, block, keeps)
             attention, caught = module.self_attn, []
@@ -108,8 +115,8 @@ def run_setting(method: str, pattern: str, nsamples: int, nwindows: int, setting
     from wanda_gui.core.runs import drain
 
     arguments = dict(setting)
-    schedule, regions = arguments.pop("schedule", "cosine"), arguments.pop("regions", False)
-    step = variant(schedule, regions)(**arguments) if (schedule, regions) != ("cosine", False) else \
+    schedule, regions, only = arguments.pop("schedule", "cosine"), arguments.pop("regions", False), arguments.pop("only", "")
+    step = variant(schedule, regions, only)(**arguments) if (schedule, regions, only) != ("cosine", False, "") else \
         OPTIONS["reconstruct"](**arguments)
     loaded = load_model("builtin", "cpu", None)
     windows, _ = calibration_windows(loaded.tokenizer, "builtin", nsamples, 512, 0)

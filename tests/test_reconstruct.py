@@ -230,12 +230,33 @@ def test_adams_learning_rate_falls_along_a_cosine_over_the_epochs_steps(monkeypa
     assert fit.steps == [8, 8] and seen == pytest.approx(cosine * 2)
 
 
+@pytest.mark.parametrize("native,asked,expected", [(True, None, True), (False, None, False), (True, False, False)])
+def test_adams_passes_run_in_bf16_where_the_device_has_it_and_everything_else_in_fp32(monkeypatch, native, asked,
+                                                                                        expected):
+    """Autocast to bf16 during Adam's forwards only (never the targets, the probes or the next block's inputs), the
+    weights and their moments fp32, the masks held and the block's error still falling."""
+    monkeypatch.setattr("wanda_gui.core.methods.reconstruct.native_bf16", lambda device: native)
+    seen = []
+    model = tiny_model("llama")
+    for linear in find_linears(find_blocks(model)[1][0]).values():
+        linear.register_forward_hook(lambda m, args, out: seen.append((torch.is_grad_enabled(), out.dtype)))
+    step, masks = Reconstruct(epochs=2, bf16=asked), Masks()
+    drain(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(step, masks)))
+    adam = {dtype for training, dtype in seen if training}
+    assert adam == {torch.bfloat16 if expected else torch.float32}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}
+    assert all(final < masked for masked, _, final in step.errors)
+    modules = dict(model.named_modules())
+    assert all(weight_out_in(modules[n]).dtype == torch.float32 and torch.equal(weight_out_in(modules[n]) == 0, m)
+               for n, m in masks.masks.items())
+
+
 def test_the_thorough_setting_reaches_a_loss_at_most_the_defaults():
     fast, thorough = (PruneConfig("sparsegpt", 0.5, "2:4", options=("reconstruct",), efforts=efforts).steps()[0]
                       for efforts in ({}, {"reconstruct": "thorough"}))
     for step in (fast, thorough):
         drain(prune(tiny_model("llama"), PruneConfig("sparsegpt", 0.5, "2:4"), calibration(), steps=(step,)))
-    assert (fast.epochs, thorough.epochs) == (0.5, 4) and sum(thorough.steps) > sum(fast.steps)
+    assert (fast.epochs, thorough.epochs) == (1, 4) and sum(thorough.steps) > sum(fast.steps)
     assert fast.errors[0][0] == pytest.approx(thorough.errors[0][0])  # the same block 0 (later inputs differ)
     assert all(t[2] <= f[2] for f, t in zip(fast.errors, thorough.errors)), (fast.errors, thorough.errors)
 

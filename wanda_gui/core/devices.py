@@ -42,6 +42,15 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
         raise UserError(f"Unknown dtype {name!r}: use one of {', '.join(DTYPES)}.") from None
 
 
+def native_bf16(device: torch.device) -> bool:
+    """The device multiplies bf16 in hardware (a CUDA GPU with bf16; a CPU with AMX or AVX512-BF16), so that bf16
+    matmuls run faster than fp32 ones: 6x on this project's CPU with AMX, where a CPU without them emulates bf16 and
+    runs it slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
 

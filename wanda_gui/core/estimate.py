@@ -172,7 +172,7 @@ def prune_seconds(info, method: str, nsamples: int, seqlen: int, steps: tuple[St
     name = get_method(method).name
     solver = SOLVER_PRODUCTS.get(name, 0) * 2 * info.linear_parameters * info.hidden_size / rate
     factor = METHOD_TIME_FACTOR.get(name, 1.0)
-    extra = sum(step.extra_passes(nsamples, seqlen, info.hidden_size) for step in steps)
+    extra = sum(step.extra_passes(nsamples, seqlen, info.hidden_size, torch.device(info.device)) for step in steps)
     return factor * 2 * one_pass + STEP_PASS_OVERHEAD * extra * one_pass + solver + masking
 
 

@@ -78,9 +78,9 @@ class Step:
     def check(cls, pattern: Pattern) -> None:
         """Refuse, before a model is loaded, a pattern this option cannot serve (PruneConfig calls it when on)."""
 
-    def extra_passes(self, nsamples: int, seqlen: int, width: int) -> float:
+    def extra_passes(self, nsamples: int, seqlen: int, width: int, device: torch.device) -> float:
         """For the time estimate: the forward passes over the calibration tokens through every block that this
-        hook adds to the method's two (a backward counting two), at most."""
+        hook adds to the method's two (a backward counting two), at most, on `device`."""
         return 0.0
 
     def before_pruning(self, ctx: RunContext) -> Iterator[Event] | None:

@@ -20,11 +20,18 @@ iterations (Adam makes up the rest), and a learning rate that falls from its pea
 the epochs allow, so that the large early steps move the weights and the small late ones settle them. On the whole
 model (benchmarks/reconstruct_schedule.py: SparseGPT 2:4, 16 x 512, 16 evaluation windows, one epoch: 8 steps a
 block, the same time each): a constant 3e-4 stopped early (the former fast) 43.46, a cosine from 1e-3 41.75, from
-2e-3 **40.57**, from 4e-3 41.86, a linear fall from 1e-3 42.27. Fast takes half an epoch on that schedule; on P1 (64
-x 512), ALPS + fast gives 30.84 at 50% and 38.97 at 2:4 (the former fast: 31.26 and 42.17, in 8-11% less time; a
-whole epoch: 30.10 and 38.64, in 11-14% more). Fitting the attention and the MLP as separate regions (the attention
-to the dense attention's outputs, then the MLP, fed the fitted attention, to the block's) gave 45.32 at 2e-3 on the
-proxy and took longer: the whole block stays the region.
+2e-3 **40.57**, from 4e-3 41.86, a linear fall from 1e-3 42.27. Fitting the attention and the MLP as separate regions
+(the attention to the dense attention's outputs, then the MLP, fed the fitted attention, to the block's) gave 45.32
+and took longer: the whole block stays the region. Tried and dropped on the same proxy (one epoch, 40.98 that day):
+each token's error relative to its target's norm (so that the first token's massive activations, 98% of the output's
+squares in the middle blocks, do not drown the others) 41.85; the RMSNorm gains trained too 41.93; Adam on the MLP's
+linears only (no backward through the attention), 4 epochs in the time of 2 of the whole block: 39.54 against 39.89.
+
+Adam's forward and backward run in bf16 (autocast; the weights, their moments and the loss stay fp32) wherever the
+device multiplies bf16 in hardware (devices.native_bf16): on this project's CPU (AMX) a step takes half the time of
+fp32's (56 ms against 107 ms for 2 x 512 tokens of a block) for the same result (4 epochs on the proxy: 38.15 in bf16,
+38.19 in fp32, 129 s against 184 s for the whole run). Fast spends that on a whole epoch (it was half an epoch of
+fp32; on P1 a whole epoch of fp32 gave ALPS + reconstruction 30.10 at 50% and 38.64 at 2:4), thorough on 4 epochs.
 
 The targets are by default the dense model's own hidden states after the block (dense inputs through dense blocks,
 kept as a second stream beside the pruned one), so that each block also absorbs the error accumulated upstream;
@@ -44,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architecture import BlockCall, out_in, weight_out_in
+from ..devices import native_bf16
 from ..errors import UserError
 from ..passes import Cancelled
 from ..statistics import Hessian
@@ -134,7 +142,8 @@ class Reconstruct(Step):
     gradients, 0 to skip), then at most `epochs` (a fraction too) of Adam (from `lr` down to 0 along a cosine,
     `batch_size` calibration samples a step) on the block's output error against the dense targets (`dense_stream`:
     the dense model's hidden states, else the dense block on the pruned inputs), stopped once the mean loss of the
-    last `window` steps is less than `tolerance` below the window's before (0: never early). `errors` records per
+    last `window` steps is less than `tolerance` below the window's before (0: never early); `bf16`: Adam's passes
+    in bf16 (None: where the device multiplies it natively). `errors` records per
     block that MSE on the first batch of samples: after masking, after the refit, after Adam; `steps` the Adam steps
     taken."""
 
@@ -153,31 +162,32 @@ class Reconstruct(Step):
     # Named settings, the first the default: (what it costs, the constructor's arguments). Adam stops early once
     # the block's loss falls by less than `tolerance` (relative) from one window of steps to the next.
     efforts = {
-        "fast": ("a short refit, then half an epoch of Adam", {}),
+        "fast": ("a short refit, then an epoch of Adam (in bf16 where the device has it)", {}),
         "thorough": ("a longer refit and up to 4 epochs of Adam, stopped once the loss is flat: up to 4 times "
                      "fast's Adam", dict(epochs=4, refit_iterations=30, window=8, tolerance=0.002)),
     }
 
-    def __init__(self, epochs: float = 0.5, lr: float = 2e-3, batch_size: int = 2, refit_iterations: int = 10,
-                 dense_stream: bool = True, window: int = 4, tolerance: float = 0.0):
+    def __init__(self, epochs: float = 1, lr: float = 2e-3, batch_size: int = 2, refit_iterations: int = 10,
+                 dense_stream: bool = True, window: int = 4, tolerance: float = 0.0, bf16: bool | None = None):
         if epochs < 0 or refit_iterations < 0 or batch_size < 1 or not lr > 0 or window < 1 or not tolerance >= 0:
             raise UserError("Reconstruction needs epochs and refit iterations of 0 or more, a batch of at least one "
                             "sample, a positive learning rate, a window of at least one step and a tolerance of 0 or "
                             f"more; got epochs={epochs}, refit_iterations={refit_iterations}, batch_size={batch_size}, "
                             f"lr={lr}, window={window}, tolerance={tolerance}.")
         self.epochs, self.lr, self.batch_size, self.refit_iterations = epochs, lr, batch_size, refit_iterations
-        self.dense_stream, self.window, self.tolerance = dense_stream, window, tolerance
+        self.dense_stream, self.window, self.tolerance, self.bf16 = dense_stream, window, tolerance, bf16
         self.statistic = Hessian if refit_iterations else None  # shared with SparseGPT's when it runs
         self.errors: list[tuple[float, float, float]] = []
         self.steps: list[int] = []  # per block, the Adam steps taken (fewer than epochs allow when it stopped early)
         self.stream: torch.Tensor | None = None  # the dense model's hidden states at the current block's input
 
-    def extra_passes(self, nsamples: int, seqlen: int, width: int) -> float:
+    def extra_passes(self, nsamples: int, seqlen: int, width: int, device: torch.device) -> float:
         """At most: the dense targets (one pass), Adam's epochs (a forward and a backward, about three passes
-        each), and the refit (iterations x 2 C_out C_in^2 a linear: C_in is about 1.4 widths on average, as
-        SmolLM2's blocks have it), in passes over nsamples x seqlen tokens."""
+        each in fp32, half that in native bf16), and the refit (iterations x 2 C_out C_in^2 a linear: C_in is about
+        1.4 widths on average, as SmolLM2's blocks have it), in passes over nsamples x seqlen tokens."""
         refit = self.refit_iterations * 1.4 * width / max(1, nsamples * seqlen)
-        return (1 + 3 * self.epochs) * (1 if self.dense_stream else 2) + refit
+        bf16 = native_bf16(device) if self.bf16 is None else self.bf16
+        return (1 + (1.5 if bf16 else 3) * self.epochs) * (1 if self.dense_stream else 2) + refit
 
     def before_pruning(self, ctx: RunContext) -> None:
         if self.dense_stream and ctx.hidden is not None:
@@ -284,6 +294,7 @@ class Reconstruct(Step):
         weights = {name: linear.weight for name, linear in linears.items()}
         stored_keeps = {name: out_in(linears[name], keeps[name]) for name in weights}
         device = next(iter(weights.values())).device
+        bf16 = native_bf16(device) if self.bf16 is None else self.bf16
         for w in weights.values():
             w.requires_grad_(True)
         optimizer = torch.optim.Adam(weights.values(), lr=self.lr)
@@ -301,7 +312,8 @@ class Reconstruct(Step):
                         raise Cancelled
                     if stalled(losses, self.window, self.tolerance):
                         return
-                    loss = loss_of(rows)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss = loss_of(rows)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     for name, w in weights.items():
