@@ -2,13 +2,13 @@
 reconstruction, NSAMPLES x 512 calibration (seed 0), perplexity on the first NWINDOWS evaluation windows.
 
 How the fast setting's schedule was chosen (README, core/methods/reconstruct.py). Each setting runs in a fresh
-process. A setting is JSON: Reconstruct's arguments (lr, epochs, batch_size, tolerance...), plus "schedule":
+process. A setting is JSON: Reconstruct's arguments (lr, epochs, batch_size...), plus "schedule":
 "cosine" (the app's: from lr down to 0), "constant" or "linear" (the alternatives measured), "regions": true to
 fit the attention and the MLP as separate regions instead of the whole block (LLaMA-like blocks), "only": "mlp" to
 train only the linears so named (the others refitted only: no backward through the attention), and "bf16": false to
 run Adam in fp32 where the device has bf16 (Reconstruct's own argument, as every other key).
 Usage: python benchmarks/reconstruct_schedule.py [--method sparsegpt] [--pattern 2:4] [--nsamples 16]
-       [--nwindows 16] SETTING...   e.g. '{"lr": 3e-4, "tolerance": 0.01, "epochs": 1, "schedule": "constant"}'
+       [--nwindows 16] SETTING...   e.g. '{"lr": 3e-4, "epochs": 1, "schedule": "constant"}'
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def run_setting(method: str, pattern: str, nsamples: int, nwindows: int, setting
     from wanda_gui.core.runs import drain
 
     arguments = dict(setting)
-    schedule, regions, only = arguments.pop("schedule", "cosine"), arguments.pop("regions", False), arguments.pop("only", "")
+    schedule, regions = arguments.pop("schedule", "cosine"), arguments.pop("regions", False)
+    only = arguments.pop("only", "")
     step = variant(schedule, regions, only)(**arguments) if (schedule, regions, only) != ("cosine", False, "") else \
         OPTIONS["reconstruct"](**arguments)
     loaded = load_model("builtin", "cpu", None)

@@ -10,7 +10,7 @@ Two stages per block, both on the kept weights only:
 2. Adam on the block's output (the regional optimisation of Wanda++, Yang et al. 2025): epochs over the
    calibration samples minimising the MSE between the pruned block's outputs and the dense targets, which also
    corrects what the per-linear refit cannot see (errors passing from one linear to the next through attention and
-   MLP); thorough stops early once the loss stops falling.
+   MLP).
 
 Where the time goes (profiled on the built-in model, 16 x 512, one thread): an Adam step costs about three block
 forwards of its samples (the weights' matmuls are 73% of it, attention 19%), so Adam's sample-steps are most of the
@@ -30,8 +30,9 @@ linears only (no backward through the attention), 4 epochs in the time of 2 of t
 Adam's forward and backward run in bf16 (autocast; the weights, their moments and the loss stay fp32) wherever the
 device multiplies bf16 in hardware (devices.native_bf16): on this project's CPU (AMX) a step takes half the time of
 fp32's (56 ms against 107 ms for 2 x 512 tokens of a block) for the same result (4 epochs on the proxy: 38.15 in bf16,
-38.19 in fp32, 129 s against 184 s for the whole run). Fast spends that on a whole epoch (it was half an epoch of
-fp32; on P1 a whole epoch of fp32 gave ALPS + reconstruction 30.10 at 50% and 38.64 at 2:4), thorough on 4 epochs.
+38.19 in fp32, 129 s against 184 s for the whole run). Fast spends that on a whole epoch, where it took half an
+epoch of fp32 (P1, ALPS + reconstruction: 37.81 at 2:4 in 4.0x Wanda's time and 30.14 at 50% in 4.7x, against 39.27
+and 30.86), thorough on 4 epochs (35.21 and 29.36, in 8x).
 
 The targets are by default the dense model's own hidden states after the block (dense inputs through dense blocks,
 kept as a second stream beside the pruned one), so that each block also absorbs the error accumulated upstream;
@@ -101,15 +102,6 @@ def refit(weight: torch.Tensor, dense: torch.Tensor, keep: torch.Tensor, H: torc
     return x
 
 
-def stalled(losses: list[float], window: int, tolerance: float) -> bool:
-    """The loss stopped falling: its mean over the last `window` steps is less than `tolerance` (relative) below
-    its mean over the window before (a window, not single steps: each step sees other samples)."""
-    if tolerance <= 0 or len(losses) < 2 * window:
-        return False
-    last, before = sum(losses[-window:]), sum(losses[-2 * window:-window])
-    return last > (1 - tolerance) * before
-
-
 def outputs(module: nn.Module, call: BlockCall, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([call(module, hidden[s:s + batch_size]).float() for s in range(0, len(hidden), batch_size)])
@@ -139,13 +131,13 @@ def fp32_copy(module: nn.Module) -> Iterator[None]:
 
 class Reconstruct(Step):
     """After a block is masked: refit each linear's kept weights in closed form (`refit_iterations` of conjugate
-    gradients, 0 to skip), then at most `epochs` (a fraction too) of Adam (from `lr` down to 0 along a cosine,
-    `batch_size` calibration samples a step) on the block's output error against the dense targets (`dense_stream`:
-    the dense model's hidden states, else the dense block on the pruned inputs), stopped once the mean loss of the
-    last `window` steps is less than `tolerance` below the window's before (0: never early); `bf16`: Adam's passes
-    in bf16 (None: where the device multiplies it natively). `errors` records per
-    block that MSE on the first batch of samples: after masking, after the refit, after Adam; `steps` the Adam steps
-    taken."""
+    gradients, 0 to skip), then `epochs` (a fraction too) of Adam (from `lr` down to 0 along a cosine, `batch_size`
+    calibration samples a step) on the block's output error against the dense targets (`dense_stream`: the dense
+    model's hidden states, else the dense block on the pruned inputs); `bf16`: Adam's passes in bf16 (None: where the
+    device multiplies it natively). No early stop: the cosine needs its steps known, and a run stopped part-way down
+    it ends at a large learning rate (thorough did so on P1 when it stopped on a flat loss: 30.47 at 50% and 38.82 at
+    2:4, worse than fast's single epoch). `errors` records per block that MSE on the first batch of samples: after
+    masking, after the refit, after Adam; `steps` the Adam steps taken."""
 
     key, label = "reconstruct", "Block reconstruction"
     description = ("Block reconstruction: after each block is masked, refit its kept weights (least squares on the "
@@ -159,26 +151,23 @@ class Reconstruct(Step):
     torchrun_refusal = ("Block reconstruction fits weights on each process's own windows, so the processes would "
                         "end with different models: run it in one process.")
 
-    # Named settings, the first the default: (what it costs, the constructor's arguments). Adam stops early once
-    # the block's loss falls by less than `tolerance` (relative) from one window of steps to the next.
+    # Named settings, the first the default: (what it costs, the constructor's arguments).
     efforts = {
         "fast": ("a short refit, then an epoch of Adam (in bf16 where the device has it)", {}),
-        "thorough": ("a longer refit and up to 4 epochs of Adam, stopped once the loss is flat: up to 4 times "
-                     "fast's Adam", dict(epochs=4, refit_iterations=30, window=8, tolerance=0.002)),
+        "thorough": ("a longer refit and 4 epochs of Adam: 4 times fast's Adam", dict(epochs=4, refit_iterations=30)),
     }
 
     def __init__(self, epochs: float = 1, lr: float = 2e-3, batch_size: int = 2, refit_iterations: int = 10,
-                 dense_stream: bool = True, window: int = 4, tolerance: float = 0.0, bf16: bool | None = None):
-        if epochs < 0 or refit_iterations < 0 or batch_size < 1 or not lr > 0 or window < 1 or not tolerance >= 0:
+                 dense_stream: bool = True, bf16: bool | None = None):
+        if epochs < 0 or refit_iterations < 0 or batch_size < 1 or not lr > 0:
             raise UserError("Reconstruction needs epochs and refit iterations of 0 or more, a batch of at least one "
-                            "sample, a positive learning rate, a window of at least one step and a tolerance of 0 or "
-                            f"more; got epochs={epochs}, refit_iterations={refit_iterations}, batch_size={batch_size}, "
-                            f"lr={lr}, window={window}, tolerance={tolerance}.")
+                            f"sample and a positive learning rate; got epochs={epochs}, refit_iterations="
+                            f"{refit_iterations}, batch_size={batch_size}, lr={lr}.")
         self.epochs, self.lr, self.batch_size, self.refit_iterations = epochs, lr, batch_size, refit_iterations
-        self.dense_stream, self.window, self.tolerance, self.bf16 = dense_stream, window, tolerance, bf16
+        self.dense_stream, self.bf16 = dense_stream, bf16
         self.statistic = Hessian if refit_iterations else None  # shared with SparseGPT's when it runs
         self.errors: list[tuple[float, float, float]] = []
-        self.steps: list[int] = []  # per block, the Adam steps taken (fewer than epochs allow when it stopped early)
+        self.steps: list[int] = []  # per block, the Adam steps taken
         self.stream: torch.Tensor | None = None  # the dense model's hidden states at the current block's input
 
     def extra_passes(self, nsamples: int, seqlen: int, width: int, device: torch.device) -> float:
@@ -304,14 +293,12 @@ class Reconstruct(Step):
         batches = [order[start:start + size] for order in orders for start in range(0, nsamples, size)]
         batches = batches[:math.ceil(self.epochs * math.ceil(nsamples / size))]  # a fraction of an epoch too
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.rate(step, len(batches)))
-        losses: list[float] = []
+        taken = 0
         try:
             with torch.enable_grad():
                 for rows in batches:
                     if ctx.cancel is not None and ctx.cancel.is_set():
                         raise Cancelled
-                    if stalled(losses, self.window, self.tolerance):
-                        return
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         loss = loss_of(rows)
                     optimizer.zero_grad(set_to_none=True)
@@ -320,9 +307,9 @@ class Reconstruct(Step):
                         w.grad.mul_(stored_keeps[name])
                     optimizer.step()
                     schedule.step()
-                    losses.append(float(loss.detach()))
+                    taken += 1
         finally:
-            self.steps.append(len(losses))
+            self.steps.append(taken)
             optimizer.zero_grad(set_to_none=True)
             del optimizer
             for w in weights.values():
