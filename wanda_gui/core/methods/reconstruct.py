@@ -175,8 +175,11 @@ class Reconstruct(Step):
         each in fp32, half that in native bf16), and the refit (iterations x 2 C_out C_in^2 a linear: C_in is about
         1.4 widths on average, as SmolLM2's blocks have it), in passes over nsamples x seqlen tokens."""
         refit = self.refit_iterations * 1.4 * width / max(1, nsamples * seqlen)
-        bf16 = native_bf16(device) if self.bf16 is None else self.bf16
-        return (1 + (1.5 if bf16 else 3) * self.epochs) * (1 if self.dense_stream else 2) + refit
+        return (1 + (1.5 if self.in_bf16(device) else 3) * self.epochs) * (1 if self.dense_stream else 2) + refit
+
+    def in_bf16(self, device: torch.device) -> bool:
+        """Whether Adam's passes run in bf16 on `device`: as asked, else where the device multiplies it natively."""
+        return native_bf16(device) if self.bf16 is None else self.bf16
 
     def before_pruning(self, ctx: RunContext) -> None:
         if self.dense_stream and ctx.hidden is not None:
@@ -283,7 +286,7 @@ class Reconstruct(Step):
         weights = {name: linear.weight for name, linear in linears.items()}
         stored_keeps = {name: out_in(linears[name], keeps[name]) for name in weights}
         device = next(iter(weights.values())).device
-        bf16 = native_bf16(device) if self.bf16 is None else self.bf16
+        bf16 = self.in_bf16(device)
         for w in weights.values():
             w.requires_grad_(True)
         optimizer = torch.optim.Adam(weights.values(), lr=self.lr)
