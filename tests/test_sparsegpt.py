@@ -88,6 +88,21 @@ def test_hessian_is_the_references_two_over_n_xtx():
     assert torch.allclose(hessian(X).double(), 2 / len(X) * flat.T @ flat, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("width", [3, 13, 576])
+def test_hessian_summed_as_its_upper_triangle_is_the_whole_symmetric_product(width):
+    """Each batch adds only the bands of rows from the diagonal on (fewer bands than rows or not, even or not);
+    result() is exactly symmetric and the full 2/n X^T X."""
+    torch.manual_seed(width)
+    x = torch.randn(5, 7, width) * (torch.rand(width) * 3)
+    stat = Hessian(width, torch.device("cpu"))
+    stat.add(x[:2])
+    stat.add(x[2:])
+    H = stat.result()
+    flat = x.reshape(-1, width).double()
+    assert torch.equal(H, H.t())
+    assert torch.allclose(H.double(), 2 / 5 * flat.T @ flat, rtol=1e-5, atol=1e-5 * H.abs().max().item())
+
+
 def test_hessian_and_its_inverse_equal_the_references_arithmetic_to_rounding():
     """The reference's own route (H as a running average rescaled sample by sample; U by cholesky, cholesky_inverse,
     cholesky) and ours (one product a batch; U from one factorisation of H reversed) agree to float32 rounding, and

@@ -57,20 +57,28 @@ class Moments:
 
 class Hessian:
     """H = (2 / nsamples) X^T X over every token of the calibration samples, as SparseGPT defines it: summed batch by
-    batch in one product (the reference rescales a running average before each sample: the same H to rounding, at
-    a third of the time here)."""
+    batch (the reference rescales a running average before each sample: the same H to rounding, at a third of the
+    time here). H is symmetric, so each batch adds only its upper triangle, in ROW_BLOCKS bands of rows from the
+    diagonal on: 56% of the products, 0.66x the time of the full product at P1's widths on this CPU (the sum stays
+    exact fp32; the lower triangle is filled once, in result())."""
+
+    ROW_BLOCKS = 8
 
     def __init__(self, width: int, device: torch.device):
-        self.sum = torch.zeros(width, width, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(width, width, dtype=torch.float32, device=device)  # the upper triangle is the sum
         self.nsamples = 0
+        self.edges = [round(width * i / self.ROW_BLOCKS) for i in range(self.ROW_BLOCKS + 1)]
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(flat.t(), flat)
+        for a, b in zip(self.edges, self.edges[1:]):
+            if b > a:
+                self.sum[a:b, a:].addmm_(flat[:, a:b].t(), flat[:, a:])
         self.nsamples += x.reshape(-1, x.shape[-2], x.shape[-1]).shape[0] if x.dim() >= 3 else 1  # a 2-D input: one
 
     def result(self) -> torch.Tensor:
-        return self.sum * (2 / max(1, self.nsamples))
+        upper = self.sum.triu()
+        return (upper + upper.triu(1).t()) * (2 / max(1, self.nsamples))
 
     def all_reduce(self) -> None:
         """Sum over torchrun ranks (core.distributed): the sums and the sample counts."""
