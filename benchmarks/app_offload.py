@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from fresh import each_in_fresh_process  # noqa: E402
 
 
 def measure(model: str, mode: str, nsamples: int, seqlen: int, tokens: int) -> dict:
@@ -68,19 +69,9 @@ def main() -> int:
     if args.one:
         print(json.dumps(measure(args.model, args.one, args.nsamples, args.seqlen, args.tokens)))
         return 0
-    results = []
-    for mode in args.modes:
-        done = subprocess.run([sys.executable, __file__, "--one", mode, "--model", args.model, "--nsamples",
-                               str(args.nsamples), "--seqlen", str(args.seqlen), "--tokens", str(args.tokens)],
-                              capture_output=True, text=True)
-        if done.returncode:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return done.returncode
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+    each_in_fresh_process(__file__, ([
+        mode, "--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+        "--tokens", str(args.tokens)] for mode in args.modes), args.out)
     return 0
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from p1 import PeakRss  # benchmarks/ is on sys.path when a script here runs
+from fresh import each_in_fresh_process  # benchmarks/ is on sys.path when a script here runs
+from p1 import PeakRss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -132,12 +132,7 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(reports, indent=2))
         print(table(reports))
         return 0
-    reports = []
-    for name in args.only:  # a fresh process per setting: no memory or allocator state carried over
-        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, check=True)
-        reports.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(ratio_row(reports[-1]), flush=True)
-    Path(args.out).write_text(json.dumps(reports, indent=2))
+    reports = each_in_fresh_process(__file__, ([name] for name in args.only), args.out, show=ratio_row)
     print(table(reports))
     return 0
 

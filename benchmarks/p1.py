@@ -15,11 +15,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from fresh import each_in_fresh_process  # benchmarks/ is on sys.path when a script here runs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -241,21 +242,13 @@ def main() -> int:
     if args.one:
         print(json.dumps(run_setting(args.one, args.device, args.dtype, args.nwindows, args.dense_cache)))
         return 0
-    reports = []
     dense_cache = os.path.join(tempfile.mkdtemp(prefix="p1-dense-"), "dense.json")
-    for run in every_run() if args.all else args.runs:
-        cmd = [sys.executable, __file__, "--one", run, "--device", args.device, "--nwindows", str(args.nwindows),
-               "--dense-cache", dense_cache]
-        if args.dtype:
-            cmd += ["--dtype", args.dtype]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode:
-            print(result.stderr, file=sys.stderr)
-            return result.returncode
-        reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        if args.out:  # after every setting: a stopped benchmark keeps what finished
-            with open(args.out, "w") as f:
-                json.dump(reports, f, indent=2)
+    dtype = ["--dtype", args.dtype] if args.dtype else []
+    reports = each_in_fresh_process(__file__, (
+        [run, "--device", args.device, "--nwindows", str(args.nwindows), "--dense-cache", dense_cache, *dtype]
+        for run in (every_run() if args.all else args.runs)), args.out,
+        show=lambda r: f"{r['run']}: perplexity {r['perplexity']['pruned']['perplexity']:.3f}, "
+                       f"prune {r['seconds']['calibration_and_pruning']:.1f} s")
     print(f"P1 on {reports[0]['device']} {reports[0]['dtype']}: 64 x 512 calibration (seed 0), "
           f"eval {args.nwindows} x 512; matmul best {reports[0]['floor']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s "
           f"(floor = linear FLOPs at the best rate; '(own)' counts attention and a method's Hessians too)")

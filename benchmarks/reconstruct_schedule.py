@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+from fresh import each_in_fresh_process  # benchmarks/ is on sys.path when a script here runs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -144,19 +145,9 @@ def main() -> int:
         setting = json.loads(args.settings[0])
         print(json.dumps(run_setting(args.method, args.pattern, args.nsamples, args.nwindows, setting)))
         return 0
-    results = []
-    for setting in args.settings:
-        cmd = [sys.executable, __file__, "--one", "--method", args.method, "--pattern", args.pattern,
-               "--nsamples", str(args.nsamples), "--nwindows", str(args.nwindows), setting]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            print(done.stderr, file=sys.stderr)
-            return done.returncode
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+    each_in_fresh_process(__file__, ([
+        "--method", args.method, "--pattern", args.pattern, "--nsamples", str(args.nsamples),
+        "--nwindows", str(args.nwindows), setting] for setting in args.settings), args.out)
     return 0
 
 

@@ -5,8 +5,8 @@ diagonal as damping; U = the upper Cholesky factor of H^-1. Columns go left to r
 chosen per block (unstructured: the lowest fraction of w^2 / U_jj^2 over the whole block; N:M: per group of M, as
 the group is reached), and each pruned column's error is spread over the columns to its right.
 
-The reference's rules, in faster arithmetic (the same results to rounding; P1's perplexities within 1% of the
-reference pipeline's): H summed batch by batch in one product (statistics.Hessian), U from one factorisation, and the
+The reference's rules, in faster arithmetic (the same results to rounding; P1's perplexities within 2% of the check
+values): H summed batch by batch, only its upper triangle (statistics.Hessian), U from one factorisation, and the
 column loop two operations a column on rows stored contiguously.
 """
 
