@@ -25,7 +25,10 @@ block, the same time each): a constant 3e-4 stopped early (the former fast) 43.4
 and took longer: the whole block stays the region. Tried and dropped on the same proxy (one epoch, 40.98 that day):
 each token's error relative to its target's norm (so that the first token's massive activations, 98% of the output's
 squares in the middle blocks, do not drown the others) 41.85; the RMSNorm gains trained too 41.93; Adam on the MLP's
-linears only (no backward through the attention), 4 epochs in the time of 2 of the whole block: 39.54 against 39.89.
+linears only (no backward through the attention), 4 epochs in the time of 2 of the whole block: 39.54 against 39.89;
+no refit after ALPS, whose own conjugate gradients solve the same least squares (ALPS + reconstruction, 16 x 512):
+38.86 against 39.48 at 2:4 but 30.04 against 29.66 at 50%, for 10-15 s (SparseGPT 2:4 without it: 44.73 against
+41.17).
 
 Adam's forward and backward run in bf16 (autocast; the weights, their moments and the loss stay fp32) wherever the
 device multiplies bf16 in hardware (devices.native_bf16): on this project's CPU (AMX) a step takes half the time of
