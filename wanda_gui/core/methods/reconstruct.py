@@ -34,8 +34,9 @@ Adam's forward and backward run in bf16 (autocast; the weights, their moments an
 device multiplies bf16 in hardware (devices.native_bf16): on this project's CPU (AMX) a step takes half the time of
 fp32's (56 ms against 107 ms for 2 x 512 tokens of a block) for the same result (4 epochs on the proxy: 38.15 in bf16,
 38.19 in fp32, 129 s against 184 s for the whole run). Fast spends that on a whole epoch, where it took half an
-epoch of fp32 (P1, ALPS + reconstruction: 37.81 at 2:4 in 4.0x Wanda's time and 30.14 at 50% in 4.7x, against 39.27
-and 30.86), thorough on 4 epochs (35.21 and 29.36, in 8x).
+epoch of fp32 (P1, ALPS + reconstruction: 37.81 at 2:4 and 30.14 at 50%, against 39.27 and 30.86), thorough on 4
+epochs; with Adam's step fused and N:M selection by pairwise comparisons, fast takes 3.7x Wanda's time at 2:4 (37.60)
+and 4.2x at 50% (30.29), thorough 7.3-7.4x (35.27 and 29.39).
 
 The targets are by default the dense model's own hidden states after the block (dense inputs through dense blocks,
 kept as a second stream beside the pruned one), so that each block also absorbs the error accumulated upstream;
