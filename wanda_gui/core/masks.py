@@ -65,11 +65,12 @@ def lowest_per_row(score: torch.Tensor, k: int) -> torch.Tensor:
     if k >= cols:
         return torch.ones_like(score, dtype=torch.bool)
     threshold = score.topk(k, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    lowest = score <= threshold
+    if bool((lowest.sum(dim=1) == k).all()):  # no row has a tie across its threshold (the usual case)
+        return lowest
     below = score < threshold
     at = score == threshold
     room = k - below.sum(dim=1, keepdim=True)
-    if bool((at.sum(dim=1, keepdim=True) == room).all()):  # no surplus ties (the usual case): skip the cumsum
-        return below | at
     return below | (at & (at.cumsum(dim=1) <= room))
 
 
