@@ -36,7 +36,12 @@ fp32's (56 ms against 107 ms for 2 x 512 tokens of a block) for the same result 
 38.19 in fp32, 129 s against 184 s for the whole run). Fast spends that on a whole epoch, where it took half an
 epoch of fp32 (P1, ALPS + reconstruction: 37.81 at 2:4 and 30.14 at 50%, against 39.27 and 30.86), thorough on 4
 epochs; with Adam's step fused and N:M selection by pairwise comparisons, fast takes 3.7x Wanda's time at 2:4 (37.60)
-and 4.2x at 50% (30.29), thorough 7.3-7.4x (35.27 and 29.39).
+and 4.2x at 50% (30.29), thorough 7.3-7.4x (35.27 and 29.39). The dense targets' forwards (no gradient) run in bf16
+on the same devices: the dense stream is then the bf16 model's, which the fit cannot tell apart (P1: 30.26 at 50% and
+37.62 at 2:4 against 30.29 and 37.60), and with ALPS's float32 eigendecompositions fast takes 3.8x Wanda's time at
+50% and 3.5x at 2:4 (259.1 s and 236.9 s, Wanda 67.6 s). Not taken: half an epoch more (2:4, before the bf16
+targets: 37.24 in 4.3x); Adam on all but the query/key/value projections, so with no backward through the attention
+(a step 32% cheaper: 2:4 38.22 with 1.5 epochs, in 3.9x).
 
 The targets are by default the dense model's own hidden states after the block (dense inputs through dense blocks,
 kept as a second stream beside the pruned one), so that each block also absorbs the error accumulated upstream;
@@ -175,15 +180,22 @@ class Reconstruct(Step):
         self.stream: torch.Tensor | None = None  # the dense model's hidden states at the current block's input
 
     def extra_passes(self, nsamples: int, seqlen: int, width: int, device: torch.device) -> float:
-        """At most: the dense targets (one pass), Adam's epochs (a forward and a backward, about three passes
-        each in fp32, half that in native bf16), and the refit (iterations x 2 C_out C_in^2 a linear: C_in is about
-        1.4 widths on average, as SmolLM2's blocks have it), in passes over nsamples x seqlen tokens."""
+        """At most: the dense targets (one pass, half that in native bf16), Adam's epochs (a forward and a
+        backward, about three passes each in fp32, half that in native bf16), and the refit (iterations x 2 C_out
+        C_in^2 a linear: C_in is about 1.4 widths on average, as SmolLM2's blocks have it), in passes over
+        nsamples x seqlen tokens."""
         refit = self.refit_iterations * 1.4 * width / max(1, nsamples * seqlen)
-        return (1 + (1.5 if self.in_bf16(device) else 3) * self.epochs) * (1 if self.dense_stream else 2) + refit
+        bf16 = self.in_bf16(device)
+        return ((0.5 if bf16 else 1) + (1.5 if bf16 else 3) * self.epochs) * (1 if self.dense_stream else 2) + refit
 
     def in_bf16(self, device: torch.device) -> bool:
-        """Whether Adam's passes run in bf16 on `device`: as asked, else where the device multiplies it natively."""
+        """Whether Adam's passes and the dense targets run in bf16 on `device`: as asked, else where the device
+        multiplies it natively."""
         return native_bf16(device) if self.bf16 is None else self.bf16
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """bf16 matmuls where in_bf16 says so (what they return is cast back to fp32 where it is kept)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.in_bf16(device))
 
     def before_pruning(self, ctx: RunContext) -> None:
         if self.dense_stream and ctx.hidden is not None:
@@ -200,7 +212,7 @@ class Reconstruct(Step):
         module = ctx.blocks[block.index]
         if not block.linears:  # a block left dense: the dense stream still passes through it
             if self.stream is not None:
-                with torch.inference_mode(False):
+                with torch.inference_mode(False), self.autocast(ctx.device):
                     dtype = next(module.parameters()).dtype
                     self.stream = outputs(module, ctx.calls[block.index], self.stream.to(dtype), ctx.batch_size)
             return
@@ -241,7 +253,8 @@ class Reconstruct(Step):
 
     def fit(self, ctx: RunContext, module: nn.Module, call: BlockCall, hidden: torch.Tensor,
             block: BlockMasked) -> None:
-        targets = self.dense_targets(ctx, module, call, hidden, block)
+        with self.autocast(ctx.device):
+            targets = self.dense_targets(ctx, module, call, hidden, block)
         probe = slice(0, self.batch_size)
 
         def error() -> float:
@@ -288,9 +301,9 @@ class Reconstruct(Step):
         calibration samples whose loss `loss_of(rows)` gives: gradients masked, so Adam's moments and steps at pruned
         positions stay 0."""
         weights = {name: linear.weight for name, linear in linears.items()}
-        stored_keeps = {name: out_in(linears[name], keeps[name]) for name in weights}
+        # as the weights' dtype: a boolean factor would be converted on every step
+        stored_keeps = [out_in(linears[name], keeps[name]).to(w.dtype) for name, w in weights.items()]
         device = next(iter(weights.values())).device
-        bf16 = self.in_bf16(device)
         for w in weights.values():
             w.requires_grad_(True)
         # fused: one kernel for all of a step's updates (CPU: 1.6 ms against 11 ms for a block's 3.5M weights)
@@ -307,12 +320,12 @@ class Reconstruct(Step):
                 for rows in batches:
                     if ctx.cancel is not None and ctx.cancel.is_set():
                         raise Cancelled
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    with self.autocast(device):
                         loss = loss_of(rows)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    for name, w in weights.items():
-                        w.grad.mul_(stored_keeps[name])
+                    for w, keep in zip(weights.values(), stored_keeps):
+                        w.grad.mul_(keep)
                     optimizer.step()
                     schedule.step()
                     taken += 1
