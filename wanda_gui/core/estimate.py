@@ -25,14 +25,14 @@ from .methods import Step, get_method
 # element-wise work 16% of the run, masking 2.7 s (README). Per FLOP at the matmul rate, that is:
 LINEAR_OVERHEAD = 1.26  # the linears' matmuls plus the norms, activations, residuals and hooks around them
 ATTENTION_OVERHEAD = 1.65  # attention's matmuls run slower than the linears' (smaller, batched per head)
-# SparseGPT builds Hessians (about half the linears' FLOPs again) and updates column by column: P1 took 105 s for
-# it against Wanda's 63 s on the same machine (benchmarks/p1-cpu.json).
-METHOD_TIME_FACTOR = {"sparsegpt": 1.65, "alps": 1.65}
-# ALPS then solves each linear alone, whatever the calibration size: some 30-60 ADMM iterations and 10 of conjugate
+# SparseGPT builds Hessians (about half the linears' FLOPs again, as their upper triangles) and updates column by
+# column: P1 took 91.5 s for it against Wanda's 67.0 s in the same run (benchmarks/p1-cpu-2026-12-07.json).
+METHOD_TIME_FACTOR = {"sparsegpt": 1.37, "alps": 1.37}
+# ALPS then solves each linear alone, whatever the calibration size: some 30-40 ADMM iterations and 10 of conjugate
 # gradients, each a product of the weight with an inputs x inputs matrix, plus the projections.
-# Counted as this many products of 2 x weights x hidden size FLOPs at the measured rate: 200 puts ALPS at about 2.7x
-# Wanda's time on P1, where the idle machine measured 2.5x (253.5 s against 100.0 s, ALPS on every thread).
-SOLVER_PRODUCTS = {"alps": 200}
+# Counted as this many products of 2 x weights x hidden size FLOPs at the measured rate: fitted to ALPS's 2.23x
+# (2:4) and 2.49x (50%) Wanda's time on P1 in the same run.
+SOLVER_PRODUCTS = {"alps": 180}
 STEP_PASS_OVERHEAD = 1.0  # an option's pass (reconstruction's Adam steps, refit) against one of the method's
 MASKING_SECONDS_PER_WEIGHT = 2.5e-8  # scoring and row selection: ~2.7 s for SmolLM2's 106M weights on 2 cores
 SELECTION_BYTES_PER_WEIGHT = 4 + 1 + 4 + 8  # fp32 score, bool mask, top-k values and int64 indices

@@ -181,12 +181,13 @@ class Reconstruct(Step):
 
     def extra_passes(self, nsamples: int, seqlen: int, width: int, device: torch.device) -> float:
         """At most: the dense targets (one pass, half that in native bf16), Adam's epochs (a forward and a
-        backward, about three passes each in fp32, half that in native bf16), and the refit (iterations x 2 C_out
-        C_in^2 a linear: C_in is about 1.4 widths on average, as SmolLM2's blocks have it), in passes over
-        nsamples x seqlen tokens."""
-        refit = self.refit_iterations * 1.4 * width / max(1, nsamples * seqlen)
+        backward with the optimiser's step: 3.5 passes each in fp32, half that in native bf16), and the refit
+        (iterations x 2 C_out C_in^2 a linear, with its elementwise work: about 2 widths over the tokens a pass),
+        in passes over nsamples x seqlen tokens. Fitted to P1: fast's 2.7-2.9 passes on top of ALPS, thorough's
+        8.6 (benchmarks/p1-reconstruct-bf16-targets-cpu-2026-12-07.json, p1-cpu-2026-12-07.json)."""
+        refit = self.refit_iterations * 2 * width / max(1, nsamples * seqlen)
         bf16 = self.in_bf16(device)
-        return ((0.5 if bf16 else 1) + (1.5 if bf16 else 3) * self.epochs) * (1 if self.dense_stream else 2) + refit
+        return ((0.5 if bf16 else 1) + (1.75 if bf16 else 3.5) * self.epochs) * (1 if self.dense_stream else 2) + refit
 
     def in_bf16(self, device: torch.device) -> bool:
         """Whether Adam's passes and the dense targets run in bf16 on `device`: as asked, else where the device
