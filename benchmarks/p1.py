@@ -144,7 +144,7 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     import torch
 
     from wanda_gui.core.calibration import calibration_windows
-    from wanda_gui.core.config import PruneConfig
+    from wanda_gui.core.config import PruneConfig, recipe
     from wanda_gui.core.engine import prune
     from wanda_gui.core.runs import drain
     from wanda_gui.core.evaluate import perplexity
@@ -155,7 +155,8 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     from wanda_gui.core.statistics import Hessian
 
     name, pattern = run.split(":", 1)
-    method, *options = name.split("+")
+    named = recipe(name)
+    method = named.pop("method")
     variant = method == "wanda-variant"  # Wanda with the reference's α-variant
     t = time.perf_counter()
     loaded = load_model("builtin", device_name, dtype_name)
@@ -172,8 +173,7 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
     with PeakRss() as rss:
         before = rss.peak
         config = PruneConfig(method="wanda" if variant else method, pattern=Pattern.parse(pattern), wanda_variant=variant,
-                             restore_on_abort=False, options=tuple(o.split("=")[0] for o in options),
-                             efforts=dict(o.split("=") for o in options if "=" in o))
+                             restore_on_abort=False, **named)
         summary = drain(prune(loaded.model, config, windows))
     rates += matmul_times(device, dtype)  # measured on both sides of the prune phase
     rate, median_rate = max(rates), statistics.median(rates)  # the best is the floor: the stricter ratio

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from wanda_gui.core.calibration import calibration_windows  # noqa: E402
-from wanda_gui.core.config import PruneConfig  # noqa: E402
+from wanda_gui.core.config import PruneConfig, recipe  # noqa: E402
 from wanda_gui.core.engine import prune  # noqa: E402
 from wanda_gui.core.evaluate import perplexity  # noqa: E402
 from wanda_gui.core.export import export_model, make_report  # noqa: E402
@@ -89,9 +89,10 @@ def main() -> int:
     for sparsity in sparsities:
         for run in runs:
             name, widths = run.split(":")
-            method, *options = name.split("+")
-            config = PruneConfig(method=method, sparsity=sparsity, pattern="structured", widths=widths,
-                                 options=tuple(options), restore_on_abort=False)
+            named = recipe(name)
+            method, options = named["method"], list(named["options"])
+            config = PruneConfig(sparsity=sparsity, pattern="structured", widths=widths, restore_on_abort=False,
+                                 **named)
             model = pruned_copy(dense_model, config)
             summary = drain(prune(model, config, windows))
             row = {"run": run, "method": method, "options": options, "widths": widths, "sparsity": sparsity,

@@ -109,7 +109,7 @@ def test_methods_and_efforts_are_estimated_within_10_percent_of_p1s_time_against
     """The estimate's time over Wanda's, for SparseGPT, ALPS and ALPS + reconstruction (fast and thorough), against
     what P1 measured over Wanda's in the same run (the benchmark's JSON; the estimate knows no pattern: the mean of
     50% and 2:4)."""
-    from wanda_gui.core.config import PruneConfig
+    from wanda_gui.core.config import PruneConfig, recipe
 
     monkeypatch.setattr("wanda_gui.core.methods.reconstruct.native_bf16", lambda device: True)  # P1's CPU has AMX
     measured: dict[str, list[float]] = {}
@@ -120,10 +120,8 @@ def test_methods_and_efforts_are_estimated_within_10_percent_of_p1s_time_against
             measured.setdefault(run.split(":")[0], []).append(seconds / runs["wanda:unstructured"])
     wanda = est.estimate(smollm2(), "wanda", 64, 512, False).seconds
     for name, ratios in measured.items():
-        method, *option = name.split("+")
-        efforts = {"reconstruct": option[0].split("=")[1]} if option and "=" in option[0] else {}
-        steps = PruneConfig(method, 0.5, options=tuple(o.split("=")[0] for o in option), efforts=efforts).steps()
-        ratio = est.estimate(smollm2(), method, 64, 512, False, steps=steps).seconds / wanda
+        config = PruneConfig(sparsity=0.5, **recipe(name))
+        ratio = est.estimate(smollm2(), config.method, 64, 512, False, steps=config.steps()).seconds / wanda
         assert ratio == pytest.approx(sum(ratios) / len(ratios), rel=0.1), name
     assert {"sparsegpt", "alps", "alps+reconstruct", "alps+reconstruct=thorough"} <= measured.keys()
 

@@ -62,6 +62,19 @@ def test_sweep_runs_carries_every_option_into_its_runs_and_keys():
         sweep_runs(["magnitude"], [0.5], ["unstructured"], ("dsnot",))
 
 
+def test_a_run_named_as_a_sweeps_key_reads_back_as_its_config():
+    """core.config.recipe, which the benchmarks name their runs with, is the inverse of the keys' METHOD+OPTION=EFFORT."""
+    from wanda_gui.core.config import PruneConfig, recipe
+
+    specs = sweep_runs(["wanda", "sparsegpt"], [0.5], ["unstructured"], ("reconstruct", "owl"), {"reconstruct": "thorough"})
+    for spec in specs:
+        named = PruneConfig(sparsity=0.5, **recipe(spec.key.split("|")[0]))
+        wanted = spec.config()
+        assert (named.method, named.options, named.efforts) == (wanted.method, wanted.options, wanted.efforts)
+    assert recipe("alps+reconstruct=thorough") == {"method": "alps", "options": ("reconstruct",),
+                                                   "efforts": {"reconstruct": "thorough"}}
+
+
 @pytest.mark.parametrize("methods, sparsities, patterns", [
     (["wanda", "nosuch"], [0.5], ["unstructured"]),
     (["wanda"], [0.5], ["3:2"]),

@@ -131,6 +131,14 @@ class PruneConfig:
         return Selection(sparsity, self.pattern, self.layerwise, self.wanda_variant)
 
 
+def recipe(name: str) -> dict:
+    """A run named as the sweep's keys and the benchmarks name it, METHOD[+OPTION[=EFFORT]...] (e.g.
+    alps+reconstruct=thorough), as PruneConfig's method, options and efforts."""
+    method, *options = name.split("+")
+    return {"method": method, "options": tuple(o.split("=")[0] for o in options),
+            "efforts": dict(o.split("=", 1) for o in options if "=" in o)}
+
+
 def refuse_without_activations(option: type[Step], method: Method) -> None:
     if option.needs_activations and not method.needs_activations:
         raise UserError(f"{option.label} {option.reads}: choose a method that reads them "

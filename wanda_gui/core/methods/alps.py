@@ -14,9 +14,8 @@ unstructured, as Wanda; N:M per group of M), where the reference's unstructured 
 once; dead inputs (H_jj = 0) get zero weights first, as SparseGPT does; C is decomposed in float32 (normalize);
 (C + rho I)^-1 is rebuilt only when rho changes, and the reference's error printout each 3 iterations is not
 computed; CG runs its 10 iterations outright (the reference's stopping test compares the residual off the support
-too, so it never ends earlier). With the
-reference's layer-wide support this gives the reference's layer error within 0.25%, and the same at N:M
-(benchmarks/alps_check.py); the per-row support costs 1-30% more layer error on the built-in model. Unlike
+too, so it never ends earlier). With the reference's layer-wide support this gives the reference's layer error
+within 0.25%, and the same at N:M (benchmarks/alps_check.py); the per-row support costs 1-30% more layer error on the built-in model. Unlike
 SparseGPT's column loop it runs on every thread: ADMM is about 35 large matmuls and projections per linear, and two
 idle cores run it 1.9x faster than one (block 0 of the built-in model: 3.9 s vs 7.2 s).
 """
