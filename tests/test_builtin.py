@@ -1,5 +1,9 @@
 """End to end on the real built-in model (SmolLM2-135M-Instruct): the protocol's figures and Wanda's point."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from wanda_gui.core.architecture import find_blocks, find_linears
@@ -64,3 +68,13 @@ def test_wanda_2_4_beats_magnitude_2_4(calibration, dense_ppl):
     assert 0.5 <= summary.achieved_sparsity < 0.5001  # a few weights of the GGUF are zero already
     _, _, magnitude = pruned_ppl("magnitude", "2:4", calibration)
     assert dense_ppl < wanda < magnitude
+
+
+def test_runs_of_the_same_settings_start_from_the_same_numbers(builtin_dir):
+    """benchmarks/determinism.py's run (the built-in model loaded, a benchmark's warm-up, the calibration's first
+    forward up to block 0's o_proj) in four fresh processes gives one result: before devices.settle_cpu_kernels 3 to 4
+    runs in 8 here replayed other rotary cosines to every block (8 runs: 3 distinct results)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "determinism.py"
+    results = {subprocess.run([sys.executable, str(script), "--one"], capture_output=True, text=True,
+                              check=True).stdout.splitlines()[-1] for _ in range(4)}
+    assert len(results) == 1, results

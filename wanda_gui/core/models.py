@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .architecture import find_blocks, find_linears
-from .devices import dtype_name, resolve_device, resolve_dtype
+from .devices import dtype_name, resolve_device, resolve_dtype, settle_cpu_kernels
 from .errors import UserError
 from .offload import LazyModel, open_lazy
 
@@ -333,6 +333,7 @@ def load_model(
     hub_only: the source is a hub id, never a local path (resolve_source)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    settle_cpu_kernels()  # before any forward: runs of the same settings must give the same model
     path = resolve_source(source, revision, token, cache_dir, trust_remote_code, progress, hub_only)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
