@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -75,8 +76,6 @@ def main() -> int:
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        import json
-
         print(json.dumps(first_forward(args.unsettled)))
         return 0
     results = each_in_fresh_process(__file__, [["--unsettled"] if args.unsettled else []] * args.runs, args.out)

@@ -75,6 +75,9 @@ def test_runs_of_the_same_settings_start_from_the_same_numbers(builtin_dir):
     forward up to block 0's o_proj) in four fresh processes gives one result: before devices.settle_cpu_kernels 3 to 4
     runs in 8 here replayed other rotary cosines to every block (8 runs: 3 distinct results)."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "determinism.py"
-    results = {subprocess.run([sys.executable, str(script), "--one"], capture_output=True, text=True,
-                              check=True).stdout.splitlines()[-1] for _ in range(4)}
+    results = set()
+    for _ in range(4):
+        done = subprocess.run([sys.executable, str(script), "--one"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.add(done.stdout.splitlines()[-1])
     assert len(results) == 1, results
