@@ -246,14 +246,19 @@ def test_adams_passes_run_in_bf16_where_the_device_has_it_and_everything_else_in
                for n, m in masks.masks.items())
 
 
-def test_the_thorough_setting_reaches_a_loss_at_most_the_defaults():
-    fast, thorough = (PruneConfig("sparsegpt", 0.5, "2:4", options=("reconstruct",), efforts=efforts).steps()[0]
-                      for efforts in ({}, {"reconstruct": "thorough"}))
-    for step in (fast, thorough):
+def test_each_effort_takes_more_steps_than_the_one_before_and_ends_at_a_loss_at_most_its():
+    """fast, balanced, thorough in the registry's order: more epochs each, and on every block a final loss at most
+    the cheaper effort's."""
+    names = list(Reconstruct.efforts)
+    steps = [PruneConfig("sparsegpt", 0.5, "2:4", options=("reconstruct",), efforts={"reconstruct": name}).steps()[0]
+             for name in names]
+    for step in steps:
         drain(prune(tiny_model("llama"), PruneConfig("sparsegpt", 0.5, "2:4"), calibration(), steps=(step,)))
-    assert (fast.epochs, thorough.epochs) == (1, 4) and sum(thorough.steps) > sum(fast.steps)
-    assert fast.errors[0][0] == pytest.approx(thorough.errors[0][0])  # the same block 0 (later inputs differ)
-    assert all(t[2] <= f[2] for f, t in zip(fast.errors, thorough.errors)), (fast.errors, thorough.errors)
+    assert names[0] == "fast" and [step.epochs for step in steps] == [1, 2, 4]
+    for cheaper, dearer in zip(steps, steps[1:]):
+        assert sum(dearer.steps) > sum(cheaper.steps)
+        assert cheaper.errors[0][0] == pytest.approx(dearer.errors[0][0])  # the same block 0 (later inputs differ)
+        assert all(d[2] <= c[2] for c, d in zip(cheaper.errors, dearer.errors)), (cheaper.errors, dearer.errors)
 
 
 def test_the_effort_goes_through_the_config_and_the_cli():
@@ -272,12 +277,13 @@ def test_the_effort_goes_through_the_config_and_the_cli():
 
 
 def test_the_estimate_counts_reconstruction_by_its_effort(monkeypatch):
+    """None, then each effort in the registry's order: each estimated longer than the one before."""
     monkeypatch.setattr(est, "matmul_rate", lambda device, dtype, tokens, width: 1e11)
     info = smollm2()
+    settings = [((), {})] + [(("reconstruct",), {"reconstruct": name}) for name in Reconstruct.efforts]
     seconds = [est.estimate(info, "sparsegpt", 64, 512, False, steps=PruneConfig(
-        "sparsegpt", 0.5, options=options, efforts=efforts).steps()).seconds
-        for options, efforts in (((), {}), (("reconstruct",), {}), (("reconstruct",), {"reconstruct": "thorough"}))]
-    assert seconds[0] < seconds[1] < seconds[2]
+        "sparsegpt", 0.5, options=options, efforts=efforts).steps()).seconds for options, efforts in settings]
+    assert len(seconds) == 4 and seconds == sorted(set(seconds))
 
 
 def test_the_apps_effort_choice_reaches_the_config_only_with_reconstruction_on():
