@@ -43,9 +43,9 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def settle_cpu_kernels() -> None:
-    """Run the rotary position embedding's cos and sin once on one element, on one thread, before a model's first
-    forward. On this project's CPU (torch 2.13) a process's first cos over a tensor that both threads share sometimes
-    gave one thread's half results up to 1.5e-4 off (3 to 4 runs in 8 after other work, as a benchmark's warm-up),
+    """Run the rotary position embedding's cos and sin once, on one element, before a model's first forward. On this
+    project's CPU (torch 2.13) a process's first cos over a tensor that both threads share sometimes gave one
+    thread's half results up to 1.5e-4 off (3 to 4 runs in 8 after other work, as a benchmark's warm-up),
     so the first calibration batch's position embeddings, which every block's pass replays, differed between runs of
     the same settings, and N:M masks with them (P1, Wanda 2:4: 154.908 or 155.992). With this call first, 8 runs of
     8 agreed, against 3 distinct results in 8 without it (benchmarks/determinism.py)."""

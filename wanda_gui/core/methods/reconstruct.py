@@ -41,8 +41,7 @@ on the same devices: the dense stream is then the bf16 model's, which the fit ca
 37.62 at 2:4 against 30.29 and 37.60), and with ALPS's float32 eigendecompositions fast takes 3.8x Wanda's time at
 50% and 3.5x at 2:4 (259.1 s and 236.9 s, Wanda 67.6 s). Not taken: half an epoch more (2:4, before the bf16
 targets: 37.24 in 4.3x); Adam on all but the query/key/value projections, so with no backward through the attention
-(a step 32% cheaper: 2:4 38.22 with 1.5 epochs, in 3.9x). Balanced, 2 epochs: 29.64 at 50% and 36.45 at 2:4, in
-4.4x and 4.3x Wanda's time (benchmarks/p1-balanced-cpu-2026-12-07.json).
+(a step 32% cheaper: 2:4 38.22 with 1.5 epochs, in 3.9x).
 
 The targets are by default the dense model's own hidden states after the block (dense inputs through dense blocks,
 kept as a second stream beside the pruned one), so that each block also absorbs the error accumulated upstream;
