@@ -60,14 +60,25 @@ def test_wanda_50_percent_beats_magnitude_and_stays_near_dense(calibration, dens
     assert dense_ppl < wanda < 3 * dense_ppl
 
 
-def test_wanda_2_4_beats_magnitude_2_4(calibration, dense_ppl):
-    loaded, summary, wanda = pruned_ppl("wanda", "2:4", calibration)
+@pytest.fixture(scope="module")
+def wanda_2_4(calibration):
+    return pruned_ppl("wanda", "2:4", calibration)
+
+
+def test_wanda_2_4_beats_magnitude_2_4(calibration, dense_ppl, wanda_2_4):
+    loaded, summary, wanda = wanda_2_4
     for m in find_linears(find_blocks(loaded.model)[1][0]).values():
         kept = (m.weight != 0).view(m.weight.shape[0], -1, 4).sum(-1)
         assert (kept <= 2).all()
     assert 0.5 <= summary.achieved_sparsity < 0.5001  # a few weights of the GGUF are zero already
     _, _, magnitude = pruned_ppl("magnitude", "2:4", calibration)
     assert dense_ppl < wanda < magnitude
+
+
+def test_sparsegpt_2_4_beats_wanda_2_4(calibration, dense_ppl, wanda_2_4):
+    _, summary, sparsegpt = pruned_ppl("sparsegpt", "2:4", calibration)
+    assert 0.5 <= summary.achieved_sparsity < 0.5001
+    assert dense_ppl < sparsegpt < 0.8 * wanda_2_4[2], (sparsegpt, wanda_2_4[2])
 
 
 def test_runs_of_the_same_settings_start_from_the_same_numbers(builtin_dir):
