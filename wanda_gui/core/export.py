@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import transformers
 
+from .. import __version__
 from . import atomic
 from .errors import UserError
 from .memory import format_bytes
@@ -32,10 +34,6 @@ LEFTOVER_LOCK = re.compile(r"^\.(?P<name>.+)\.export-lock$")
 
 
 def versions() -> dict[str, str]:
-    import transformers
-
-    from .. import __version__
-
     return {"wanda_gui": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import gradio as gr
 
+from ...core import events as ev
 from ...core.errors import UserError
 from .. import plots
 from ..common import (AFTER_RUN, BUTTONS, DRAW_INTERVAL, MAPS_EMPTY, RUN_VIEW, STATUS_INTERVAL, WHY_EMPTY, Page, buttons,
@@ -26,8 +27,6 @@ def prune_failed(ws: Workspace, message: str):
 def prune_stream(ws: Workspace, events: Iterator, method: str) -> Iterator[dict]:
     """Follow one prune into the session's pruned model (the Workspace's event stream, `ws.prune(...)` or
     `ws.take(...)`); yield, by output name, what the page shows as it goes."""
-    from ...core import events as ev
-
     # The previous run's results go at once; Stop opens with the run itself, once it can take effect.
     yield dict(prune_status="… Drawing calibration windows…", **buttons(ws, running=True),
                **cleared(RUN_VIEW, AFTER_RUN))
