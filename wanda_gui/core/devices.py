@@ -54,12 +54,13 @@ def settle_cpu_kernels() -> None:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """The device multiplies bf16 in hardware (a CUDA GPU with bf16; a CPU with AMX or AVX512-BF16), so that bf16
-    matmuls run faster than fp32 ones: 6x on this project's CPU with AMX, where a CPU without them emulates bf16 and
-    runs it slower than fp32."""
+    """bf16 matmuls run faster than fp32 ones on the device: a CUDA GPU with bf16, or a CPU with AMX (6x fp32's rate
+    on this project's AMX machines). AVX512-BF16 alone is not enough: on a Xeon with it and no AMX, torch's bf16
+    products ran at 0.55x fp32's (151 against 255-269 GFLOP/s at a block's shapes) and an Adam step of block
+    reconstruction took 1.3x as long in bf16 (benchmarks/README.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return device.type == "cpu" and torch.cpu._is_amx_tile_supported()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
