@@ -163,7 +163,7 @@ class Reconstruct(Step):
 
     # Named settings, the first the default: (what it costs, the constructor's arguments).
     efforts = {
-        "fast": ("a short refit, then an epoch of Adam (in bf16 where the device has it)", {}),
+        "fast": ("a short refit, then an epoch of Adam (in bf16 where the device multiplies it faster than fp32)", {}),
         "balanced": ("a short refit, then 2 epochs of Adam: twice fast's Adam", dict(epochs=2)),
         "thorough": ("a longer refit and 4 epochs of Adam: 4 times fast's Adam", dict(epochs=4, refit_iterations=30)),
     }
