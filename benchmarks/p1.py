@@ -76,6 +76,26 @@ def config_method(method: str, variant: bool) -> str:
     return "wanda" if variant else method
 
 
+def machine(device) -> dict:
+    """What the figures depend on beyond the code: the processor, its cores, and whether bf16 runs natively there
+    (block reconstruction's Adam runs in bf16 only where it does; on a CPU that needs AMX)."""
+    import psutil
+    import torch
+
+    from wanda_gui.core.devices import native_bf16
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        try:
+            with open("/proc/cpuinfo") as info:
+                name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+        except OSError:
+            name = ""
+    return {"processor": name, "cores": psutil.cpu_count(), "amx": torch.cpu._is_amx_tile_supported(),
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "native_bf16": native_bf16(device)}
+
+
 def input_widths(model) -> list[int]:
     """The width of every distinct input the decoder blocks' linears read (q/k/v share one, gate/up another), from
     hooks on one short forward."""
@@ -193,6 +213,7 @@ def run_setting(run: str, device_name: str, dtype_name: str | None, nwindows: in
                          {"dense": dense_speed, "pruned": pruned_speed})
     report.pop("layers")
     report["run"] = run
+    report["machine"] = machine(device)
     report["peak_rss_bytes"] = rss.peak
     report["rss_added_by_pruning_bytes"] = rss.peak - before
     if device.type == "cuda":
