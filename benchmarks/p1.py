@@ -77,8 +77,8 @@ def config_method(method: str, variant: bool) -> str:
 
 
 def machine(device) -> dict:
-    """What the figures depend on beyond the code: the processor, its cores, and whether bf16 runs natively there
-    (block reconstruction's Adam runs in bf16 only where it does; on a CPU that needs AMX)."""
+    """What the figures depend on beyond the code: the processor, its cores, and its bf16 (reconstruction's Adam runs
+    in bf16 where devices.native_bf16 says so)."""
     import psutil
     import torch
 

@@ -165,8 +165,8 @@ def test_default_dtypes_and_bad_dtype():
 
 @pytest.mark.parametrize("amx,avx512_bf16,expected", [(True, True, True), (False, True, False), (False, False, False)])
 def test_bf16_counts_as_native_on_a_cpu_only_with_amx(monkeypatch, amx, avx512_bf16, expected):
-    """A CPU with AVX512-BF16 and no AMX multiplies bf16 slower than fp32 (measured: 0.55x), so reconstruction's Adam
-    must stay in fp32 there."""
+    """AVX512-BF16 without AMX multiplies bf16 slower than fp32 (devices.native_bf16): reconstruction's Adam stays in
+    fp32 there."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     assert native_bf16(torch.device("cpu")) is expected

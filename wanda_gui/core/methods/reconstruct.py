@@ -31,8 +31,7 @@ no refit after ALPS, whose own conjugate gradients solve the same least squares 
 41.17).
 
 Adam's forward and backward run in bf16 (autocast; the weights, their moments and the loss stay fp32) wherever the
-device multiplies bf16 faster than fp32 (devices.native_bf16: AMX on a CPU, not AVX512-BF16 alone, with which a
-step took 1.3x as long in bf16): on this project's CPU (AMX) a step takes half the time of
+device multiplies bf16 faster than fp32 (devices.native_bf16): on this project's CPU (AMX) a step takes half the time of
 fp32's (56 ms against 107 ms for 2 x 512 tokens of a block) for the same result (4 epochs on the proxy: 38.15 in bf16,
 38.19 in fp32, 129 s against 184 s for the whole run). Fast spends that on a whole epoch, where it took half an
 epoch of fp32 (P1, ALPS + reconstruction: 37.81 at 2:4 and 30.14 at 50%, against 39.27 and 30.86), thorough on 4
