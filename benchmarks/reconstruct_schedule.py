@@ -5,8 +5,10 @@ How the fast setting's schedule was chosen (README, core/methods/reconstruct.py)
 process. A setting is JSON: Reconstruct's arguments (lr, epochs, batch_size...), plus "schedule":
 "cosine" (the app's: from lr down to 0), "constant" or "linear" (the alternatives measured), "regions": true to
 fit the attention and the MLP as separate regions instead of the whole block (LLaMA-like blocks), "only": "mlp" to
-train only the linears so named (the others refitted only: no backward through the attention), and "bf16": false to
-run Adam in fp32 where the device has bf16 (Reconstruct's own argument, as every other key).
+train only the linears so named (the others refitted only: no backward through the attention), "mlp_epochs": N
+(and "mlp_lr") for N more epochs of Adam on the MLP alone after the block's, the attention stubbed with its cached
+outputs (LLaMA-like blocks), and "bf16": false to run Adam in fp32 where the device has bf16 (Reconstruct's own
+argument, as every other key).
 Usage: python benchmarks/reconstruct_schedule.py [--method sparsegpt] [--pattern 2:4] [--nsamples 16]
        [--nwindows 16] SETTING...   e.g. '{"lr": 3e-4, "epochs": 1, "schedule": "constant"}'
 """
@@ -24,9 +26,10 @@ from fresh import each_in_fresh_process  # benchmarks/ is on sys.path when a scr
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def variant(schedule: str, regions: bool, only: str):
-    """Reconstruct with another learning-rate schedule, with attention and MLP fitted as regions of their own, or with
-    Adam on the linears whose name holds `only` (the rest refitted but not trained)."""
+def variant(schedule: str, regions: bool, only: str, mlp_epochs: float = 0, mlp_lr: float | None = None):
+    """Reconstruct with another learning-rate schedule, with attention and MLP fitted as regions of their own, with
+    Adam on the linears whose name holds `only` (the rest refitted but not trained), or with `mlp_epochs` more on the
+    MLP alone (at `mlp_lr`, else lr), the attention held at what the block's epochs left."""
     import torch
     import torch.nn.functional as F
 
@@ -54,13 +57,22 @@ def variant(schedule: str, regions: bool, only: str):
             return targets
 
         def adam(self, ctx, module, call, hidden, targets, block, keeps):
+            mlp = {name: linear for name, linear in block.linears.items() if ".self_attn." not in name}
+            if mlp_epochs:
+                super().adam(ctx, module, call, hidden, targets, block, keeps)
+                epochs, lr = self.epochs, self.lr
+                self.epochs, self.lr = mlp_epochs, mlp_lr or self.lr
+                try:
+                    return self.mlp_on_fitted_attention(ctx, module, call, hidden, targets, mlp, keeps, block.index)
+                finally:
+                    self.epochs, self.lr = epochs, lr
             if only:
                 linears = {name: linear for name, linear in block.linears.items() if only in name}
                 return self.optimise(ctx, lambda rows: F.mse_loss(call(module, hidden[rows]).float(), targets[rows]),
                                      linears, keeps, len(hidden), block.index)
             if not regions:
                 return super().adam(ctx, module, call, hidden, targets, block, keeps)
-            attention, caught = module.self_attn, []
+            caught = []
 
             def catch(m, a, out):
                 caught.append(out[0])
@@ -74,18 +86,20 @@ def variant(schedule: str, regions: bool, only: str):
                     pass
                 return F.mse_loss(caught[0].float(), self.attention_targets[rows])
 
-            parts = {True: {}, False: {}}  # attention's linears, the MLP's
-            for name, linear in block.linears.items():
-                parts[".self_attn." in name][name] = linear
-            handle = attention.register_forward_hook(catch)
+            attention = {name: linear for name, linear in block.linears.items() if name not in mlp}
+            handle = module.self_attn.register_forward_hook(catch)
             try:
-                self.optimise(ctx, attention_loss, parts[True], keeps, len(hidden), block.index)
+                self.optimise(ctx, attention_loss, attention, keeps, len(hidden), block.index)
             finally:
                 handle.remove()
-            seen = []
+            self.mlp_on_fitted_attention(ctx, module, call, hidden, targets, mlp, keeps, block.index)
+
+        def mlp_on_fitted_attention(self, ctx, module, call, hidden, targets, mlp, keeps, index):
+            """Adam on the MLP's linears, the attention stubbed with its outputs as fitted (computed once)."""
+            attention, seen = module.self_attn, []
             handle = attention.register_forward_hook(lambda m, a, out: seen.append(out[0].detach()))
             try:
-                with torch.no_grad():
+                with torch.no_grad(), self.autocast(ctx.device):
                     for s in range(0, len(hidden), ctx.batch_size):
                         call(module, hidden[s:s + ctx.batch_size])
             finally:
@@ -96,9 +110,9 @@ def variant(schedule: str, regions: bool, only: str):
                 current["rows"] = fitted[rows]
                 return F.mse_loss(call(module, hidden[rows]).float(), targets[rows])
 
-            attention.forward = lambda *args, **kwargs: (current["rows"], None)  # the fitted attention's outputs
+            attention.forward = lambda *args, **kwargs: (current["rows"], None)
             try:
-                self.optimise(ctx, mlp_loss, parts[False], keeps, len(hidden), block.index + 1000)
+                self.optimise(ctx, mlp_loss, mlp, keeps, len(hidden), index + 1000)
             finally:
                 del attention.forward
 
@@ -118,7 +132,9 @@ def run_setting(method: str, pattern: str, nsamples: int, nwindows: int, setting
     arguments = dict(setting)
     schedule, regions = arguments.pop("schedule", "cosine"), arguments.pop("regions", False)
     only = arguments.pop("only", "")
-    step = variant(schedule, regions, only)(**arguments) if (schedule, regions, only) != ("cosine", False, "") else \
+    mlp_epochs, mlp_lr = arguments.pop("mlp_epochs", 0), arguments.pop("mlp_lr", None)
+    step = variant(schedule, regions, only, mlp_epochs, mlp_lr)(**arguments) \
+        if (schedule, regions, only, mlp_epochs) != ("cosine", False, "", 0) else \
         OPTIONS["reconstruct"](**arguments)
     loaded = load_model("builtin", "cpu", None)
     windows, _ = calibration_windows(loaded.tokenizer, "builtin", nsamples, 512, 0)

@@ -41,7 +41,9 @@ on the same devices: the dense stream is then the bf16 model's, which the fit ca
 37.62 at 2:4 against 30.29 and 37.60), and with ALPS's float32 eigendecompositions fast takes 3.8x Wanda's time at
 50% and 3.5x at 2:4 (259.1 s and 236.9 s, Wanda 67.6 s). Not taken: half an epoch more (2:4, before the bf16
 targets: 37.24 in 4.3x); Adam on all but the query/key/value projections, so with no backward through the attention
-(a step 32% cheaper: 2:4 38.22 with 1.5 epochs, in 3.9x).
+(a step 32% cheaper: 2:4 38.22 with 1.5 epochs, in 3.9x); epochs of Adam on the MLP alone after the block's, on its
+cached inputs (a step 0.45 of the block's, but the cache costs a forward over the windows): on P1 at 2:4 without AMX,
+after fast, an MLP epoch gave 38.58 -> 37.31 for 83 s where a second block epoch gave 36.55 for 106 s.
 
 The targets are by default the dense model's own hidden states after the block (dense inputs through dense blocks,
 kept as a second stream beside the pruned one), so that each block also absorbs the error accumulated upstream;
