@@ -68,7 +68,7 @@ def variant(schedule: str, regions: bool, only: str, mlp_epochs: float = 0, mlp_
                     self.epochs, self.lr = epochs, lr
             if only:
                 linears = {name: linear for name, linear in block.linears.items() if only in name}
-                return self.optimise(ctx, lambda rows: F.mse_loss(call(module, hidden[rows]).float(), targets[rows]),
+                return self.optimise(ctx, [lambda rows: F.mse_loss(call(module, hidden[rows]).float(), targets[rows])],
                                      linears, keeps, len(hidden), block.index)
             if not regions:
                 return super().adam(ctx, module, call, hidden, targets, block, keeps)
@@ -89,7 +89,7 @@ def variant(schedule: str, regions: bool, only: str, mlp_epochs: float = 0, mlp_
             attention = {name: linear for name, linear in block.linears.items() if name not in mlp}
             handle = module.self_attn.register_forward_hook(catch)
             try:
-                self.optimise(ctx, attention_loss, attention, keeps, len(hidden), block.index)
+                self.optimise(ctx, [attention_loss], attention, keeps, len(hidden), block.index)
             finally:
                 handle.remove()
             self.mlp_on_fitted_attention(ctx, module, call, hidden, targets, mlp, keeps, block.index)
@@ -112,7 +112,7 @@ def variant(schedule: str, regions: bool, only: str, mlp_epochs: float = 0, mlp_
 
             attention.forward = lambda *args, **kwargs: (current["rows"], None)
             try:
-                self.optimise(ctx, mlp_loss, mlp, keeps, len(hidden), index + 1000)
+                self.optimise(ctx, [mlp_loss], mlp, keeps, len(hidden), index + 1000)
             finally:
                 del attention.forward
 

@@ -108,33 +108,40 @@ def test_p1_calibration_gives_55_seconds_at_p1s_matmul_rate(monkeypatch):
 
 # P1 runs timed with Wanda in the same run (benchmarks/README.md)
 P1_TIMINGS = ("p1-cpu-2026-12-07.json", "p1-reconstruct-bf16-targets-cpu-2026-12-07.json",
-              "p1-balanced-cpu-2026-12-07.json", "p1-balanced-noamx-cpu-2026-12-08.json")
+              "p1-balanced-cpu-2026-12-07.json", "p1-balanced-noamx-cpu-2026-12-08.json",
+              "p1-mlp-steps-efforts-noamx-cpu-2026-12-08.json", "p1-mlp-steps-thorough-noamx-cpu-2026-12-08.json",
+              "p1-mlp-steps-balanced-noamx-cpu-2026-12-08.json")
+BEFORE_MLP_STEPS = P1_TIMINGS[:4]  # reconstruction's efforts took no MLP steps then: estimated as they ran
 
 
 def test_methods_and_efforts_are_estimated_within_10_percent_of_p1s_time_against_wandas(fixed_rate, monkeypatch):
     """The estimate's time over Wanda's, for SparseGPT, ALPS and ALPS + reconstruction (each effort), against
     what P1 measured over Wanda's in the same run (the benchmark's JSON; the estimate knows no pattern: the mean of
     50% and 2:4), on each machine as its report names it: Adam in bf16 where bf16 was native there (the reports from
-    before 2026-12-08 name no machine: those machines had AMX)."""
+    before 2026-12-08 name no machine: those machines had AMX), and reconstruction as it was then."""
     from wanda_gui.core.config import PruneConfig, recipe
 
-    measured: dict[tuple[str, bool], list[float]] = {}
+    measured: dict[tuple[str, bool, bool], list[float]] = {}
     for name in P1_TIMINGS:
         reports = json.loads((Path(__file__).parent.parent / "benchmarks" / name).read_text())
         wanda = next(r for r in reports if r["run"] == "wanda:unstructured")["seconds"]["calibration_and_pruning"]
         for report in reports:
             bf16 = report.get("machine", {}).get("native_bf16", True)
-            measured.setdefault((report["run"].split(":")[0], bf16), []).append(
+            measured.setdefault((report["run"].split(":")[0], bf16, name in BEFORE_MLP_STEPS), []).append(
                 report["seconds"]["calibration_and_pruning"] / wanda)
     wanda = est.estimate(smollm2(), "wanda", 64, 512, False).seconds
-    for (name, bf16), ratios in measured.items():
+    for (name, bf16, before), ratios in measured.items():
         monkeypatch.setattr("wanda_gui.core.methods.reconstruct.native_bf16", lambda device: bf16)
         config = PruneConfig(sparsity=0.5, **recipe(name))
-        ratio = est.estimate(smollm2(), config.method, 64, 512, False, steps=config.steps()).seconds / wanda
-        assert ratio == pytest.approx(sum(ratios) / len(ratios), rel=0.1), (name, bf16)
+        steps = config.steps()
+        for step in steps:
+            if before and isinstance(step, Reconstruct):
+                step.mlp_steps = 0
+        ratio = est.estimate(smollm2(), config.method, 64, 512, False, steps=steps).seconds / wanda
+        assert ratio == pytest.approx(sum(ratios) / len(ratios), rel=0.1), (name, bf16, before)
     efforts = {"alps+reconstruct"} | {f"alps+reconstruct={name}" for name in list(Reconstruct.efforts)[1:]}
-    assert {"sparsegpt", "alps"} | efforts <= {name for name, _ in measured}
-    assert {("alps+reconstruct", False), ("alps+reconstruct=balanced", False)} <= measured.keys()
+    assert {"sparsegpt", "alps"} | efforts <= {name for name, _, _ in measured}
+    assert {(name, False, False) for name in efforts} <= measured.keys()  # as they are now, Adam in fp32
 
 
 def test_the_rate_is_measured_on_a_block_shaped_matmul():

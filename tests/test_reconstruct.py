@@ -20,7 +20,7 @@ from wanda_gui.core.runs import drain
 from wanda_gui.core.errors import UserError
 from wanda_gui.core.events import RunCancelled
 from wanda_gui.core.methods import Step
-from wanda_gui.core.methods.reconstruct import Reconstruct, refit
+from wanda_gui.core.methods.reconstruct import Reconstruct, adds_unchanged, find_mlp, refit
 from wanda_gui.core.sweep import sweep_runs
 
 
@@ -118,7 +118,8 @@ def test_the_option_is_in_the_config_and_refused_without_calibration():
         PruneConfig("magnitude", 0.5, options=("reconstruct",))
 
 
-@pytest.mark.parametrize("settings", [dict(epochs=-1), dict(lr=0.0), dict(batch_size=0), dict(refit_iterations=-2)])
+@pytest.mark.parametrize("settings", [dict(epochs=-1), dict(lr=0.0), dict(batch_size=0), dict(refit_iterations=-2),
+                                      dict(mlp_steps=-1)])
 def test_bad_settings_are_refused(settings):
     with pytest.raises(UserError, match="Reconstruction needs"):
         Reconstruct(**settings)
@@ -211,7 +212,8 @@ def test_adams_learning_rate_falls_along_a_cosine_over_the_epochs_steps(monkeypa
     fit = Reconstruct(epochs=2, lr=1e-3, batch_size=2)  # 8 samples: 4 steps an epoch, 8 a block
     drain(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration(), steps=(fit,)))
     cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)]
-    assert fit.steps == [8, 8] and seen == pytest.approx(cosine * 2)
+    # on each batch a step on the block, then one on its MLP alone, at that batch's rate
+    assert fit.steps == [8, 8] and seen == pytest.approx([rate for rate in cosine for _ in range(2)] * 2)
 
 
 @pytest.mark.parametrize("native,asked,expected", [(True, None, True), (False, None, False), (True, False, False)])
@@ -303,3 +305,73 @@ def test_adam_that_overshoots_gives_the_block_back_its_refit():
     modules = dict(model.named_modules())
     for name, mask in seen.masks.items():
         assert torch.equal(weight_out_in(modules[name]) == 0, mask), name
+
+
+class Probes(Step):
+    """Records, per block, the MLP found and whether the block adds its output unchanged."""
+
+    def __init__(self):
+        self.found = []
+
+    def after_masking(self, ctx, block):
+        if block.index < len(ctx.blocks):
+            module = ctx.blocks[block.index]
+            mlp = find_mlp(module)
+            name = next((n for n, child in module.named_children() if child is mlp), None)
+            self.found.append((name, mlp is not None and adds_unchanged(module, mlp, ctx.calls[block.index],
+                                                                        ctx.hidden[:1].clone())))
+
+
+@pytest.mark.parametrize("arch,found", [
+    ("llama", ("mlp", True)), ("qwen3", ("mlp", True)), ("phi3", ("mlp", True)), ("gpt2", ("mlp", True)),
+    ("gpt_neox", ("mlp", True)),  # attention and MLP side by side, both added to the residual
+    ("gemma2", ("mlp", False)), ("gemma3", ("mlp", False)),  # a norm after the MLP
+    ("opt", (None, False))])  # fc1 and fc2 are the block's own
+def test_the_mlp_is_found_and_probed_for_adding_its_output_unchanged(arch, found):
+    probes = Probes()
+    drain(prune(tiny_model(arch), PruneConfig("wanda", 0.5), calibration(), steps=(probes,)))
+    assert probes.found == [found] * 2
+
+
+def test_the_mlp_step_sees_the_blocks_own_output():
+    """Before any step, the MLP step's loss (the rest kept from the block's step plus the MLP run again on its kept
+    input) is the block's loss: the attention is held, nothing else changes."""
+    losses = []
+
+    class FirstLosses(Reconstruct):
+        def optimise(self, ctx, losses_of, *args):
+            rows = torch.arange(2)
+            with torch.enable_grad():
+                losses.append([float(loss(rows)) for loss in losses_of])
+            return super().optimise(ctx, losses_of, *args)
+
+    drain(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration(), steps=(FirstLosses(bf16=False),)))
+    assert len(losses) == 2 and all(len(pair) == 2 and pair[1] == pytest.approx(pair[0], rel=1e-5) for pair in losses)
+
+
+def fitted(arch, mlp_steps, epochs):
+    model, masks = tiny_model(arch), Masks()
+    step = Reconstruct(epochs=epochs, lr=3e-4, refit_iterations=0, mlp_steps=mlp_steps, bf16=False)
+    drain(prune(model, PruneConfig("wanda", 0.5), calibration(), steps=(step, masks)))
+    return model, step, masks
+
+
+def test_the_mlp_steps_move_the_mlp_only_and_lower_the_error():
+    """One batch: the attention takes the same single step with or without the MLP's, the MLP moves on from it; an
+    epoch: block 0 ends at a lower error, the masks held."""
+    (plain, _, _), (more, _, masks) = fitted("llama", 0, 0.25), fitted("llama", 1, 0.25)
+    block_plain, block_more = plain.model.layers[0], more.model.layers[0]
+    for name, linear in find_linears(block_more).items():
+        same = torch.equal(linear.weight, find_linears(block_plain)[name].weight)
+        assert same == name.startswith("self_attn."), name
+    modules = dict(more.named_modules())
+    assert all(torch.equal(weight_out_in(modules[n]) == 0, m) for n, m in masks.masks.items())
+    (_, plain_step, _), (_, more_step, _) = fitted("llama", 0, 2), fitted("llama", 1, 2)
+    assert plain_step.steps == more_step.steps == [8, 8]
+    assert more_step.errors[0][2] < plain_step.errors[0][2] < 0.9 * plain_step.errors[0][0]
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "opt"])
+def test_where_the_mlp_cannot_step_alone_the_block_steps_as_without_mlp_steps(arch):
+    (plain, _, _), (more, _, _) = fitted(arch, 0, 1), fitted(arch, 1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), more.parameters()))

@@ -10,7 +10,14 @@ Two stages per block, both on the kept weights only:
 2. Adam on the block's output (the regional optimisation of Wanda++, Yang et al. 2025): epochs over the
    calibration samples minimising the MSE between the pruned block's outputs and the dense targets, which also
    corrects what the per-linear refit cannot see (errors passing from one linear to the next through attention and
-   MLP).
+   MLP). Each step on the block is followed by one on its MLP alone, on the same batch (`mlp_steps`): the block's
+   step has just computed the MLP's input and the rest of the block's output (the residual and the attention's
+   part), so the MLP's step costs its own forward and backward only, 0.42-0.47 of the block's step, and the MLP,
+   three quarters of the block's weights, takes twice the steps. Where the block does not add its MLP's output as
+   it is (a norm after the MLP in Gemma 2 and 3; OPT's linears are the block's own) the block steps alone. On P1
+   (ALPS first, Adam in fp32 on a CPU without AMX): fast 38.58 -> 37.32 at 2:4 and 30.24 -> 29.88 at 50%, balanced
+   36.55 -> 35.67 at 2:4, for about 47 s an epoch: at 2:4 more a second than a further epoch of the block
+   (benchmarks/README.md).
 
 Where the time goes (profiled on the built-in model, 16 x 512, one thread): an Adam step costs about three block
 forwards of its samples (the weights' matmuls are 73% of it, attention 19%), so Adam's sample-steps are most of the
@@ -62,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architecture import BlockCall, out_in, weight_out_in
+from ..architecture import BlockCall, find_linears, out_in, weight_out_in
 from ..devices import native_bf16
 from ..errors import UserError
 from ..passes import Cancelled
@@ -70,6 +77,7 @@ from ..statistics import Hessian
 from .base import BlockMasked, RunContext, Step
 
 DAMPING = 0.01  # of H's mean diagonal, as SparseGPT
+MLP_STEP = 0.45  # an Adam step on the MLP alone, in steps on the block (the built-in model: 48-50 ms against 107-119)
 
 
 def trainable(value):
@@ -140,6 +148,38 @@ def fp32_copy(module: nn.Module) -> Iterator[None]:
             table[name] = tensor
 
 
+def find_mlp(block: nn.Module) -> nn.Module | None:
+    """The block's MLP: the child module that holds the block's last linear and another, but not its first (LLaMA's
+    and GPT-2's `mlp`); None where the block holds its linears itself (OPT's fc1 and fc2)."""
+    linears = list(find_linears(block).values())
+    for child in block.children():
+        inside = set(child.modules())
+        if linears[-1] in inside and linears[0] not in inside and sum(linear in inside for linear in linears) > 1:
+            return child
+    return None
+
+
+@torch.no_grad()
+def adds_unchanged(block: nn.Module, mlp: nn.Module, call: BlockCall, sample: torch.Tensor) -> bool:
+    """Whether the block's output is a rest plus its MLP's output as it is: shifting the MLP's output shifts the
+    block's by exactly as much (not so where a norm follows the MLP, as in Gemma 2 and 3). Only then can a step on
+    the MLP alone see the block's output without running the attention again. An MLP called with other than its
+    input alone, or returning other than a tensor (a mixture of experts' router logits), is not shifted: no."""
+    base = call(block, sample).float()
+    shift = torch.randn(base.shape[-1], generator=torch.Generator().manual_seed(0)).to(base.device)
+    shift *= base.abs().mean()
+
+    def shifted(_module, args, output):
+        return output + shift if len(args) == 1 and isinstance(output, torch.Tensor) else output
+
+    handle = mlp.register_forward_hook(shifted)
+    try:
+        moved = call(block, sample).float()
+    finally:
+        handle.remove()
+    return bool((moved - base - shift).abs().max() <= 1e-3 * shift.abs().max() + 1e-5 * base.abs().max())
+
+
 class Reconstruct(Step):
     """After a block is masked: refit each linear's kept weights in closed form (`refit_iterations` of conjugate
     gradients, 0 to skip), then `epochs` (a fraction too) of Adam (from `lr` down to 0 along a cosine, `batch_size`
@@ -164,33 +204,37 @@ class Reconstruct(Step):
 
     # Named settings, the first the default: (what it costs, the constructor's arguments).
     efforts = {
-        "fast": ("a short refit, then an epoch of Adam (in bf16 where the device multiplies it faster than fp32)", {}),
+        "fast": ("a short refit, then an epoch of Adam, each step on the block followed by one on its MLP alone (in "
+                 "bf16 where the device multiplies it faster than fp32)", {}),
         "balanced": ("a short refit, then 2 epochs of Adam: twice fast's Adam", dict(epochs=2)),
         "thorough": ("a longer refit and 4 epochs of Adam: 4 times fast's Adam", dict(epochs=4, refit_iterations=30)),
     }
 
     def __init__(self, epochs: float = 1, lr: float = 2e-3, batch_size: int = 2, refit_iterations: int = 10,
-                 dense_stream: bool = True, bf16: bool | None = None):
-        if epochs < 0 or refit_iterations < 0 or batch_size < 1 or not lr > 0:
-            raise UserError("Reconstruction needs epochs and refit iterations of 0 or more, a batch of at least one "
-                            f"sample and a positive learning rate; got epochs={epochs}, refit_iterations="
-                            f"{refit_iterations}, batch_size={batch_size}, lr={lr}.")
+                 mlp_steps: int = 1, dense_stream: bool = True, bf16: bool | None = None):
+        if epochs < 0 or refit_iterations < 0 or mlp_steps < 0 or batch_size < 1 or not lr > 0:
+            raise UserError("Reconstruction needs epochs, refit iterations and MLP steps of 0 or more, a batch of at "
+                            f"least one sample and a positive learning rate; got epochs={epochs}, refit_iterations="
+                            f"{refit_iterations}, mlp_steps={mlp_steps}, batch_size={batch_size}, lr={lr}.")
         self.epochs, self.lr, self.batch_size, self.refit_iterations = epochs, lr, batch_size, refit_iterations
+        self.mlp_steps = mlp_steps
         self.dense_stream, self.bf16 = dense_stream, bf16
         self.statistic = Hessian if refit_iterations else None  # shared with SparseGPT's when it runs
         self.errors: list[tuple[float, float, float]] = []
-        self.steps: list[int] = []  # per block, the Adam steps taken
+        self.steps: list[int] = []  # per block, the batches Adam stepped on
         self.stream: torch.Tensor | None = None  # the dense model's hidden states at the current block's input
 
     def extra_passes(self, nsamples: int, seqlen: int, width: int, device: torch.device) -> float:
         """At most: the dense targets (one pass, half that in native bf16), Adam's epochs (a forward and a
-        backward with the optimiser's step: 3.5 passes each in fp32, half that in native bf16), and the refit
-        (iterations x 2 C_out C_in^2 a linear, with its elementwise work: about 2 widths over the tokens a pass),
+        backward with the optimiser's step: 3.5 passes each in fp32, half that in native bf16; MLP_STEP of that more
+        for each MLP step), and the refit (iterations x 2 C_out C_in^2 a linear, with its elementwise work: about 2
+        widths over the tokens a pass),
         in passes over nsamples x seqlen tokens. Fitted to P1: fast's 2.7-2.9 passes on top of ALPS, thorough's
         8.6 (benchmarks/p1-reconstruct-bf16-targets-cpu-2026-12-07.json, p1-cpu-2026-12-07.json)."""
         refit = self.refit_iterations * 2 * width / max(1, nsamples * seqlen)
         bf16 = self.in_bf16(device)
-        return ((0.5 if bf16 else 1) + (1.75 if bf16 else 3.5) * self.epochs) * (1 if self.dense_stream else 2) + refit
+        epoch = (1.75 if bf16 else 3.5) * (1 + MLP_STEP * self.mlp_steps)
+        return ((0.5 if bf16 else 1) + epoch * self.epochs) * (1 if self.dense_stream else 2) + refit
 
     def in_bf16(self, device: torch.device) -> bool:
         """Whether Adam's passes and the dense targets run in bf16 on `device`: as asked, else where the device
@@ -291,19 +335,48 @@ class Reconstruct(Step):
 
     def adam(self, ctx: RunContext, module: nn.Module, call: BlockCall, hidden: torch.Tensor, targets: torch.Tensor,
              block: BlockMasked, keeps: dict[str, torch.Tensor]) -> None:
-        """Adam on the block's output error, every linear of the block at once."""
-        self.optimise(ctx, lambda rows: F.mse_loss(call(module, hidden[rows]).float(), targets[rows]), block.linears,
-                      keeps, len(hidden), block.index)
+        """Adam on the block's output error, every linear of the block at once; after each step, `mlp_steps` more
+        on the same batch for the MLP alone, where the block adds its MLP's output unchanged: the block's step has
+        already computed the MLP's input and the rest of the output, so these cost the MLP's forward and backward
+        only (0.42-0.47 of the block's step on the built-in model)."""
+
+        def block_loss(rows: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(call(module, hidden[rows]).float(), targets[rows])
+
+        mlp = find_mlp(module) if self.mlp_steps else None
+        if mlp is None or not adds_unchanged(module, mlp, call, hidden[:1]):
+            self.optimise(ctx, [block_loss], block.linears, keeps, len(hidden), block.index)
+            return
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(_module, args, output):
+            seen["input"], seen["output"] = args[0].detach(), output.detach()
+
+        def block_loss_seeing_mlp(rows: torch.Tensor) -> torch.Tensor:
+            handle = mlp.register_forward_hook(keep)
+            try:
+                output = call(module, hidden[rows]).float()
+            finally:
+                handle.remove()
+            seen["rest"] = output.detach() - seen["output"].float()
+            return F.mse_loss(output, targets[rows])
+
+        def mlp_loss(rows: torch.Tensor) -> torch.Tensor:  # the block's output, the rest held
+            return F.mse_loss(seen["rest"] + mlp(seen["input"]).float(), targets[rows])
+
+        self.optimise(ctx, [block_loss_seeing_mlp] + [mlp_loss] * self.mlp_steps, block.linears, keeps, len(hidden),
+                      block.index)
 
     def rate(self, step: int, steps: int) -> float:
         """The learning rate at `step` of `steps`, as a fraction of `lr`: from 1 down to 0 along a cosine."""
         return 0.5 * (1 + math.cos(math.pi * step / steps))
 
-    def optimise(self, ctx: RunContext, loss_of: Callable[[torch.Tensor], torch.Tensor], linears: dict[str, nn.Module],
-                 keeps: dict[str, torch.Tensor], nsamples: int, seed: int) -> None:
+    def optimise(self, ctx: RunContext, losses: list[Callable[[torch.Tensor], torch.Tensor]],
+                 linears: dict[str, nn.Module], keeps: dict[str, torch.Tensor], nsamples: int, seed: int) -> None:
         """Adam on the linears' kept weights only (`keeps`: True where kept, (C_out, C_in)), over batches of the
-        calibration samples whose loss `loss_of(rows)` gives: gradients masked, so Adam's moments and steps at pruned
-        positions stay 0."""
+        calibration samples: on each batch a step for each of `losses` in turn (`loss(rows)`; a weight that loss
+        does not reach takes no step), at the batch's learning rate. Gradients masked, so Adam's moments and steps at
+        pruned positions stay 0."""
         weights = {name: linear.weight for name, linear in linears.items()}
         # as the weights' dtype: a boolean factor would be converted on every step
         stored_keeps = [out_in(linears[name], keeps[name]).to(w.dtype) for name, w in weights.items()]
@@ -324,13 +397,15 @@ class Reconstruct(Step):
                 for rows in batches:
                     if ctx.cancel is not None and ctx.cancel.is_set():
                         raise Cancelled
-                    with self.autocast(device):
-                        loss = loss_of(rows)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for w, keep in zip(weights.values(), stored_keeps):
-                        w.grad.mul_(keep)
-                    optimizer.step()
+                    for loss_of in losses:
+                        with self.autocast(device):
+                            loss = loss_of(rows)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        for w, keep in zip(weights.values(), stored_keeps):
+                            if w.grad is not None:
+                                w.grad.mul_(keep)
+                        optimizer.step()
                     schedule.step()
                     taken += 1
         finally:
