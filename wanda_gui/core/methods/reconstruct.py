@@ -344,7 +344,7 @@ class Reconstruct(Step):
             return F.mse_loss(call(module, hidden[rows]).float(), targets[rows])
 
         mlp = find_mlp(module) if self.mlp_steps else None
-        if mlp is None or not adds_unchanged(module, mlp, call, hidden[:1]):
+        if mlp is None or not adds_unchanged(module, mlp, call, hidden[:self.batch_size]):
             self.optimise(ctx, [block_loss], block.linears, keeps, len(hidden), block.index)
             return
         seen: dict[str, torch.Tensor] = {}
