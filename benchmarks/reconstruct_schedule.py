@@ -8,7 +8,8 @@ fit the attention and the MLP as separate regions instead of the whole block (LL
 train only the linears so named (the others refitted only: no backward through the attention), "mlp_epochs": N
 (and "mlp_lr") for N more epochs of Adam on the MLP alone after the block's, the attention stubbed with its cached
 outputs (LLaMA-like blocks), and "bf16": false to run Adam in fp32 where the device has bf16 (Reconstruct's own
-argument, as every other key).
+argument, as every other key). Since 2026-12-08 every Adam step on the block is followed by one on its MLP alone:
+add "mlp_steps": 0 to repeat the settings measured before.
 Usage: python benchmarks/reconstruct_schedule.py [--method sparsegpt] [--pattern 2:4] [--nsamples 16]
        [--nwindows 16] SETTING...   e.g. '{"lr": 3e-4, "epochs": 1, "schedule": "constant"}'
 """

@@ -107,11 +107,13 @@ def test_p1_calibration_gives_55_seconds_at_p1s_matmul_rate(monkeypatch):
 
 
 # P1 runs timed with Wanda in the same run (benchmarks/README.md)
-P1_TIMINGS = ("p1-cpu-2026-12-07.json", "p1-reconstruct-bf16-targets-cpu-2026-12-07.json",
-              "p1-balanced-cpu-2026-12-07.json", "p1-balanced-noamx-cpu-2026-12-08.json",
-              "p1-mlp-steps-efforts-noamx-cpu-2026-12-08.json", "p1-mlp-steps-thorough-noamx-cpu-2026-12-08.json",
-              "p1-mlp-steps-balanced-noamx-cpu-2026-12-08.json", "p1-mlp-steps-balanced-50-noamx-cpu-2026-12-08.json")
-BEFORE_MLP_STEPS = P1_TIMINGS[:4]  # reconstruction's efforts took no MLP steps then: estimated as they ran
+# reconstruction's efforts took no MLP steps in these: estimated as they ran
+BEFORE_MLP_STEPS = ("p1-cpu-2026-12-07.json", "p1-reconstruct-bf16-targets-cpu-2026-12-07.json",
+                    "p1-balanced-cpu-2026-12-07.json", "p1-balanced-noamx-cpu-2026-12-08.json")
+P1_TIMINGS = BEFORE_MLP_STEPS + (
+    "p1-sparsegpt-noamx-cpu-2026-12-08.json", "p1-mlp-steps-efforts-noamx-cpu-2026-12-08.json",
+    "p1-mlp-steps-thorough-noamx-cpu-2026-12-08.json", "p1-mlp-steps-balanced-noamx-cpu-2026-12-08.json",
+    "p1-mlp-steps-balanced-50-noamx-cpu-2026-12-08.json")
 
 
 def test_methods_and_efforts_are_estimated_within_10_percent_of_p1s_time_against_wandas(fixed_rate, monkeypatch):

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+import transformers as tf
 
 from tests.conftest import tiny_model
 from tests.test_estimate import smollm2
@@ -333,7 +334,15 @@ def test_the_mlp_is_found_and_probed_for_adding_its_output_unchanged(arch, found
     assert probes.found == [found] * 2
 
 
-def test_the_mlp_step_sees_the_blocks_own_output():
+def falcon():
+    """Falcon adds the attention's output to the MLP's in place (parallel attention, its default)."""
+    torch.manual_seed(0)
+    config = tf.FalconConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return tf.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("llama"), lambda: tiny_model("gpt_neox"), falcon])
+def test_the_mlp_step_sees_the_blocks_own_output(make):
     """Before any step, the MLP step's loss (the rest kept from the block's step plus the MLP run again on its kept
     input) is the block's loss: the attention is held, nothing else changes."""
     losses = []
@@ -345,7 +354,7 @@ def test_the_mlp_step_sees_the_blocks_own_output():
                 losses.append([float(loss(rows)) for loss in losses_of])
             return super().optimise(ctx, losses_of, *args)
 
-    drain(prune(tiny_model("llama"), PruneConfig("wanda", 0.5), calibration(), steps=(FirstLosses(bf16=False),)))
+    drain(prune(make(), PruneConfig("wanda", 0.5), calibration(), steps=(FirstLosses(bf16=False),)))
     assert len(losses) == 2 and all(len(pair) == 2 and pair[1] == pytest.approx(pair[0], rel=1e-5) for pair in losses)
 
 
@@ -375,3 +384,45 @@ def test_the_mlp_steps_move_the_mlp_only_and_lower_the_error():
 def test_where_the_mlp_cannot_step_alone_the_block_steps_as_without_mlp_steps(arch):
     (plain, _, _), (more, _, _) = fitted(arch, 0, 1), fitted(arch, 1, 1)
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), more.parameters()))
+
+
+def test_with_no_mlp_linear_pruned_the_block_steps_alone():
+    """--exclude '*mlp*': the MLP's weights are not being fitted, so there is no MLP step to take."""
+    runs = []
+    for mlp_steps in (0, 1):
+        model, step = tiny_model("llama"), Reconstruct(epochs=1, lr=3e-4, mlp_steps=mlp_steps, bf16=False)
+        drain(prune(model, PruneConfig("wanda", 0.5, exclude=("*mlp*",)), calibration(), steps=(step,)))
+        runs.append((model, step))
+    (plain, plain_step), (more, more_step) = runs
+    assert plain_step.errors == more_step.errors and all(f < m for m, _, f in more_step.errors)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), more.parameters()))
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x, gate=None):
+        return self.down(self.up(x) if gate is None else self.up(x) * gate)
+
+
+class Parallel(torch.nn.Module):
+    """x + attention(x) + mlp(x), the MLP called with its input alone or with a keyword argument too."""
+
+    def __init__(self, keyword):
+        super().__init__()
+        self.attention, self.mlp, self.keyword = torch.nn.Linear(4, 4), TwoLinears(), keyword
+
+    def forward(self, x):
+        return x + self.attention(x) + (self.mlp(x, gate=torch.ones(8)) if self.keyword else self.mlp(x))
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_an_mlp_called_with_more_than_its_input_does_not_step_alone(keyword):
+    from wanda_gui.core.architecture import BlockCall
+
+    block = Parallel(keyword)
+    assert find_mlp(block) is block.mlp
+    assert adds_unchanged(block, block.mlp, BlockCall((), {}, False), torch.randn(2, 3, 4)) is not keyword
+

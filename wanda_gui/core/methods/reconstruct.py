@@ -16,8 +16,8 @@ Two stages per block, both on the kept weights only:
    three quarters of the block's weights, takes twice the steps. Where the block does not add its MLP's output as
    it is (a norm after the MLP in Gemma 2 and 3; OPT's linears are the block's own) the block steps alone. On P1
    (ALPS first, Adam in fp32 on a CPU without AMX): fast 38.58 -> 37.32 at 2:4 and 30.24 -> 29.88 at 50%, balanced
-   36.55 -> 35.67 at 2:4, for about 47 s an epoch: at 2:4 more a second than a further epoch of the block
-   (benchmarks/README.md).
+   36.55 -> 35.67 at 2:4, for about 47 s an epoch (the runs' noise is as large): at 2:4 it lowers perplexity
+   more a second than a further epoch of the block does (benchmarks/README.md).
 
 Where the time goes (profiled on the built-in model, 16 x 512, one thread): an Adam step costs about three block
 forwards of its samples (the weights' matmuls are 73% of it, attention 19%), so Adam's sample-steps are most of the
@@ -163,16 +163,16 @@ def find_mlp(block: nn.Module) -> nn.Module | None:
 def adds_unchanged(block: nn.Module, mlp: nn.Module, call: BlockCall, sample: torch.Tensor) -> bool:
     """Whether the block's output is a rest plus its MLP's output as it is: shifting the MLP's output shifts the
     block's by exactly as much (not so where a norm follows the MLP, as in Gemma 2 and 3). Only then can a step on
-    the MLP alone see the block's output without running the attention again. An MLP called with other than its
-    input alone, or returning other than a tensor (a mixture of experts' router logits), is not shifted: no."""
+    the MLP alone see the block's output without running the attention again. An MLP called with more than its
+    input (Bloom's takes the residual too), or returning other than a tensor, is not shifted: no."""
     base = call(block, sample).float()
     shift = torch.randn(base.shape[-1], generator=torch.Generator().manual_seed(0)).to(base.device)
     shift *= base.abs().mean()
 
-    def shifted(_module, args, output):
-        return output + shift if len(args) == 1 and isinstance(output, torch.Tensor) else output
+    def shifted(_module, args, kwargs, output):
+        return output + shift if len(args) == 1 and not kwargs and isinstance(output, torch.Tensor) else output
 
-    handle = mlp.register_forward_hook(shifted)
+    handle = mlp.register_forward_hook(shifted, with_kwargs=True)
     try:
         moved = call(block, sample).float()
     finally:
@@ -227,10 +227,11 @@ class Reconstruct(Step):
     def extra_passes(self, nsamples: int, seqlen: int, width: int, device: torch.device) -> float:
         """At most: the dense targets (one pass, half that in native bf16), Adam's epochs (a forward and a
         backward with the optimiser's step: 3.5 passes each in fp32, half that in native bf16; MLP_STEP of that more
-        for each MLP step), and the refit (iterations x 2 C_out C_in^2 a linear, with its elementwise work: about 2
-        widths over the tokens a pass),
-        in passes over nsamples x seqlen tokens. Fitted to P1: fast's 2.7-2.9 passes on top of ALPS, thorough's
-        8.6 (benchmarks/p1-reconstruct-bf16-targets-cpu-2026-12-07.json, p1-cpu-2026-12-07.json)."""
+        for each MLP step, counted even where a block steps alone), and the refit (iterations x 2 C_out C_in^2 a
+        linear, with its elementwise work: about 2 widths over the tokens a pass), in passes over nsamples x seqlen
+        tokens. Fitted to P1 without MLP steps (fast's 2.7-2.9 passes on top of ALPS, thorough's 8.6:
+        benchmarks/p1-reconstruct-bf16-targets-cpu-2026-12-07.json, p1-cpu-2026-12-07.json); MLP_STEP is the step's
+        measured share, and tests/test_estimate.py holds both to P1."""
         refit = self.refit_iterations * 2 * width / max(1, nsamples * seqlen)
         bf16 = self.in_bf16(device)
         epoch = (1.75 if bf16 else 3.5) * (1 + MLP_STEP * self.mlp_steps)
@@ -344,13 +345,15 @@ class Reconstruct(Step):
             return F.mse_loss(call(module, hidden[rows]).float(), targets[rows])
 
         mlp = find_mlp(module) if self.mlp_steps else None
-        if mlp is None or not adds_unchanged(module, mlp, call, hidden[:self.batch_size]):
+        inside = set(mlp.modules()) if mlp is not None else set()
+        if (not any(linear in inside for linear in block.linears.values())  # none of the MLP's linears is pruned
+                or not adds_unchanged(module, mlp, call, hidden[:self.batch_size])):
             self.optimise(ctx, [block_loss], block.linears, keeps, len(hidden), block.index)
             return
         seen: dict[str, torch.Tensor] = {}
 
-        def keep(_module, args, output):
-            seen["input"], seen["output"] = args[0].detach(), output.detach()
+        def keep(_module, args, output):  # copies: a block may add to the MLP's output in place (Falcon)
+            seen["input"], seen["output"] = args[0].detach().clone(), output.detach().clone()
 
         def block_loss_seeing_mlp(rows: torch.Tensor) -> torch.Tensor:
             handle = mlp.register_forward_hook(keep)
