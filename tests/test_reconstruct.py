@@ -14,7 +14,7 @@ from tests.test_estimate import smollm2
 from wanda_gui.app.steps.method import prune_config
 from wanda_gui.cli import _parser, prune_job
 from wanda_gui.core import estimate as est
-from wanda_gui.core.architecture import find_blocks, find_linears, weight_out_in
+from wanda_gui.core.architecture import BlockCall, find_blocks, find_linears, weight_out_in
 from wanda_gui.core.config import PruneConfig
 from wanda_gui.core.engine import prune
 from wanda_gui.core.runs import drain
@@ -420,8 +420,6 @@ class Parallel(torch.nn.Module):
 
 @pytest.mark.parametrize("keyword", [False, True])
 def test_an_mlp_called_with_more_than_its_input_does_not_step_alone(keyword):
-    from wanda_gui.core.architecture import BlockCall
-
     block = Parallel(keyword)
     assert find_mlp(block) is block.mlp
     assert adds_unchanged(block, block.mlp, BlockCall((), {}, False), torch.randn(2, 3, 4)) is not keyword
